@@ -1,0 +1,154 @@
+"""The ``mitobench`` command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from mitobench.errors import MitobenchError
+
+app = typer.Typer(help="Atypical vs normal mitotic figures: the AMi-Br benchmark protocol, honest and fast.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Download, inspect and cache the datasets.", no_args_is_help=True)
+models_app = typer.Typer(help="The backbone registry: list cards, check weights.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+DataRoot = typer.Option(None, "--data-root", help="Folder holding AMi-Br/, AtNorM-Br/, ... (default: $MITOBENCH_DATA, "
+                        "else a per-user cache folder).")
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with any option; flags override it."),
+    data_root: Optional[str] = DataRoot,
+    model: Optional[str] = typer.Option(None, help="Registry key (`mitobench models list`) or timm/<name>. Default efficientnet_lite0."),
+    weights: Optional[str] = typer.Option(None, help="Weights file or Hugging Face snapshot folder for the model."),
+    method: Optional[str] = typer.Option(None, help="probe (default) | finetune | lora."),
+    preset: Optional[str] = typer.Option(None, help="Training preset: paper | cpu (finetune/lora)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (finetune/lora)."),
+    probe_head: Optional[str] = typer.Option(None, help="logistic (default) | torch (the paper's head)."),
+    threshold: Optional[str] = typer.Option(None, help="fixed (0.5, default) | validation (chosen on the validation fold)."),
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Extra hold-out set: class folders or CSV path,label[,group,domain]. Repeatable."),
+    dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="Also evaluate de-duplicated hold-out sets."),
+    runs_dir: Optional[str] = typer.Option(None, help="Where run folders go (default ./runs)."),
+    cache_dir: Optional[str] = typer.Option(None, help="Patch and embedding cache (default $MITOBENCH_CACHE or the user cache)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:1."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="8-view dihedral test-time augmentation (training methods)."),
+    allow_download: Optional[bool] = typer.Option(None, "--allow-download/--offline", help="Allow Hugging Face downloads."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Resume an interrupted run folder."),
+) -> None:
+    """Run the AMi-Br protocol: 5 slide-grouped folds, every hold-out set, fold mean +- SD and the ensemble."""
+    from mitobench.config import load_config
+    from mitobench.protocol import run_benchmark
+
+    if resume is not None:
+        path = run_benchmark(resume=resume)
+    else:
+        overrides = {"data_root": data_root, "model": model, "weights": weights, "method": method,
+                     "train.preset": preset, "train.epochs": epochs, "probe.head": probe_head, "threshold": threshold,
+                     "datasets": list(dataset) if dataset else None, "dedup": dedup, "runs_dir": runs_dir,
+                     "cache_dir": cache_dir, "device": device, "train.tta": tta, "allow_download": allow_download}
+        cfg = load_config(config, overrides)
+        if cfg.method != "probe" and cfg.train.preset:
+            from mitobench.methods.presets import apply_preset
+
+            apply_preset(cfg, cfg.train.preset, explicit={k for k, v in overrides.items() if v is not None})
+        path = run_benchmark(cfg)
+    console.print(f"results: {path}")
+
+
+@app.command()
+def embed(
+    data_root: Optional[str] = DataRoot,
+    model: str = typer.Option("efficientnet_lite0", help="Registry key or timm/<name>."),
+    weights: Optional[str] = typer.Option(None, help="Weights file or snapshot folder."),
+    cache_dir: Optional[str] = typer.Option(None, help="Cache folder."),
+    batch_size: int = typer.Option(128),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Decode and embed every dataset once into the cache (later runs reuse it)."""
+    import time
+
+    from mitobench.config import load_config
+    from mitobench.data.cache import PatchCache
+    from mitobench.device import pick_device, pick_dtype
+    from mitobench.embed import EmbeddingCache
+    from mitobench.models.registry import create_backbone
+    from mitobench.protocol import default_cache_dir, load_sets
+
+    cfg = load_config(None, {"data_root": data_root, "cache_dir": cache_dir, "model": model})
+    sets, absent = load_sets(cfg)
+    backbone = create_backbone(model, weights)
+    dev = pick_device(device)
+    dtype = pick_dtype("auto", dev, backbone.card.dtype)
+    patches = PatchCache(default_cache_dir(cfg))
+    cache = EmbeddingCache(default_cache_dir(cfg))
+    for name, frame in sets.items():
+        t0 = time.perf_counter()
+        arr, key = patches.load(frame, name)
+        feats = cache.get(backbone, arr, key, batch_size=batch_size, device=dev, dtype=dtype, name=name)
+        console.print(f"{name}: {feats.shape[0]} x {feats.shape[1]} ({time.perf_counter() - t0:.1f}s)")
+    if not backbone.pretrained:
+        console.print("[bold yellow]RANDOM INIT: no pretrained weights were loaded[/]")
+
+
+@data_app.command("fetch")
+def data_fetch(data_root: Optional[str] = DataRoot,
+               force: bool = typer.Option(False, help="Download again even if present.")) -> None:
+    """Download AMi-Br, AtNorM-Br and AtNorM-MD (public, MIT) into the data root; resumes broken downloads."""
+    from mitobench.data.fetch import fetch
+    from mitobench.data.records import resolve_data_root
+
+    path = fetch(resolve_data_root(data_root), force=force)
+    console.print(f"data ready in {path}")
+
+
+@data_app.command("check")
+def data_check(data_root: Optional[str] = DataRoot) -> None:
+    """Counts per set, class and domain; unreadable files; duplicates; slide overlap train/test."""
+    from mitobench.data.check import check_data, render_check
+    from mitobench.data.records import resolve_data_root
+
+    result = check_data(resolve_data_root(data_root))
+    render_check(result)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Every model card, with whether its weights are found locally."""
+    from mitobench.models.doctor import list_models, models_table
+
+    console.print(models_table(list_models()))
+
+
+@models_app.command("check")
+def models_check(key: str, weights: Optional[str] = typer.Option(None, help="Weights file or snapshot folder."),
+                 image: Optional[str] = typer.Option(None, help="A patch to run through the recipe.")) -> None:
+    """Build offline, load weights strictly, run one real patch; print dim, dtype, device, images/s."""
+    from mitobench.models.doctor import check_model
+
+    for k, v in check_model(key, weights, image).items():
+        console.print(f"{k}: {v}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except MitobenchError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

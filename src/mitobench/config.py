@@ -1,0 +1,140 @@
+"""Run configuration: defaults here, a YAML file may set any field, command-line flags override both.
+
+The resolved configuration is saved as ``config.yaml`` in every run folder, so a run can be
+repeated (or resumed) from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mitobench.errors import MitobenchError
+
+
+@dataclass
+class ProbeConfig:
+    head: str = "logistic"  # logistic (standardised, C by inner slide-grouped CV) | torch (the paper's head)
+    Cs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    inner_splits: int = 3
+    max_iter: int = 2000
+    # torch head (paper parity): BCE, Adam 5e-5, weighted sampler, early stopping on the validation fold
+    lr: float = 5e-5
+    weight_decay: float = 1e-5
+    batch_size: int = 8
+    max_epochs: int = 100
+    patience: int = 15
+
+
+@dataclass
+class TrainConfig:
+    """End-to-end fine-tuning and LoRA (``mitobench.methods.engine``)."""
+
+    preset: str | None = None
+    img_size: int = 224
+    epochs: int = 100
+    batch_size: int = 8
+    optimizer: str = "adamw"  # adamw (warm-up + cosine) | adam (+ ReduceLROnPlateau on val BA, the paper's)
+    lr: float = 5e-5
+    weight_decay: float = 1e-5
+    warmup_epochs: float = 1.0
+    layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
+    patience: int = 15
+    min_epochs: int = 0
+    sampler: str = "weighted"  # weighted | shuffle
+    loss: str = "bce"  # bce | weighted_bce | focal
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    soft_labels: bool = False  # fraction of experts voting atypical, where published
+    augment: str = "paper"  # none | paper | strong
+    grad_accum: int = 1
+    grad_checkpointing: bool = False
+    compile: bool = False
+    tta: bool = False  # 8 dihedral views at evaluation
+    eval_every: int = 1
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.3
+    lora_targets: str | None = None  # regex; default: the model card's
+    num_threads: int | None = None
+    ema: float | None = None  # exponential moving average of weights, selected on the validation fold
+
+
+@dataclass
+class RunConfig:
+    data_root: str | None = None
+    cache_dir: str | None = None
+    runs_dir: str = "runs"
+    model: str = "efficientnet_lite0"
+    weights: str | None = None
+    method: str = "probe"  # probe | finetune | lora
+    threshold: str = "fixed"  # fixed (0.5, the paper's) | validation (Youden on the validation fold)
+    n_folds: int = 5
+    seed: int = 42
+    patch_size: int = 128
+    batch_size: int = 128  # embedding extraction
+    device: str = "auto"
+    dtype: str = "auto"  # auto: the card's dtype on CUDA, float32 on CPU
+    datasets: list[str] = field(default_factory=list)  # extra hold-out sets: class folders or CSVs
+    dedup: bool = False  # also evaluate de-duplicated hold-out sets
+    n_boot: int = 1000
+    allow_download: bool = False
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise MitobenchError(f"{where}: unknown option {key!r}. Known: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise MitobenchError(f"{where}: option {key!r} must be a mapping")
+            _merge(current, value, f"{where}.{key}")
+        else:
+            setattr(obj, key, value)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides (``None`` values in overrides are ignored)."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise MitobenchError(f"{path}: cannot read this YAML config ({exc}).") from exc
+        if not isinstance(values, dict):
+            raise MitobenchError(f"{path}: a config must be a mapping of option: value")
+        _merge(config, values, str(path))
+    if overrides:
+        nested: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            target = nested
+            *parents, leaf = key.split(".")
+            for p in parents:
+                target = target.setdefault(p, {})
+            target[leaf] = value
+        _merge(config, nested, "command line")
+    if config.method not in ("probe", "finetune", "lora"):
+        raise MitobenchError(f"unknown method {config.method!r}: use probe, finetune or lora")
+    if config.threshold not in ("fixed", "validation"):
+        raise MitobenchError(f"unknown threshold mode {config.threshold!r}: use fixed or validation")
+    return config
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    from mitobench.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

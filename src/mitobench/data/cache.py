@@ -1,0 +1,98 @@
+"""Decode each dataset's PNGs once into a uint8 array cache keyed by the files' content.
+
+An entry is ``<key>.npy`` (N, H, W, 3) uint8 plus ``<key>.json`` (file list, shape, digest of the
+array). The key hashes every file's bytes in record order and the patch size, so an edited,
+added or re-ordered image makes a new entry. Writes are atomic (array first, metadata last); an
+entry whose array is truncated or does not match its metadata is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mitobench.data.images import ImageModeWarning, decode_patch
+from mitobench.io import atomic_save_npy, atomic_write_json
+from mitobench.progress import progress_bar
+
+CACHE_FORMAT = 1
+
+
+def content_key(paths: list[str], patch_size: int) -> str:
+    digest = hashlib.sha256(f"mitobench-patches-v{CACHE_FORMAT}-{patch_size}".encode())
+    for path in paths:
+        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return digest.hexdigest()[:32]
+
+
+def _array_digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
+class PatchCache:
+    """Folder of decoded patch arrays; ``load(records)`` returns a read-only memory map."""
+
+    def __init__(self, root: str | Path, patch_size: int = 128, workers: int = 4):
+        self.root = Path(root) / "patches"
+        self.patch_size = patch_size
+        self.workers = workers
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        return self.root / f"{key}.npy", self.root / f"{key}.json"
+
+    def _valid(self, key: str, n: int) -> np.ndarray | None:
+        array_path, meta_path = self._paths(key)
+        if not (array_path.is_file() and meta_path.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            array = np.load(array_path, mmap_mode="r")
+        except (ValueError, OSError, json.JSONDecodeError):
+            return None
+        if array.shape != (n, self.patch_size, self.patch_size, 3) or array.dtype != np.uint8:
+            return None
+        if meta.get("shape") != list(array.shape) or meta.get("bytes") != array_path.stat().st_size:
+            return None
+        return array
+
+    def load(self, records: pd.DataFrame, name: str = "patches", verify: bool = False) -> tuple[np.ndarray, str]:
+        """``(patches, content_key)`` of ``records`` in row order, decoding only on the first call."""
+        paths = records["path"].tolist()
+        key = content_key(paths, self.patch_size)
+        array = self._valid(key, len(paths))
+        if array is not None and verify:
+            meta = json.loads(self._paths(key)[1].read_text())
+            if meta.get("sha256") != _array_digest(array):
+                array = None
+        if array is not None:
+            return array, key
+        return self._build(key, paths, name), key
+
+    def _build(self, key: str, paths: list[str], name: str) -> np.ndarray:
+        out = np.empty((len(paths), self.patch_size, self.patch_size, 3), dtype=np.uint8)
+        converted: list[str] = []
+
+        def work(i: int) -> None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ImageModeWarning)
+                out[i] = decode_patch(paths[i], self.patch_size)
+            if caught:
+                converted.append(str(caught[0].message))
+
+        with ThreadPoolExecutor(self.workers) as pool, progress_bar(f"decode {name}", len(paths)) as advance:
+            for _ in pool.map(work, range(len(paths))):
+                advance(1)
+        if converted:
+            warnings.warn(f"{len(converted)} image(s) converted to RGB, e.g. {converted[0]}", ImageModeWarning,
+                          stacklevel=2)
+        array_path, meta_path = self._paths(key)
+        atomic_save_npy(array_path, out)
+        atomic_write_json(meta_path, {"format": CACHE_FORMAT, "shape": list(out.shape), "sha256": _array_digest(out),
+                                      "bytes": array_path.stat().st_size, "files": paths})
+        return np.load(array_path, mmap_mode="r")

@@ -1,0 +1,41 @@
+"""Decoding one patch, with the input policy written down in one place.
+
+Policy: grayscale, palette, CMYK and RGBA images are converted to RGB with a warning (alpha is
+dropped; H&E patches carry no meaning in it). An image whose size differs from the expected patch
+size is rejected: silently resizing would change the apparent size of the mitotic figure, so the
+user must crop it centred on the figure, or set ``patch_size`` for a dataset of another size.
+A file that cannot be decoded is rejected with its path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mitobench.errors import MitobenchError
+
+
+class ImageModeWarning(UserWarning):
+    """An image was converted to RGB."""
+
+
+def decode_patch(path: str | Path, patch_size: int | None = 128) -> np.ndarray:
+    """Return the image at ``path`` as a ``(H, W, 3)`` uint8 RGB array."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode != "RGB":
+                warnings.warn(f"{path}: converted from {img.mode} to RGB", ImageModeWarning, stacklevel=2)
+                img = img.convert("RGB")
+            array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise MitobenchError(f"{path}: cannot decode this image ({exc}). Replace or remove the file.") from exc
+    if patch_size is not None and array.shape[:2] != (patch_size, patch_size):
+        raise MitobenchError(
+            f"{path}: image is {array.shape[1]}x{array.shape[0]} px but patches must be {patch_size}x{patch_size}. "
+            "Crop it centred on the mitotic figure, or set patch_size for a dataset of another size."
+        )
+    return array

@@ -1,0 +1,85 @@
+"""Embedding cache: extract once per dataset and backbone recipe, reuse across folds, methods and runs.
+
+The key hashes the backbone key, its weights id (sha256 of the weights file, or ``random-init``),
+the card's recipe (architecture, input size, resize, interpolation, normalisation, embedding
+recipe), the dtype, the patch content key and the mitobench version. Any change makes a new entry.
+An entry is ``<key>.npy`` (float32) plus ``<key>.json`` holding the array's sha256; a truncated or
+corrupt entry fails that check and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mitobench import __version__
+from mitobench.io import atomic_save_npy, atomic_write_json
+from mitobench.models.registry import Backbone
+from mitobench.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+def embedding_key(backbone: Backbone, patch_key: str, dtype: torch.dtype) -> str:
+    spec = {"recipe": backbone.card.recipe(), "weights": backbone.weights_id, "dtype": str(dtype),
+            "patches": patch_key, "mitobench": __version__, "format": 1}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@torch.inference_mode()
+def extract(backbone: Backbone, patches: np.ndarray, batch_size: int = 128, device: torch.device | None = None,
+            dtype: torch.dtype = torch.float32, name: str = "embed") -> np.ndarray:
+    """Batched embeddings of uint8 ``(N, H, W, 3)`` patches, float32 ``(N, D)``."""
+    device = device or torch.device("cpu")
+    backbone = backbone.to(device).eval()
+    out: list[np.ndarray] = []
+    autocast = dtype != torch.float32
+    with progress_bar(name, len(patches)) as advance:
+        for start in range(0, len(patches), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(patches[start:start + batch_size])).to(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                feats = backbone(backbone.preprocess(batch))
+            out.append(feats.float().cpu().numpy())
+            advance(len(batch))
+    return np.concatenate(out) if out else np.zeros((0, backbone.embed_dim), np.float32)
+
+
+class EmbeddingCache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root) / "embeddings"
+
+    def get(self, backbone: Backbone, patches: np.ndarray, patch_key: str, *, batch_size: int = 128,
+            device: torch.device | None = None, dtype: torch.dtype = torch.float32, name: str = "embed") -> np.ndarray:
+        key = embedding_key(backbone, patch_key, dtype)
+        folder = self.root / backbone.card.key.replace("/", "--")
+        array_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
+        cached = self._load(array_path, meta_path, len(patches))
+        if cached is not None:
+            return cached
+        feats = extract(backbone, patches, batch_size, device, dtype, f"embed {name} ({backbone.card.key})")
+        atomic_save_npy(array_path, feats)
+        atomic_write_json(meta_path, {"sha256": hashlib.sha256(feats.tobytes()).hexdigest(), "shape": list(feats.shape),
+                                      "model": backbone.card.key, "weights": backbone.weights_id,
+                                      "weights_source": backbone.weights_source, "dataset": name,
+                                      "recipe": backbone.card.recipe(), "dtype": str(dtype)})
+        return feats
+
+    @staticmethod
+    def _load(array_path: Path, meta_path: Path, n: int) -> np.ndarray | None:
+        if not (array_path.is_file() and meta_path.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            feats = np.load(array_path)
+        except (ValueError, OSError, EOFError, json.JSONDecodeError):
+            log.warning("embedding cache entry %s is unreadable; rebuilding it", array_path)
+            return None
+        if feats.shape[0] != n or hashlib.sha256(feats.tobytes()).hexdigest() != meta.get("sha256"):
+            log.warning("embedding cache entry %s is corrupt or stale; rebuilding it", array_path)
+            return None
+        return feats

@@ -1,0 +1,82 @@
+"""Binary metrics with atypical (label 1) as the positive class."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    matthews_corrcoef,
+    precision_score,
+    roc_auc_score,
+)
+
+METRICS = ("balanced_accuracy", "auroc", "sensitivity", "specificity", "precision", "f1",
+           "average_precision", "mcc")
+
+
+def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """All reported metrics; threshold-free ones (AUROC, AP) use the probabilities."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=float)
+    preds = (probs >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, preds, labels=[0, 1]).ravel()
+    both = len(np.unique(labels)) == 2
+    return {
+        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)) if both else float("nan"),
+        "auroc": float(roc_auc_score(labels, probs)) if both else float("nan"),
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "precision": float(precision_score(labels, preds, zero_division=0)),
+        "f1": float(f1_score(labels, preds, zero_division=0)),
+        "average_precision": float(average_precision_score(labels, probs)) if both else float("nan"),
+        "mcc": float(matthews_corrcoef(labels, preds)),
+    }
+
+
+def _metrics_rows(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Every metric for each row of ``(B, N)`` label/probability matrices at once (ties as sklearn)."""
+    pos = labels.sum(1).astype(float)
+    neg = labels.shape[1] - pos
+    preds = probs >= threshold
+    tp = (preds & (labels == 1)).sum(1).astype(float)
+    fp = (preds & (labels == 0)).sum(1).astype(float)
+    fn, tn = pos - tp, neg - fp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sens, spec = tp / pos, tn / neg
+        prec = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+        mcc_den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        mcc = np.where(mcc_den > 0, (tp * tn - fp * fn) / mcc_den, 0.0)
+    ranks = rankdata(probs, axis=1)  # average ranks handle ties like roc_auc_score
+    auroc = ((ranks * labels).sum(1) - pos * (pos + 1) / 2) / (pos * neg)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    sorted_p = np.take_along_axis(probs, order, 1)
+    sorted_y = np.take_along_axis(labels, order, 1)
+    precision_at = np.cumsum(sorted_y, 1) / np.arange(1, probs.shape[1] + 1)
+    is_end = np.ones_like(sorted_p, dtype=bool)
+    is_end[:, :-1] = sorted_p[:, :-1] != sorted_p[:, 1:]
+    idx = np.where(is_end, np.arange(probs.shape[1]), probs.shape[1] - 1)
+    group_end = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
+    ap = (sorted_y * np.take_along_axis(precision_at, group_end, 1)).sum(1) / pos
+    return {"balanced_accuracy": (sens + spec) / 2, "auroc": auroc, "sensitivity": sens, "specificity": spec,
+            "precision": prec, "f1": f1, "average_precision": ap, "mcc": mcc}
+
+
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5, n_boot: int = 1000,
+                 seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Seeded stratified percentile bootstrap: positives and negatives are resampled separately,
+    so every replicate keeps the set's class balance."""
+    labels = np.asarray(labels).astype(int)
+    probs = np.asarray(probs, dtype=float)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if len(pos) == 0 or len(neg) == 0:
+        return {m: (float("nan"), float("nan")) for m in METRICS}
+    idx = np.concatenate([rng.choice(pos, (n_boot, len(pos))), rng.choice(neg, (n_boot, len(neg)))], axis=1)
+    values = _metrics_rows(labels[idx], probs[idx], threshold)
+    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
+    return {m: (float(np.nanpercentile(values[m], lo)), float(np.nanpercentile(values[m], hi))) for m in METRICS}

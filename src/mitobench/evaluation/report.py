@@ -1,0 +1,77 @@
+"""Tidy metrics for every fold model and the ensemble, and the paper-form table."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from mitobench.evaluation.metrics import METRICS, binary_metrics, bootstrap_ci
+from mitobench.evaluation.published import CITATION, best_published, published_figure
+
+
+def tidy_metrics(predictions: pd.DataFrame, thresholds: dict[str, float], model: str, method: str,
+                 n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """``predictions`` has columns dataset, fold ('1'..'5' or 'ensemble'), label, probability."""
+    rows = []
+    for (dataset, fold), part in predictions.groupby(["dataset", "fold"], sort=False):
+        thr = thresholds.get(str(fold), 0.5)
+        values = binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy(), thr)
+        cis = bootstrap_ci(part["label"].to_numpy(), part["probability"].to_numpy(), thr, n_boot, seed) \
+            if fold == "ensemble" else {}
+        for metric in METRICS:
+            lo, hi = cis.get(metric, (np.nan, np.nan))
+            rows.append({"dataset": dataset, "model": model, "method": method, "fold": str(fold), "metric": metric,
+                         "value": values[metric], "ci_low": lo, "ci_high": hi, "n": len(part),
+                         "n_atypical": int(part["label"].sum())})
+    frame = pd.DataFrame(rows)
+    folds = frame[frame["fold"].str.isdigit()]
+    summary = folds.groupby(["dataset", "metric"], sort=False)["value"]
+    for stat, fn in (("mean", np.mean), ("sd", lambda v: float(np.std(v, ddof=0)))):
+        agg = summary.apply(lambda v: fn(v.to_numpy())).reset_index()
+        agg["fold"], agg["model"], agg["method"] = stat, model, method
+        frame = pd.concat([frame, agg], ignore_index=True)
+    return frame
+
+
+def _get(metrics: pd.DataFrame, dataset: str, fold: str, metric: str) -> pd.Series | None:
+    row = metrics[(metrics["dataset"] == dataset) & (metrics["fold"] == fold) & (metrics["metric"] == metric)]
+    return None if row.empty else row.iloc[0]
+
+
+def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list[str], absent: list[str],
+                  pretrained: bool = True, console: Console | None = None) -> str:
+    """Print the paper-form table; return it as plain text for ``report.txt``."""
+    console = console or Console()
+    title = f"{model} / {method}" + ("" if pretrained else "  [RANDOM INIT: no pretrained weights]")
+    table = Table(title=title, caption="positive class = atypical; fold models: mean +- population SD over 5; "
+                  "ensemble: mean probability of the 5 fold models, 95% stratified bootstrap CI")
+    for col in ("set", "n (atyp.)", "BA fold mean+-SD", "AUROC fold mean+-SD", "BA ensemble [95% CI]",
+                "AUROC ensemble [95% CI]", "paper BA (same model+method)", "paper best BA"):
+        table.add_column(col)
+    for dataset in datasets:
+        ba_m, ba_s = _get(metrics, dataset, "mean", "balanced_accuracy"), _get(metrics, dataset, "sd", "balanced_accuracy")
+        au_m, au_s = _get(metrics, dataset, "mean", "auroc"), _get(metrics, dataset, "sd", "auroc")
+        ba_e, au_e = _get(metrics, dataset, "ensemble", "balanced_accuracy"), _get(metrics, dataset, "ensemble", "auroc")
+        first = _get(metrics, dataset, "1", "balanced_accuracy")
+        pub, best = published_figure(model, method, dataset), best_published(dataset)
+        table.add_row(
+            dataset, f"{int(first['n'])} ({int(first['n_atypical'])})" if first is not None else "-",
+            f"{ba_m['value']:.4f} +- {ba_s['value']:.4f}" if ba_m is not None else "-",
+            f"{au_m['value']:.4f} +- {au_s['value']:.4f}" if au_m is not None else "-",
+            f"{ba_e['value']:.4f} [{ba_e['ci_low']:.4f}, {ba_e['ci_high']:.4f}]" if ba_e is not None else "-",
+            f"{au_e['value']:.4f} [{au_e['ci_low']:.4f}, {au_e['ci_high']:.4f}]" if au_e is not None else "-",
+            f"{pub['bacc_mean']:.4f} +- {pub['bacc_std']:.4f}" if pub else "-",
+            f"{best['bacc_mean']:.4f} ({best['model']} {best['method']})" if best else "-",
+        )
+    for name in absent:
+        table.add_row(name, "ABSENT", "not found under the data root: not evaluated", "", "", "", "", "")
+    console.print(table)
+    console.print(f"Paper figures: {CITATION}.")
+    capture = Console(width=200, record=True, file=io.StringIO())
+    capture.print(table)
+    capture.print(f"Paper figures: {CITATION}.")
+    return capture.export_text()

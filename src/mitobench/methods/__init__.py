@@ -1,0 +1,1 @@
+"""Methods: the linear probe (fast path) and the training engine (fine-tuning, LoRA)."""

@@ -1,0 +1,179 @@
+"""Linear probes on cached embeddings, with a scikit-learn estimator API.
+
+``LogisticProbe``: standardised features, logistic regression with balanced class weights, C chosen by
+an inner slide-grouped CV on the training folds only (never the validation fold, never a hold-out).
+``TorchProbe``: the paper's head for parity (one linear layer, BCE, Adam 5e-5, weighted sampler,
+batch 8, early stopping on the validation fold's balanced accuracy).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.preprocessing import StandardScaler
+
+from mitobench.config import RunConfig
+from mitobench.splits import inner_group_splits
+
+
+class LogisticProbe(ClassifierMixin, BaseEstimator):
+    def __init__(self, Cs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), inner_splits: int = 3,
+                 max_iter: int = 2000, random_state: int = 42):
+        self.Cs = Cs
+        self.inner_splits = inner_splits
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _model(self, C: float) -> LogisticRegression:
+        return LogisticRegression(C=C, class_weight="balanced", max_iter=self.max_iter)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> "LogisticProbe":
+        self.scaler_ = StandardScaler().fit(X)
+        Z = self.scaler_.transform(X)
+        self.classes_ = np.array([0, 1])
+        if groups is not None and len(self.Cs) > 1:
+            scores = np.zeros(len(self.Cs))
+            for tr, va in inner_group_splits(y, groups, self.inner_splits, self.random_state):
+                for i, C in enumerate(self.Cs):
+                    model = self._model(C).fit(Z[tr], y[tr])
+                    scores[i] += balanced_accuracy_score(y[va], model.predict(Z[va]))
+            self.inner_scores_ = scores / self.inner_splits
+            self.C_ = float(self.Cs[int(np.argmax(self.inner_scores_))])
+        else:
+            self.C_ = float(self.Cs[0])
+        self.model_ = self._model(self.C_).fit(Z, y)
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.model_.predict_proba(self.scaler_.transform(X))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return (self.predict_proba(X)[:, 1] >= 0.5).astype(int)
+
+
+class TorchProbe(ClassifierMixin, BaseEstimator):
+    """The reference code's linear head, on float32 features (the paper used raw fp16 features)."""
+
+    def __init__(self, lr: float = 5e-5, weight_decay: float = 1e-5, batch_size: int = 8, max_epochs: int = 100,
+                 patience: int = 15, standardise: bool = False, random_state: int = 42):
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.standardise = standardise
+        self.random_state = random_state
+
+    def _z(self, X: np.ndarray) -> torch.Tensor:
+        X = self.scaler_.transform(X) if self.standardise else X
+        return torch.as_tensor(X, dtype=torch.float32)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None):
+        gen = torch.Generator().manual_seed(self.random_state)
+        torch.manual_seed(self.random_state)
+        self.scaler_ = StandardScaler().fit(X) if self.standardise else None
+        self.classes_ = np.array([0, 1])
+        Xt, yt = self._z(X), torch.as_tensor(y, dtype=torch.float32)
+        head = torch.nn.Linear(X.shape[1], 1)
+        opt = torch.optim.Adam(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        counts = np.bincount(y, minlength=2)
+        weights = torch.as_tensor(1.0 / counts[y], dtype=torch.double)
+        best, best_state, since = -1.0, None, 0
+        for _ in range(self.max_epochs):
+            order = torch.multinomial(weights, len(y), replacement=True, generator=gen)
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(head(Xt[idx]).squeeze(1), yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if X_val is None:
+                best_state = {k: v.clone() for k, v in head.state_dict().items()}
+                continue
+            with torch.no_grad():
+                score = balanced_accuracy_score(y_val, (head(self._z(X_val)).squeeze(1) > 0).numpy())
+            if score > best:
+                best, best_state, since = score, {k: v.clone() for k, v in head.state_dict().items()}, 0
+            else:
+                since += 1
+                if since >= self.patience:
+                    break
+        head.load_state_dict(best_state)
+        self.head_ = head.eval()
+        self.best_val_ba_ = best
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            p = torch.sigmoid(self.head_(self._z(X)).squeeze(1)).numpy()
+        return np.stack([1 - p, p], axis=1)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return (self.predict_proba(X)[:, 1] >= 0.5).astype(int)
+
+
+class ProbeMethod:
+    """Embeds every set once (cached on disk), then fits one probe per fold."""
+
+    name = "probe"
+
+    def __init__(self, config: RunConfig):
+        from mitobench.models.registry import get_card
+
+        self.config = config
+        self.card = get_card(config.model)  # unknown key -> clear error before any work
+        self.embeddings: dict[str, np.ndarray] = {}
+        self.pretrained = True
+
+    def prepare(self, ctx) -> None:
+        from mitobench.device import pick_device, pick_dtype
+        from mitobench.embed import EmbeddingCache
+        from mitobench.models.registry import create_backbone
+
+        t0 = time.perf_counter()
+        backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download)
+        self.pretrained = backbone.pretrained
+        device = pick_device(self.config.device)
+        dtype = pick_dtype(self.config.dtype, device, backbone.card.dtype)
+        cache = EmbeddingCache(ctx.cache_dir)
+        for name, patches in ctx.patches.items():
+            self.embeddings[name] = cache.get(backbone, patches, ctx.patch_keys[name], batch_size=self.config.batch_size,
+                                              device=device, dtype=dtype, name=name)
+        ctx.timings["embed_s"] = time.perf_counter() - t0
+        ctx.timings["n_images"] = int(sum(len(p) for p in ctx.patches.values()))
+        ctx.timings["probe_fit_s"] = 0.0
+
+    def _estimator(self):
+        p = self.config.probe
+        if p.head == "logistic":
+            return LogisticProbe(tuple(p.Cs), p.inner_splits, p.max_iter, self.config.seed)
+        if p.head == "torch":
+            return TorchProbe(p.lr, p.weight_decay, p.batch_size, p.max_epochs, p.patience, random_state=self.config.seed)
+        from mitobench.errors import MitobenchError
+
+        raise MitobenchError(f"unknown probe head {p.head!r}: use logistic or torch")
+
+    def fit_predict(self, fold, train_idx, val_idx, ctx, scratch):
+        from mitobench.protocol import FoldResult
+
+        t0 = time.perf_counter()
+        X = self.embeddings["AMi-Br-train"]
+        train = ctx.sets["AMi-Br-train"]
+        y, groups = train["label"].to_numpy(), train["group"].to_numpy()
+        est = self._estimator()
+        if isinstance(est, TorchProbe):
+            est.fit(X[train_idx], y[train_idx], X[val_idx], y[val_idx])
+        else:
+            est.fit(X[train_idx], y[train_idx], groups[train_idx])
+        probs = {"validation": est.predict_proba(X[val_idx])[:, 1]}
+        for name in ctx.holdouts:
+            probs[name] = est.predict_proba(self.embeddings[name])[:, 1]
+        ctx.timings["probe_fit_s"] = ctx.timings.get("probe_fit_s", 0.0) + time.perf_counter() - t0
+        info = {"head": self.config.probe.head, "C": getattr(est, "C_", None),
+                "best_val_ba": getattr(est, "best_val_ba_", None)}
+        return FoldResult(probs, info)

@@ -1,0 +1,201 @@
+"""The paper's protocol end to end: data -> folds -> method per fold -> every hold-out set -> report.
+
+Every method (probe, fine-tune, LoRA) plugs in through ``Method.fit_predict``; this module owns the
+folds, the run folder, resume, thresholds, the ensemble and the metrics, so all methods are
+evaluated identically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+
+from mitobench.config import RunConfig, load_config, save_config
+from mitobench.data.cache import PatchCache
+from mitobench.data.records import HOLDOUT_SETS, discover, evaluation_sets, load_custom, resolve_data_root
+from mitobench.errors import MitobenchError
+from mitobench.evaluation.report import render_report, tidy_metrics
+from mitobench.io import atomic_write_csv, atomic_write_json, atomic_write_text
+from mitobench.runs import RunDir, environment, new_run_dir
+from mitobench.splits import paper_folds
+
+log = logging.getLogger(__name__)
+VALIDATION = "AMi-Br-train (validation fold)"
+
+
+def default_cache_dir(config: RunConfig) -> Path:
+    import os
+
+    from platformdirs import user_cache_dir
+
+    return Path(config.cache_dir or os.environ.get("MITOBENCH_CACHE") or user_cache_dir("mitobench"))
+
+
+@dataclass
+class Context:
+    """What a method sees: the records, decoded patches and folds of this run."""
+
+    config: RunConfig
+    sets: dict[str, pd.DataFrame]  # AMi-Br-train plus every hold-out set present
+    patches: dict[str, np.ndarray]
+    patch_keys: dict[str, str]
+    folds: np.ndarray
+    cache_dir: Path
+    holdouts: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FoldResult:
+    probs: dict[str, np.ndarray]  # "validation" and every hold-out set
+    info: dict
+
+
+class Method(Protocol):
+    name: str
+    pretrained: bool
+
+    def prepare(self, ctx: Context) -> None: ...
+
+    def fit_predict(self, fold: int, train_idx: np.ndarray, val_idx: np.ndarray, ctx: Context,
+                    scratch: Path) -> FoldResult: ...
+
+
+def make_method(config: RunConfig) -> Method:
+    if config.method == "probe":
+        from mitobench.methods.probe import ProbeMethod
+
+        return ProbeMethod(config)
+    from mitobench.methods.engine import TrainMethod
+
+    return TrainMethod(config)
+
+
+def best_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Threshold maximising balanced accuracy (Youden's J) on the validation fold."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(labels, probs)
+    j = tpr - fpr
+    return float(np.clip(thr[int(np.argmax(j))], 0.0, 1.0))
+
+
+def load_sets(config: RunConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    root = resolve_data_root(config.data_root)
+    sets = evaluation_sets(discover(root))
+    for source in config.datasets:
+        frame = load_custom(source)
+        sets[frame["dataset"].iloc[0]] = frame
+    if "AMi-Br-train" not in sets:
+        raise MitobenchError(f"data root {root} has no AMi-Br training split; training needs AMi-Br/, "
+                             "amibr_train_split.csv and AMI-BR.csv (run `mitobench data fetch`).")
+    if config.dedup:
+        from mitobench.data.check import deduplicate
+
+        for name in [n for n in sets if n != "AMi-Br-train"]:
+            dedup = deduplicate(sets[name])
+            if len(dedup) != len(sets[name]):
+                sets[f"{name} (dedup)"] = dedup.reset_index(drop=True)
+    absent = [h for h in HOLDOUT_SETS if h not in sets]
+    return sets, absent
+
+
+def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = None,
+                  console: Console | None = None) -> Path:
+    """Run (or resume) the protocol; return the run folder."""
+    console = console or Console(stderr=True)
+    t_start = time.perf_counter()
+    if resume is not None:
+        run = RunDir(resume)
+        if not (run.path / "config.yaml").is_file():
+            raise MitobenchError(f"{run.path} is not a mitobench run folder (no config.yaml).")
+        if run.status().get("state") == "complete":
+            raise MitobenchError(f"{run.path} is already complete; start a new run instead.")
+        config = load_config(run.path / "config.yaml")
+    config = config or RunConfig()
+    method = make_method(config)  # unknown model keys fail here, before any folder exists
+    sets, absent = load_sets(config)
+    train = sets["AMi-Br-train"]
+    folds = paper_folds(train, config.n_folds, config.seed)
+    if resume is None:
+        run = RunDir(new_run_dir(config.runs_dir, config.model, config.method))
+        save_config(config, run.path / "config.yaml")
+        atomic_write_json(run.path / "environment.json", environment())
+        console.print(f"run folder: {run.path}")
+    else:
+        console.print(f"resuming {run.path}")
+    run.set_status("running")
+    try:
+        fold_table = train[["image", "group", "domain", "label"]].assign(fold=folds)
+        atomic_write_csv(run.path / "folds.csv", fold_table)
+        for name in absent:
+            console.print(f"[yellow]hold-out set {name} is ABSENT under the data root: it will not be evaluated[/]")
+
+        t0 = time.perf_counter()
+        cache = PatchCache(default_cache_dir(config), config.patch_size)
+        patches, keys = {}, {}
+        for name, frame in sets.items():
+            patches[name], keys[name] = cache.load(frame, name)
+        holdouts = [n for n in sets if n != "AMi-Br-train"]
+        ctx = Context(config, sets, patches, keys, folds, default_cache_dir(config), holdouts)
+        ctx.timings["decode_s"] = time.perf_counter() - t0
+        method.prepare(ctx)
+        results: dict[int, FoldResult] = {}
+        for fold in range(1, config.n_folds + 1):
+            saved = run.load_fold(fold)
+            if saved is not None:
+                results[fold] = FoldResult(*saved)
+                continue
+            val_idx, train_idx = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
+            t_fold = time.perf_counter()
+            result = method.fit_predict(fold, train_idx, val_idx, ctx, run.scratch(fold))
+            val_labels = train["label"].to_numpy()[val_idx]
+            result.info["threshold"] = (best_threshold(val_labels, result.probs["validation"])
+                                        if config.threshold == "validation" else 0.5)
+            result.info["seconds"] = time.perf_counter() - t_fold
+            run.save_fold(fold, result.probs, result.info)
+            results[fold] = result
+            console.print(f"fold {fold}/{config.n_folds} done in {result.info['seconds']:.1f}s")
+        _finalise(run, config, ctx, results, absent, method, console)
+    except BaseException as exc:
+        run.set_status("failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", error=str(exc))
+        raise
+    ctx.timings["total_s"] = time.perf_counter() - t_start
+    run.set_status("complete", timings=ctx.timings)
+    return run.path
+
+
+def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, FoldResult], absent: list[str],
+              method: Method, console: Console) -> None:
+    rows = []
+    train = ctx.sets["AMi-Br-train"]
+    for fold, result in results.items():
+        val_idx = np.flatnonzero(ctx.folds == fold)
+        rows.append(pd.DataFrame({"image": train["image"].to_numpy()[val_idx], "dataset": VALIDATION, "fold": str(fold),
+                                  "probability": result.probs["validation"], "label": train["label"].to_numpy()[val_idx]}))
+        for name in ctx.holdouts:
+            frame = ctx.sets[name]
+            rows.append(pd.DataFrame({"image": frame["image"], "dataset": name, "fold": str(fold),
+                                      "probability": result.probs[name], "label": frame["label"]}))
+    for name in ctx.holdouts:
+        frame = ctx.sets[name]
+        mean = np.mean([results[f].probs[name] for f in results], axis=0)
+        rows.append(pd.DataFrame({"image": frame["image"], "dataset": name, "fold": "ensemble",
+                                  "probability": mean, "label": frame["label"]}))
+    predictions = pd.concat(rows, ignore_index=True)
+    thresholds = {str(f): float(r.info["threshold"]) for f, r in results.items()}
+    thresholds["ensemble"] = float(np.mean(list(thresholds.values())))
+    metrics = tidy_metrics(predictions, thresholds, config.model, config.method, config.n_boot, config.seed)
+    atomic_write_csv(run.path / "predictions.csv", predictions)
+    atomic_write_csv(run.path / "metrics.csv", metrics)
+    text = render_report(metrics, config.model, config.method, [VALIDATION, *ctx.holdouts], absent,
+                         getattr(method, "pretrained", True), console=Console())
+    atomic_write_text(run.path / "report.txt", text)
+    atomic_write_json(run.path / "fold_info.json", {str(f): r.info for f, r in results.items()})

