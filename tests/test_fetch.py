@@ -410,7 +410,7 @@ def test_manually_downloaded_archive_is_used(tmp_path, server, source):
     root = tmp_path / "root"
     root.mkdir()
     (root / ARCHIVE_NAME).write_bytes(source.archive)
-    run_fetch(root, server, source, keep_archive=True)
+    run_fetch(root, server, source)
     assert server.requests_for(ARCHIVE_PATH) == []
     assert (root / ARCHIVE_NAME).is_file()
     assert (root / "AMi-Br").is_dir()
@@ -429,3 +429,20 @@ def test_unsafe_member_path_refused(tmp_path, source):
         assert not (tmp_path / "evil.txt").exists()
     finally:
         srv.close()
+
+
+REAL_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def test_pinned_checksums_match_real_files_and_nothing_is_downloaded(tmp_path, server, source):
+    """A complete data root (the real AMi-Br files, linked) verifies against the pinned checksums."""
+    if not (REAL_DATA / "AMi-Br").is_dir():
+        pytest.skip(f"real data not found at {REAL_DATA}")
+    root = tmp_path / "root"
+    root.mkdir()
+    for item in ("AMi-Br", "AtNorM-Br", "AMI-BR.csv", "amibr_train_split.csv"):
+        (root / item).symlink_to(REAL_DATA / item)
+    make_atnorm_md(root)
+    fetch(root, benchmark_url=server.url(ARCHIVE_PATH), labels_url=server.url(LABELS_PATH))  # default pins
+    assert server.requests == []
+    assert json.loads((root / MANIFEST).read_text())["labels"]["sha256"] == fetch_mod.DEFAULT_EXPECTED["AMI-BR.csv"]

@@ -54,6 +54,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_checkpointing: bool = False
     compile: bool = False
+    channels_last: bool = True
     tta: bool = False  # 8 dihedral views at evaluation
     eval_every: int = 1
     lora_r: int = 8

@@ -219,9 +219,9 @@ def check_data(data_root: str | Path | None = None, *, datasets: dict[str, pd.Da
         columns=["image", "path", "label", "set", "sha256", "pixels", "error", "converted"])
 
     for row in table.itertuples(index=False):
-        if row.error:
+        if isinstance(row.error, str):
             result.unreadable.append(BadImage(row.set, row.image, row.path, row.error))
-        if row.converted:
+        if isinstance(row.converted, str):
             result.converted.append(BadImage(row.set, row.image, row.path, row.converted))
 
     # exact duplicates (file bytes), within and across sets
@@ -314,7 +314,8 @@ def render_check(result: CheckResult, console=None, max_items: int = 20) -> None
 
     console = console or Console()
     title = f"Data root {result.data_root}" if result.data_root else "Datasets"
-    counts = Table(title=f"{title}: images per set, domain and class (positive class: Atypical = 1)")
+    console.print(f"[bold]{title}[/] (positive class: Atypical = 1)", highlight=False)
+    counts = Table(title="Images per set, domain and class")
     for col in ("set", "domain"):
         counts.add_column(col, no_wrap=True)
     for col in ("atypical", "normal", "total"):

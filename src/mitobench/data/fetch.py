@@ -28,7 +28,7 @@ import time
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from urllib.error import HTTPError, URLError
+from urllib.error import HTTPError
 from urllib.parse import urlparse
 from urllib.request import Request, urlopen
 
@@ -212,6 +212,17 @@ def _read_manifest(root: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _write_manifest(root: Path, manifest: dict, old: dict) -> None:
+    """Record what fetch did; nothing to record (a rerun on a complete root) writes nothing."""
+    if {k: v for k, v in manifest.items() if k != "mitobench_version"} == \
+            {k: old.get(k) for k in manifest if k != "mitobench_version"}:
+        return
+    try:
+        atomic_write_json(root / MANIFEST, manifest)
+    except OSError as exc:
+        raise MitobenchError(f"cannot write {root / MANIFEST} ({exc}). Choose a writable --data-root.") from exc
+
+
 def _verify_file(path: Path, sha256: str | None) -> str | None:
     """None if ``path`` matches ``sha256`` (or there is nothing to check), else its actual digest."""
     if not sha256:
@@ -285,7 +296,7 @@ def unpack(archive: Path, root: Path, items: list[str], *, expected: dict, force
         missing_required = [i for i in REQUIRED_ITEMS if i not in prefixes]
         if missing_required:
             raise MitobenchError(f"{archive} does not contain {missing_required}: it is not the AMi-Br_Benchmark "
-                                 "archive mitobench expects. Check the URL (--benchmark-url).")
+                                 f"archive mitobench expects ({BENCHMARK_URL}). Check the URL.")
         wanted = [i for i in items if i in prefixes]
         members = [(info, rel) for info, rel in members if rel[0] in wanted]
         total = sum(info.file_size for info, _ in members)
@@ -368,7 +379,7 @@ def fetch(data_root: Path, *, benchmark_url: str | None = None, labels_url: str 
         _log(f"Downloading {labels_url}")
         info = download(labels_url, labels, sha256=checks.get(AMIBR_LABEL_CSV), force=force)
         manifest["labels"] = {**info, "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_json(root / MANIFEST, manifest)
+        _write_manifest(root, manifest, old)
 
     # 2. The benchmark archive: which data items do we still need?
     train_csv = root / AMIBR_TRAIN_CSV
@@ -395,8 +406,12 @@ def fetch(data_root: Path, *, benchmark_url: str | None = None, labels_url: str 
         if item not in need:
             _log(f"{item}: present, kept.")
     if need_download:
+        if not os.access(root, os.W_OK):
+            raise MitobenchError(f"{root} is not writable, and {', '.join(need_download)} still need to be "
+                                 "downloaded into it. Choose a writable --data-root.")
         archive = root / archive_file_name(benchmark_url)
-        if archive.is_file() and not force:
+        downloaded = not (archive.is_file() and not force)
+        if not downloaded:
             _log(f"Using the archive already at {archive}.")
             actual = _verify_file(archive, checks.get("archive"))
             if actual:
@@ -417,8 +432,8 @@ def fetch(data_root: Path, *, benchmark_url: str | None = None, labels_url: str 
         manifest["files"].update(result["files"])
         manifest["archive"] = {**info, "file": archive.name, "found": result["found"], "not_in_archive": absent,
                                "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        if not keep_archive:
+        if downloaded and not keep_archive:  # an archive the user placed there stays
             archive.unlink(missing_ok=True)
-    atomic_write_json(root / MANIFEST, manifest)
+    _write_manifest(root, manifest, old)
     _log(f"Data root ready: {root}. Check it with `mitobench data check --data-root {root}`.")
     return root

@@ -1,0 +1,256 @@
+"""One training engine for end-to-end fine-tuning and LoRA.
+
+The decoded patch cache is held in memory as a uint8 tensor; batches are augmented on the training
+device (``augment.BatchAugment``). A method module (``finetune``, ``lora``) only says which
+parameters train and how the checkpoint is saved. Selection (best epoch, early stopping) uses the
+validation fold only. Every epoch writes a resumable checkpoint into the fold's scratch folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from torch import nn
+
+from mitobench.config import RunConfig
+from mitobench.errors import MitobenchError
+from mitobench.methods.augment import PRESETS, BatchAugment, dihedral
+
+log = logging.getLogger(__name__)
+
+
+class Classifier(nn.Module):
+    """Backbone embedding -> dropout -> one logit (atypical)."""
+
+    def __init__(self, backbone, dropout: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.embed_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.backbone(x))).squeeze(1)
+
+
+def _method_module(name: str):
+    from mitobench.methods import finetune, lora
+
+    return {"finetune": finetune, "lora": lora}[name]
+
+
+def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
+    """No decay on norms and biases; optional layer-wise lr decay over ``blocks.N`` (head gets full lr)."""
+    blocks = getattr(model.backbone.model, "blocks", None)
+    n_layers = len(blocks) + 1 if blocks is not None else 1
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        depth = n_layers
+        if layer_decay and name.startswith("backbone."):
+            parts = name.split(".")
+            depth = int(parts[parts.index("blocks") + 1]) + 1 if "blocks" in parts else 0
+        scale = layer_decay ** (n_layers - depth) if layer_decay else 1.0
+        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        key = (scale, no_decay)
+        groups.setdefault(key, {"params": [], "lr": lr * scale, "lr_scale": scale,
+                                "weight_decay": 0.0 if no_decay else weight_decay})["params"].append(p)
+    return list(groups.values())
+
+
+class TrainMethod:
+    """``--method finetune`` or ``--method lora`` with any registry backbone."""
+
+    def __init__(self, config: RunConfig):
+        from mitobench.models.registry import get_card
+
+        self.config = config
+        self.card = get_card(config.model)
+        self.module = _method_module(config.method)
+        if config.method == "lora" and not (config.train.lora_targets or self.card.lora_target):
+            raise MitobenchError(f"model {config.model!r} has no LoRA target regex; pass train.lora_targets or use finetune.")
+        self.pretrained = True
+
+    def prepare(self, ctx) -> None:
+        from mitobench.device import pick_device
+
+        self.device = pick_device(self.config.device)
+        if self.config.train.num_threads:
+            torch.set_num_threads(self.config.train.num_threads)
+        self.images = {name: torch.from_numpy(np.ascontiguousarray(p)) for name, p in ctx.patches.items()}
+
+    # -- model -------------------------------------------------------------------------------------
+    def _build(self) -> Classifier:
+        from mitobench.models.registry import create_backbone
+
+        backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download)
+        self.pretrained = backbone.pretrained
+        model = Classifier(backbone)
+        if self.config.train.grad_checkpointing and hasattr(backbone.model, "set_grad_checkpointing"):
+            backbone.model.set_grad_checkpointing(True)
+        model = self.module.prepare(model, self.config)
+        if self.config.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # 2-6x faster CNN training on CPU (oneDNN)
+        return model.to(self.device)
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, model: Classifier, images: torch.Tensor, tta: bool, batch_size: int = 128) -> np.ndarray:
+        model.eval()
+        size = self.config.train.img_size
+        views = range(8) if tta else range(1)
+        out = []
+        amp = self.device.type == "cuda"
+        for start in range(0, len(images), batch_size):
+            x = model.backbone.preprocess(images[start:start + batch_size].to(self.device), size)
+            logits = 0
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                for k in views:
+                    logits = logits + torch.sigmoid(model(dihedral(x, k)).float())
+            out.append((logits / len(views)).cpu().numpy())
+        return np.concatenate(out)
+
+    # -- training ----------------------------------------------------------------------------------
+    def fit_predict(self, fold: int, train_idx: np.ndarray, val_idx: np.ndarray, ctx, scratch: Path):
+        from mitobench.protocol import FoldResult
+
+        cfg = self.config.train
+        seed = self.config.seed + fold
+        torch.manual_seed(seed)
+        train = ctx.sets["AMi-Br-train"]
+        labels = train["label"].to_numpy()
+        y_tr, y_val = labels[train_idx], labels[val_idx]
+        images = self.images["AMi-Br-train"]
+        x_tr, x_val = images[train_idx], images[val_idx]
+        targets = torch.as_tensor(y_tr, dtype=torch.float32)
+        if cfg.soft_labels:
+            votes = train["p_atypical_votes"].to_numpy()[train_idx]
+            targets = torch.as_tensor(np.where(np.isnan(votes), y_tr, votes), dtype=torch.float32)
+
+        model = self._build()
+        if cfg.compile:
+            model = torch.compile(model)
+        from mitobench.methods.losses import make_loss
+
+        n_pos, n_neg = int(y_tr.sum()), int(len(y_tr) - y_tr.sum())
+        loss_fn = make_loss(cfg.loss, n_neg / max(n_pos, 1), cfg.focal_gamma, cfg.label_smoothing)
+        groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
+        steps_per_epoch = math.ceil(len(train_idx) / (cfg.batch_size * cfg.grad_accum))
+        total_steps = steps_per_epoch * cfg.epochs
+        warmup = int(cfg.warmup_epochs * steps_per_epoch)
+        if cfg.optimizer == "adamw":
+            opt = torch.optim.AdamW(groups, lr=cfg.lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) *
+                                                      0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total_steps - warmup)))))
+            plateau = None
+        elif cfg.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=cfg.lr)
+            sched = None
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3, min_lr=1e-7)
+        else:
+            raise MitobenchError(f"unknown optimizer {cfg.optimizer!r}: use adamw or adam")
+        augment = BatchAugment(PRESETS[cfg.augment] if isinstance(cfg.augment, str) else cfg.augment, cfg.img_size, seed)
+        gen = torch.Generator().manual_seed(seed)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema)) \
+            if cfg.ema else None
+
+        state = {"epoch": 0, "best": -1.0, "best_auc": -1.0, "best_epoch": 0, "since": 0, "history": []}
+        ckpt = scratch / "last.pt"
+        best_path = scratch / "best.pt"
+        if ckpt.is_file():  # resume inside the fold
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            if sched is not None:
+                sched.load_state_dict(saved["sched"])
+            if plateau is not None:
+                plateau.load_state_dict(saved["plateau"])
+            if ema is not None and "ema" in saved:
+                ema.load_state_dict(saved["ema"])
+            augment.set_state(saved["aug_rng"])
+            gen.set_state(saved["gen_rng"])
+            torch.set_rng_state(saved["torch_rng"])
+            import json
+
+            state = json.loads(saved["state"])
+            log.info("fold %d: resumed after epoch %d", fold, state["epoch"])
+
+        weights = torch.as_tensor(1.0 / np.bincount(y_tr, minlength=2)[y_tr], dtype=torch.double)
+        amp = self.device.type == "cuda"
+        t_train, n_seen = 0.0, 0
+        while state["epoch"] < cfg.epochs and state["since"] < cfg.patience:
+            model.train()
+            t0 = time.perf_counter()
+            if cfg.sampler == "weighted":
+                order = torch.multinomial(weights, len(y_tr), replacement=True, generator=gen)
+            else:
+                order = torch.randperm(len(y_tr), generator=gen)
+            for step, start in enumerate(range(0, len(order), cfg.batch_size)):
+                idx = order[start:start + cfg.batch_size]
+                x = augment(x_tr[idx].to(self.device))
+                x = (x - model.backbone._mean) / model.backbone._std
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = loss_fn(model(x).float(), targets[idx].to(self.device)) / cfg.grad_accum
+                if not torch.isfinite(loss):
+                    raise MitobenchError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}. "
+                                         "Lower the learning rate (train.lr) or use float32; this fold was stopped.")
+                loss.backward()
+                if (step + 1) % cfg.grad_accum == 0:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if sched is not None:
+                        sched.step()
+                    if ema is not None:
+                        ema.update_parameters(model)
+                n_seen += len(idx)
+            t_train += time.perf_counter() - t0
+            state["epoch"] += 1
+            eval_model = ema.module if ema is not None else model
+            if state["epoch"] % cfg.eval_every == 0 or state["epoch"] == cfg.epochs:
+                p_val = self.predict(eval_model, x_val, tta=False)
+                ba = float(balanced_accuracy_score(y_val, p_val >= 0.5))
+                auc = float(roc_auc_score(y_val, p_val))
+                state["history"].append({"epoch": state["epoch"], "val_ba": ba, "val_auroc": auc,
+                                         "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
+                log.info("fold %d epoch %d: val BA %.4f AUROC %.4f", fold, state["epoch"], ba, auc)
+                if plateau is not None:
+                    plateau.step(ba)
+                better = ba > state["best"] or (ba == state["best"] and auc > state["best_auc"])
+                if better and state["epoch"] >= cfg.min_epochs:
+                    state.update(best=ba, best_auc=auc, best_epoch=state["epoch"], since=0)
+                    self._atomic_torch_save({k: v.detach().cpu() for k, v in eval_model.state_dict().items()}, best_path)
+                elif state["epoch"] >= cfg.min_epochs:
+                    state["since"] += 1
+            import json
+
+            self._atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
+                                     "sched": sched.state_dict() if sched is not None else {},
+                                     "plateau": plateau.state_dict() if plateau is not None else {},
+                                     **({"ema": ema.state_dict()} if ema is not None else {}),
+                                     "aug_rng": augment.state(), "gen_rng": gen.get_state(),
+                                     "torch_rng": torch.get_rng_state(), "state": json.dumps(state)}, ckpt)
+
+        final = ema.module if ema is not None else model
+        final.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+        self.module.save(final, scratch)
+        probs = {"validation": self.predict(final, x_val, cfg.tta)}
+        for name in ctx.holdouts:
+            probs[name] = self.predict(final, self.images[name], cfg.tta)
+        info = {"best_epoch": state["best_epoch"], "best_val_ba": state["best"], "epochs_run": state["epoch"],
+                "history": state["history"], "train_images_per_s": n_seen / t_train if t_train else None,
+                "pretrained": self.pretrained}
+        return FoldResult(probs, info)
+
+    @staticmethod
+    def _atomic_torch_save(obj, path: Path) -> None:
+        from mitobench.io import atomic_write
+
+        atomic_write(path, lambda p: torch.save(obj, p))

@@ -1,0 +1,43 @@
+"""LoRA (peft): low-rank adapters on the card's target Linear layers; the head trains too.
+
+The checkpoint is adapters + head only (``save_pretrained``): megabytes, not gigabytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from mitobench.errors import MitobenchError
+
+
+def prepare(model: nn.Module, config) -> nn.Module:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    card = model.backbone.card
+    target = config.train.lora_targets or card.lora_target
+    if not target:
+        raise MitobenchError(f"model {card.key!r} has no LoRA target regex in its card. Pass --lora-targets "
+                             "(a regex over module names, e.g. '.*\\.(qkv|proj|fc1|fc2)$') or use --method finetune.")
+    lora = LoraConfig(r=config.train.lora_r, lora_alpha=config.train.lora_alpha, lora_dropout=config.train.lora_dropout,
+                      target_modules=target, bias="none")
+    try:
+        model.backbone.model = inject_adapter_in_model(lora, model.backbone.model)
+    except ValueError as exc:
+        raise MitobenchError(f"LoRA targets {target!r} match no layer of {card.key}: {exc}") from exc
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith("head."))
+    return model
+
+
+def save(model: nn.Module, folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    from mitobench.io import atomic_write
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if "lora_" in k or k.startswith("head.")}
+    path = folder / "adapter_and_head.safetensors"
+    atomic_write(path, lambda p: save_file(state, str(p)))
+    return path

