@@ -100,6 +100,27 @@ def embed(
         console.print("[bold yellow]RANDOM INIT: no pretrained weights were loaded[/]")
 
 
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A complete run folder (from `mitobench run`)."),
+    source: Path = typer.Argument(..., help="Patches: Atypical/Normal class folders, any folder of images, or a CSV with a path column."),
+    out: Optional[Path] = typer.Option(None, help="Output CSV (default RUN_DIR/predictions/<name>-<time>.csv); never overwritten."),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Apply a run's 5 fold models and their ensemble to new 128-px patches centred on mitotic figures."""
+    from mitobench.evaluation.metrics import binary_metrics
+    from mitobench.predict import predict as run_predict
+
+    path, table = run_predict(run_dir, source, out, batch_size, device)
+    n_atypical = int((table["predicted"] == "Atypical").sum())
+    console.print(f"{len(table)} patches: {n_atypical} predicted atypical (threshold {table['threshold'].iloc[0]:.3f})")
+    if table["label"].notna().all() and table["label"].nunique() == 2:
+        m = binary_metrics(table["label"].astype(int), table["p_ensemble"], float(table["threshold"].iloc[0]))
+        console.print("ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    console.print(f"predictions: {path}")
+
+
 @data_app.command("fetch")
 def data_fetch(data_root: Optional[str] = DataRoot,
                force: bool = typer.Option(False, help="Download again even if present.")) -> None:

@@ -41,7 +41,7 @@ def extract(backbone: Backbone, patches: np.ndarray, batch_size: int = 128, devi
     autocast = dtype != torch.float32
     with progress_bar(name, len(patches)) as advance:
         for start in range(0, len(patches), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(patches[start:start + batch_size])).to(device)
+            batch = torch.from_numpy(np.array(patches[start:start + batch_size])).to(device)
             with torch.autocast(device.type, dtype=dtype, enabled=autocast):
                 feats = backbone(backbone.preprocess(batch))
             out.append(feats.float().cpu().numpy())

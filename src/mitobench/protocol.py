@@ -196,6 +196,6 @@ def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, F
     atomic_write_csv(run.path / "predictions.csv", predictions)
     atomic_write_csv(run.path / "metrics.csv", metrics)
     text = render_report(metrics, config.model, config.method, [VALIDATION, *ctx.holdouts], absent,
-                         getattr(method, "pretrained", True), console=Console())
+                         getattr(method, "pretrained", True))
     atomic_write_text(run.path / "report.txt", text)
     atomic_write_json(run.path / "fold_info.json", {str(f): r.info for f, r in results.items()})

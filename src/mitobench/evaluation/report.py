@@ -45,7 +45,7 @@ def _get(metrics: pd.DataFrame, dataset: str, fold: str, metric: str) -> pd.Seri
 def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list[str], absent: list[str],
                   pretrained: bool = True, console: Console | None = None) -> str:
     """Print the paper-form table; return it as plain text for ``report.txt``."""
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 160))
     title = f"{model} / {method}" + ("" if pretrained else "  [RANDOM INIT: no pretrained weights]")
     table = Table(title=title, caption="positive class = atypical; fold models: mean +- population SD over 5; "
                   "ensemble: mean probability of the 5 fold models, 95% stratified bootstrap CI")

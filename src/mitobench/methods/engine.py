@@ -83,7 +83,8 @@ class TrainMethod:
         self.device = pick_device(self.config.device)
         if self.config.train.num_threads:
             torch.set_num_threads(self.config.train.num_threads)
-        self.images = {name: torch.from_numpy(np.ascontiguousarray(p)) for name, p in ctx.patches.items()}
+        # held in RAM (AMi-Br is ~180 MB decoded), not read through the memory map at every step
+        self.images = {name: torch.from_numpy(np.array(p)) for name, p in ctx.patches.items()}
 
     # -- model -------------------------------------------------------------------------------------
     def _build(self) -> Classifier:

@@ -16,6 +16,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from mitobench.config import RunConfig
 from mitobench.splits import inner_group_splits
@@ -33,14 +34,20 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         return LogisticRegression(C=C, class_weight="balanced", max_iter=self.max_iter)
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> "LogisticProbe":
+        # one BLAS thread: these small problems run several times faster without thread contention
+        with threadpool_limits(1):
+            return self._fit(X, y, groups)
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None) -> "LogisticProbe":
         self.scaler_ = StandardScaler().fit(X)
         Z = self.scaler_.transform(X)
         self.classes_ = np.array([0, 1])
         if groups is not None and len(self.Cs) > 1:
             scores = np.zeros(len(self.Cs))
             for tr, va in inner_group_splits(y, groups, self.inner_splits, self.random_state):
-                for i, C in enumerate(self.Cs):
-                    model = self._model(C).fit(Z[tr], y[tr])
+                model = self._model(self.Cs[0]).set_params(warm_start=True)  # warm-started regularisation path
+                for i in np.argsort(self.Cs):
+                    model.set_params(C=self.Cs[i]).fit(Z[tr], y[tr])
                     scores[i] += balanced_accuracy_score(y[va], model.predict(Z[va]))
             self.inner_scores_ = scores / self.inner_splits
             self.C_ = float(self.Cs[int(np.argmax(self.inner_scores_))])
@@ -176,4 +183,35 @@ class ProbeMethod:
         ctx.timings["probe_fit_s"] = ctx.timings.get("probe_fit_s", 0.0) + time.perf_counter() - t0
         info = {"head": self.config.probe.head, "C": getattr(est, "C_", None),
                 "best_val_ba": getattr(est, "best_val_ba_", None)}
+        save_linear(est, scratch / "probe.safetensors")
         return FoldResult(probs, info)
+
+
+def linear_weights(est) -> dict[str, np.ndarray]:
+    """The fitted probe as one affine map on raw embeddings: logit = x @ w + b."""
+    if isinstance(est, LogisticProbe):
+        w = est.model_.coef_[0] / est.scaler_.scale_
+        b = est.model_.intercept_[0] - float(np.dot(est.scaler_.mean_, w))
+    else:
+        w = est.head_.weight.detach().numpy()[0].astype(np.float64)
+        b = float(est.head_.bias.detach().numpy()[0])
+        if est.scaler_ is not None:
+            w = w / est.scaler_.scale_
+            b = b - float(np.dot(est.scaler_.mean_, w))
+    return {"weight": np.asarray(w, np.float64), "bias": np.asarray([b], np.float64)}
+
+
+def save_linear(est, path) -> None:
+    from safetensors.numpy import save_file
+
+    from mitobench.io import atomic_write
+
+    weights = linear_weights(est)
+    atomic_write(path, lambda p: save_file(weights, str(p)))
+
+
+def load_linear(path) -> tuple[np.ndarray, float]:
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(path))
+    return weights["weight"], float(weights["bias"][0])
