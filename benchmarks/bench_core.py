@@ -1,0 +1,128 @@
+"""Issue 2 benchmark: the default job (EfficientNet-Lite0 linear probe) cold and warm, against the
+reference code's way of running the same probe.
+
+Usage: .venv/bin/python benchmarks/bench_core.py [--data-root ../shared/data] [--paper-folds 1]
+
+1. Cold: ``mitobench run`` with an empty cache (decode PNGs, embed, fit 5 probes, evaluate).
+2. Warm: the same command again (patch and embedding caches hit).
+   Peak RSS of each run is measured by the OS (``getrusage`` of the child).
+3. The paper's way, same backbone (EfficientNet-Lite0) and input size (224): inside every fold, the
+   embeddings of train, validation and every hold-out image are re-extracted one image at a time
+   through PIL transforms (Resize(224), ToTensor, Normalize), then the paper's head is trained
+   (BCE, Adam 5e-5, batch 8, weighted sampler, early stopping on validation BA). ``--paper-folds``
+   folds are measured; the 5-fold total is that time x 5 / folds measured (labelled as such).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], env: dict) -> tuple[float, float, Path]:
+    """Wall seconds, peak RSS (GB) and run folder of one ``mitobench run``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    out = subprocess.run([str(ROOT / ".venv/bin/mitobench"), "run", *args], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        sys.exit(f"mitobench run failed:\n{out.stdout}\n{out.stderr}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    run_dir = Path(out.stdout.strip().splitlines()[-1].split("results:", 1)[1].strip())
+    return wall, max(peak, before) / 1e6, run_dir
+
+
+def paper_way(data_root: Path, folds_measured: int) -> dict:
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from mitobench.config import RunConfig
+    from mitobench.methods.probe import TorchProbe
+    from mitobench.models.registry import create_backbone
+    from mitobench.protocol import load_sets
+    from mitobench.splits import paper_folds
+
+    cfg = RunConfig(data_root=str(data_root))
+    sets, _ = load_sets(cfg)
+    train = sets["AMi-Br-train"]
+    folds = paper_folds(train)
+    backbone = create_backbone("efficientnet_lite0").eval()
+    tf = transforms.Compose([transforms.Resize(224), transforms.ToTensor(),
+                             transforms.Normalize(backbone.card.mean, backbone.card.std)])
+
+    @torch.inference_mode()
+    def embed_one_by_one(paths: list[str]) -> np.ndarray:
+        out = []
+        for p in paths:
+            x = tf(Image.open(p).convert("RGB")).unsqueeze(0)
+            out.append(backbone.model(x).numpy()[0])
+        return np.stack(out)
+
+    t0 = time.perf_counter()
+    n_images = 0
+    for fold in range(1, folds_measured + 1):
+        tr, va = train[folds != fold], train[folds == fold]
+        X_tr, X_va = embed_one_by_one(tr["path"].tolist()), embed_one_by_one(va["path"].tolist())
+        head = TorchProbe().fit(X_tr, tr["label"].to_numpy(), X_va, va["label"].to_numpy())
+        n_images += len(tr) + len(va)
+        for name in [n for n in sets if n != "AMi-Br-train"]:
+            head.predict_proba(embed_one_by_one(sets[name]["path"].tolist()))
+            n_images += len(sets[name])
+    seconds = time.perf_counter() - t0
+    return {"folds_measured": folds_measured, "seconds_measured": seconds, "images_embedded": n_images,
+            "five_fold_seconds": seconds * 5 / folds_measured}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=os.environ.get("MITOBENCH_DATA", str(ROOT.parent / "shared/data")))
+    parser.add_argument("--paper-folds", type=int, default=1)
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "MITOBENCH_CACHE": f"{tmp}/cache", "MITOBENCH_QUIET": "1"}
+        common = ["--data-root", args.data_root, "--runs-dir", f"{tmp}/runs"]
+        cold, cold_rss, cold_dir = run_cli(common, env)
+        warm, warm_rss, warm_dir = run_cli(common, env)
+        timings = json.loads((cold_dir / "status.json").read_text())["timings"]
+        metrics = (warm_dir / "report.txt").read_text()
+        same = (cold_dir / "metrics.csv").read_text() == (warm_dir / "metrics.csv").read_text()
+    paper = paper_way(Path(args.data_root), args.paper_folds)
+    n = timings["n_images"]
+    lines = [
+        "| figure | value | target |", "|---|---|---|",
+        f"| cold default run, {n} images (wall) | {cold:.1f} s | <= 240 s |",
+        f"| - decode PNGs into the patch cache | {timings['decode_s']:.1f} s | |",
+        f"| - embedding extraction | {timings['embed_s']:.1f} s ({n / timings['embed_s']:.0f} images/s) | |",
+        f"| - probe fitting, 5 folds (C by inner grouped CV) | {timings['probe_fit_s']:.1f} s | |",
+        f"| warm rerun (wall) | {warm:.1f} s | <= 20 s |",
+        f"| peak RSS cold / warm | {cold_rss:.2f} / {warm_rss:.2f} GB | <= 3 GB |",
+        f"| warm metrics identical to cold | {same} | |",
+        f"| paper's way, {paper['folds_measured']} fold(s) measured ({paper['images_embedded']} single-image PIL embeddings + paper head) | {paper['seconds_measured']:.1f} s | |",
+        f"| paper's way, 5 folds (measured x 5 / {paper['folds_measured']}) | {paper['five_fold_seconds']:.0f} s | |",
+        f"| speed-up cold | {paper['five_fold_seconds'] / cold:.1f}x | >= 10x |",
+        f"| speed-up warm | {paper['five_fold_seconds'] / warm:.1f}x | >= 100x |",
+    ]
+    body = "\n".join(lines) + "\n\nDefault probe result (warm run's report):\n\n```\n" + metrics.strip() + "\n```"
+    print(body)
+    if not args.no_append:
+        append_results("## Core: default probe, cold / warm / the paper's way (issue 2)", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Issue 4 benchmark: CPU training images/s of EfficientNet-Lite0 with mitobench's pipeline against
+the reference code's pipeline, same model, same machine, one run.
+
+Usage: .venv/bin/python benchmarks/bench_train_speed.py [--data-root ../shared/data] [--steps 12]
+
+- mitobench: decoded uint8 patches held in memory, batched tensor augmentation (dihedral, rotation,
+  centre-keeping crop, colour and HED jitter, blur, resize in one grid_sample), channels-last,
+  AdamW, batch 32.
+- reference: PIL transforms per image in a torch DataLoader (RandomResizedCrop, flips, rotation,
+  ColorJitter, ToTensor, Normalize), batch 8, Adam, as the reference code.
+Both at 128 px and 224 px. Full training steps (forward, backward, optimiser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def records(data_root: str, n: int):
+    from mitobench.config import RunConfig
+    from mitobench.protocol import load_sets
+
+    sets, _ = load_sets(RunConfig(data_root=data_root))
+    return sets["AMi-Br-train"].iloc[:n]
+
+
+def ours(frame, size: int, steps: int, batch: int = 32) -> float:
+    from mitobench.data.images import decode_patch
+    from mitobench.methods.augment import PRESETS, BatchAugment
+    from mitobench.methods.engine import Classifier
+    from mitobench.models.registry import create_backbone
+
+    images = torch.from_numpy(np.stack([decode_patch(p) for p in frame["path"]]))  # the in-memory cache
+    labels = torch.as_tensor(frame["label"].to_numpy(), dtype=torch.float32)
+    model = Classifier(create_backbone("efficientnet_lite0")).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    aug = BatchAugment(PRESETS["strong"], size, seed=0)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        x = (aug(images[idx]) - model.backbone._mean) / model.backbone._std
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x.contiguous(memory_format=torch.channels_last)), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def reference(frame, size: int, steps: int, batch: int = 8) -> float:
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    from mitobench.methods.engine import Classifier
+    from mitobench.models.registry import create_backbone
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(size, scale=(0.8, 1.0)), transforms.RandomHorizontalFlip(),
+                             transforms.RandomRotation(15), transforms.ColorJitter(0.1, 0.1, 0.1, 0.02),
+                             transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    class Patches(Dataset):
+        def __len__(self) -> int:
+            return len(frame)
+
+        def __getitem__(self, i: int):
+            row = frame.iloc[i]
+            return tf(Image.open(row["path"]).convert("RGB")), torch.tensor(float(row["label"]))
+
+    loader = DataLoader(Patches(), batch_size=batch, shuffle=True, num_workers=0)
+    model = Classifier(create_backbone("efficientnet_lite0")).train()
+    opt = torch.optim.Adam(model.parameters(), 5e-5, weight_decay=1e-5)
+    it = iter(loader)
+
+    def step() -> None:
+        nonlocal it
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(loader)
+            x, y = next(it)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    n_steps = steps * 4  # same number of images as mitobench's steps at batch 32
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    return n_steps * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=os.environ.get("MITOBENCH_DATA", str(ROOT.parent / "shared/data")))
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    frame = records(args.data_root, 512)
+    rows = ["| input | mitobench (img/s) | reference pipeline (img/s) | ratio | target |", "|---|---|---|---|---|"]
+    for size in (128, 224):
+        a, b = ours(frame, size, args.steps), reference(frame, size, args.steps)
+        rows.append(f"| {size} px | {a:.1f} | {b:.1f} | {a / b:.1f}x | >= 3x |")
+        print(rows[-1], flush=True)
+    body = "\n".join(rows)
+    print(body)
+    if not args.no_append:
+        append_results("## Training engine: CPU training images/s, EfficientNet-Lite0 (issue 4)", body)
+
+
+if __name__ == "__main__":
+    main()
