@@ -8,3 +8,7 @@ class MitobenchError(Exception):
     """
 
     exit_code = 2
+
+
+class FoldFailedError(MitobenchError):
+    """One fold could not be trained (e.g. a NaN loss); the run goes on with the other folds."""

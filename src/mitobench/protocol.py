@@ -20,7 +20,7 @@ from rich.console import Console
 from mitobench.config import RunConfig, load_config, save_config
 from mitobench.data.cache import PatchCache
 from mitobench.data.records import HOLDOUT_SETS, discover, evaluation_sets, load_custom, resolve_data_root
-from mitobench.errors import MitobenchError
+from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.evaluation.report import render_report, tidy_metrics
 from mitobench.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from mitobench.runs import RunDir, environment, new_run_dir
@@ -148,14 +148,22 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         ctx.timings["decode_s"] = time.perf_counter() - t0
         method.prepare(ctx)
         results: dict[int, FoldResult] = {}
+        failed: dict[int, str] = {}
         for fold in range(1, config.n_folds + 1):
             saved = run.load_fold(fold)
-            if saved is not None:
+            if saved is not None and not saved[1].get("failed"):
                 results[fold] = FoldResult(*saved)
                 continue
             val_idx, train_idx = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
             t_fold = time.perf_counter()
-            result = method.fit_predict(fold, train_idx, val_idx, ctx, run.scratch(fold))
+            try:
+                result = method.fit_predict(fold, train_idx, val_idx, ctx, run.scratch(fold))
+            except FoldFailedError as exc:  # e.g. a NaN loss: say so, keep the other folds
+                console.print(f"[bold red]fold {fold} FAILED:[/] {exc}")
+                run.save_fold(fold, {}, {"failed": str(exc)})
+                (run.scratch(fold) / "last.pt").unlink(missing_ok=True)  # a resume retries it from scratch
+                failed[fold] = str(exc)
+                continue
             val_labels = train["label"].to_numpy()[val_idx]
             result.info["threshold"] = (best_threshold(val_labels, result.probs["validation"])
                                         if config.threshold == "validation" else 0.5)
@@ -163,17 +171,19 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
             run.save_fold(fold, result.probs, result.info)
             results[fold] = result
             console.print(f"fold {fold}/{config.n_folds} done in {result.info['seconds']:.1f}s")
-        _finalise(run, config, ctx, results, absent, method, console)
+        if not results:
+            raise MitobenchError("every fold failed; no results. See the messages above.")
+        _finalise(run, config, ctx, results, absent, method, console, failed)
     except BaseException as exc:
         run.set_status("failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", error=str(exc))
         raise
     ctx.timings["total_s"] = time.perf_counter() - t_start
-    run.set_status("complete", timings=ctx.timings)
+    run.set_status("complete", timings=ctx.timings, failed_folds=failed)
     return run.path
 
 
 def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, FoldResult], absent: list[str],
-              method: Method, console: Console) -> None:
+              method: Method, console: Console, failed: dict[int, str] | None = None) -> None:
     rows = []
     train = ctx.sets["AMi-Br-train"]
     for fold, result in results.items():
@@ -197,5 +207,10 @@ def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, F
     atomic_write_csv(run.path / "metrics.csv", metrics)
     text = render_report(metrics, config.model, config.method, [VALIDATION, *ctx.holdouts], absent,
                          getattr(method, "pretrained", True))
+    if failed:
+        note = (f"WARNING: fold(s) {sorted(failed)} FAILED and are excluded: the mean, SD and ensemble use "
+                f"{len(results)} fold models. Rerun them with `mitobench run --resume {run.path}`.")
+        Console(stderr=True).print(f"[bold red]{note}[/]")
+        text = note + "\n" + text
     atomic_write_text(run.path / "report.txt", text)
     atomic_write_json(run.path / "fold_info.json", {str(f): r.info for f, r in results.items()})

@@ -19,8 +19,9 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from torch import nn
 
 from mitobench.config import RunConfig
-from mitobench.errors import MitobenchError
+from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, BatchAugment, dihedral
+from mitobench.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -192,18 +193,28 @@ class TrainMethod:
                 order = torch.multinomial(weights, len(y_tr), replacement=True, generator=gen)
             else:
                 order = torch.randperm(len(y_tr), generator=gen)
+            bar = progress_bar(f"fold {fold} epoch {state['epoch'] + 1}/{cfg.epochs}", len(order))
+            advance = bar.__enter__()
             for step, start in enumerate(range(0, len(order), cfg.batch_size)):
                 idx = order[start:start + cfg.batch_size]
+                advance(len(idx))
                 x = augment(x_tr[idx].to(self.device))
                 x = (x - model.backbone._mean) / model.backbone._std
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = loss_fn(model(x).float(), targets[idx].to(self.device)) / cfg.grad_accum
+                try:
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                        loss = loss_fn(model(x).float(), targets[idx].to(self.device)) / cfg.grad_accum
+                except torch.OutOfMemoryError as exc:
+                    raise MitobenchError(self._oom_message(exc)) from exc
                 if not torch.isfinite(loss):
-                    raise MitobenchError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}. "
-                                         "Lower the learning rate (train.lr) or use float32; this fold was stopped.")
-                loss.backward()
+                    raise FoldFailedError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}; "
+                                          "this fold was stopped, the other folds go on. Lower the learning rate "
+                                          "(train.lr) or train in float32.")
+                try:
+                    loss.backward()
+                except torch.OutOfMemoryError as exc:
+                    raise MitobenchError(self._oom_message(exc)) from exc
                 if (step + 1) % cfg.grad_accum == 0:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -212,6 +223,7 @@ class TrainMethod:
                     if ema is not None:
                         ema.update_parameters(model)
                 n_seen += len(idx)
+            bar.__exit__(None, None, None)
             t_train += time.perf_counter() - t0
             state["epoch"] += 1
             eval_model = ema.module if ema is not None else model
@@ -249,6 +261,13 @@ class TrainMethod:
                 "history": state["history"], "train_images_per_s": n_seen / t_train if t_train else None,
                 "pretrained": self.pretrained}
         return FoldResult(probs, info)
+
+    def _oom_message(self, exc: Exception) -> str:
+        cfg = self.config.train
+        return (f"out of memory on {self.device} at batch size {cfg.batch_size} ({self.config.model}, {cfg.img_size} px). "
+                f"Lower train.batch_size (e.g. {max(1, cfg.batch_size // 2)}) and raise train.grad_accum "
+                f"(e.g. {cfg.grad_accum * 2}) to keep the effective batch, or set train.grad_checkpointing: true. "
+                "Finished folds are kept: continue with `mitobench run --resume RUN_DIR`.")
 
     @staticmethod
     def _atomic_torch_save(obj, path: Path) -> None:

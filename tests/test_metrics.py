@@ -1,0 +1,196 @@
+"""Metrics (atypical = positive), the vectorised bootstrap, and the tidy table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    f1_score,
+    matthews_corrcoef,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from mitobench.evaluation.metrics import METRICS, _metrics_rows, binary_metrics, bootstrap_ci
+from mitobench.evaluation.published import CITATION, published_figure, published_results
+from mitobench.evaluation.report import render_report, tidy_metrics
+
+
+def sklearn_metrics(y, p, thr=0.5):
+    pred = (p >= thr).astype(int)
+    return {
+        "balanced_accuracy": balanced_accuracy_score(y, pred),
+        "auroc": roc_auc_score(y, p),
+        "sensitivity": recall_score(y, pred, zero_division=0),
+        "specificity": recall_score(1 - y, 1 - pred, zero_division=0),
+        "precision": precision_score(y, pred, zero_division=0),
+        "f1": f1_score(y, pred, zero_division=0),
+        "average_precision": average_precision_score(y, p),
+        "mcc": matthews_corrcoef(y, pred),
+    }
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("thr", [0.5, 0.3])
+def test_binary_metrics_match_sklearn(seed, thr):
+    rng = np.random.default_rng(seed)
+    n = 50 + 20 * seed
+    y = (rng.random(n) < 0.25).astype(int)
+    y[:2] = [0, 1]
+    p = np.clip(0.3 * y + rng.random(n) * 0.7, 0, 1)
+    if seed % 2:
+        p = np.round(p, 1)  # many ties
+    ours, ref = binary_metrics(y, p, thr), sklearn_metrics(y, p, thr)
+    assert set(ours) == set(METRICS)
+    for m in METRICS:
+        assert ours[m] == pytest.approx(ref[m], abs=1e-12), m
+
+
+def test_single_class_gives_nan_not_crash():
+    out = binary_metrics(np.zeros(5, int), np.linspace(0, 1, 5))
+    assert np.isnan(out["auroc"]) and np.isnan(out["balanced_accuracy"]) and np.isnan(out["sensitivity"])
+    assert out["specificity"] == pytest.approx(2 / 5)  # 0.5, 0.75, 1.0 predicted atypical
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_rows_match_binary_metrics(seed):
+    """Bootstrap rows resample with replacement (duplicated indices) and include ties."""
+    rng = np.random.default_rng(seed)
+    n = 40
+    y = (rng.random(n) < 0.3).astype(int)
+    y[:3] = [1, 0, 1]
+    p = rng.random(n)
+    if seed >= 2:
+        p = np.round(p * 4) / 4  # heavy ties, including ties across classes
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    idx = np.concatenate([rng.choice(pos, (30, len(pos))), rng.choice(neg, (30, len(neg)))], axis=1)
+    for thr in (0.5, 0.25):
+        rows = _metrics_rows(y[idx], p[idx], thr)
+        for b in range(idx.shape[0]):
+            ref = binary_metrics(y[idx[b]], p[idx[b]], thr)
+            for m in METRICS:
+                assert rows[m][b] == pytest.approx(ref[m], abs=1e-10), (m, b, thr)
+
+
+def test_vectorised_rows_degenerate_predictions():
+    y = np.array([[0, 1, 0, 1, 0]])
+    for p in (np.zeros((1, 5)), np.ones((1, 5)), np.full((1, 5), 0.5)):
+        rows = _metrics_rows(y, p, 0.5)
+        ref = binary_metrics(y[0], p[0], 0.5)
+        for m in METRICS:
+            assert rows[m][0] == pytest.approx(ref[m], abs=1e-12), m
+
+
+def _data(seed=0, n=120):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.25).astype(int)
+    p = np.clip(0.35 * y + 0.65 * rng.random(n), 0, 1)
+    return y, p
+
+
+def test_bootstrap_seeded_and_contains_point():
+    y, p = _data()
+    a = bootstrap_ci(y, p, n_boot=300, seed=7)
+    b = bootstrap_ci(y, p, n_boot=300, seed=7)
+    c = bootstrap_ci(y, p, n_boot=300, seed=8)
+    assert a == b
+    assert a != c
+    point = binary_metrics(y, p)
+    for m in METRICS:
+        lo, hi = a[m]
+        assert lo <= point[m] <= hi, m
+        assert lo < hi, m
+
+
+def test_bootstrap_is_stratified(monkeypatch):
+    """Every replicate keeps the set's class counts."""
+    import mitobench.evaluation.metrics as metrics
+
+    y, p = _data(1)
+    seen = []
+    real = metrics._metrics_rows
+
+    def spy(labels, probs, threshold):
+        seen.append(labels.copy())
+        return real(labels, probs, threshold)
+
+    monkeypatch.setattr(metrics, "_metrics_rows", spy)
+    metrics.bootstrap_ci(y, p, n_boot=200, seed=0)
+    (labels,) = seen
+    assert labels.shape == (200, len(y))
+    assert (labels.sum(1) == y.sum()).all()
+
+
+def test_bootstrap_single_class_is_nan():
+    ci = bootstrap_ci(np.ones(10, int), np.linspace(0, 1, 10), n_boot=50)
+    assert all(np.isnan(lo) and np.isnan(hi) for lo, hi in ci.values())
+
+
+def test_positive_class_is_atypical():
+    """Label 1 (atypical) is the positive class: swapping the labels changes AP, sensitivity and precision."""
+    y, p = _data(2)
+    a = binary_metrics(y, p)
+    b = binary_metrics(1 - y, 1 - p)
+    assert a["average_precision"] == pytest.approx(average_precision_score(y, p))
+    assert a["average_precision"] != pytest.approx(b["average_precision"])
+    assert a["sensitivity"] == pytest.approx(b["specificity"])
+    assert a["auroc"] == pytest.approx(b["auroc"])  # symmetric metrics stay
+    assert binary_metrics(np.array([1, 1, 0, 0]), np.array([0.9, 0.8, 0.1, 0.2]))["sensitivity"] == 1.0
+    assert binary_metrics(np.array([1, 1, 0, 0]), np.array([0.9, 0.2, 0.1, 0.2]))["sensitivity"] == 0.5
+
+
+def _predictions(seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for dataset, n in (("A", 40), ("B", 30)):
+        y = (rng.random(n) < 0.3).astype(int)
+        y[:2] = [0, 1]
+        fold_probs = []
+        for fold in range(1, 6):
+            p = np.clip(0.3 * y + 0.7 * rng.random(n), 0, 1)
+            fold_probs.append(p)
+            rows.append(pd.DataFrame({"image": np.arange(n), "dataset": dataset, "fold": str(fold),
+                                      "probability": p, "label": y}))
+        rows.append(pd.DataFrame({"image": np.arange(n), "dataset": dataset, "fold": "ensemble",
+                                  "probability": np.mean(fold_probs, 0), "label": y}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_tidy_metrics_and_report():
+    preds = _predictions()
+    thresholds = {str(k): 0.5 for k in range(1, 6)} | {"ensemble": 0.5}
+    metrics = tidy_metrics(preds, thresholds, "efficientnet_lite0", "probe", n_boot=100, seed=0)
+    for col in ("dataset", "model", "method", "fold", "metric", "value", "ci_low", "ci_high"):
+        assert col in metrics
+    assert set(metrics["fold"]) == {"1", "2", "3", "4", "5", "ensemble", "mean", "sd"}
+    ens = metrics[metrics["fold"] == "ensemble"]
+    assert ens["ci_low"].notna().all() and (ens["ci_low"] <= ens["value"] + 1e-12).all()
+    assert metrics[metrics["fold"] == "1"]["ci_low"].isna().all()
+    # mean/sd rows are the population mean/SD of the five fold models
+    ba = metrics[(metrics["dataset"] == "A") & (metrics["metric"] == "balanced_accuracy")].set_index("fold")["value"]
+    folds = ba[[str(k) for k in range(1, 6)]].to_numpy()
+    assert ba["mean"] == pytest.approx(folds.mean()) and ba["sd"] == pytest.approx(folds.std(ddof=0))
+    point = binary_metrics(preds.query("dataset == 'A' and fold == '2'")["label"],
+                           preds.query("dataset == 'A' and fold == '2'")["probability"])
+    assert ba["2"] == pytest.approx(point["balanced_accuracy"])
+
+    text = render_report(metrics, "efficientnet_lite0", "probe", ["A", "B"], absent=["AtNorM-MD"],
+                         console=__import__("rich.console", fromlist=["Console"]).Console(file=__import__("io").StringIO()))
+    assert "AtNorM-MD" in text and "ABSENT" in text
+    assert "atypical" in text
+    assert "Banerjee" in text
+
+
+def test_published_figures_shipped():
+    table = published_results()
+    assert {"model", "method", "dataset", "bacc_mean", "bacc_std"} <= set(table.columns)
+    assert "Banerjee" in CITATION and "2506.21444" in CITATION
+    assert published_figure("no-such-model", "probe", "AMi-Br-test") is None
+    row = table.iloc[0]
+    method = {"LP": "probe", "E2E": "finetune", "LoRA": "lora"}.get(row["method"], row["method"])
+    fig = published_figure(row["model"], method, row["dataset"])
+    assert fig is not None and fig["bacc_mean"] == pytest.approx(row["bacc_mean"])
