@@ -111,6 +111,8 @@ class TrainMethod:
         amp = self.device.type == "cuda"
         for start in range(0, len(images), batch_size):
             x = model.backbone.preprocess(images[start:start + batch_size].to(self.device), size)
+            if self.config.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             logits = 0
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 for k in views:
