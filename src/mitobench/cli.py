@@ -18,7 +18,7 @@ data_app = typer.Typer(help="Download, inspect and cache the datasets.", no_args
 models_app = typer.Typer(help="The backbone registry: list cards, check weights.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
-console = Console()
+console = Console(width=max(Console().width, 140))
 err = Console(stderr=True)
 
 DataRoot = typer.Option(None, "--data-root", help="Folder holding AMi-Br/, AtNorM-Br/, ... (default: $MITOBENCH_DATA, "
@@ -44,6 +44,8 @@ def run(
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="8-view dihedral test-time augmentation (training methods)."),
     allow_download: Optional[bool] = typer.Option(None, "--allow-download/--offline", help="Allow Hugging Face downloads."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume an interrupted run folder."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any option as key=value (YAML value), e.g. "
+                                             "--set train.lr=3e-4 --set train.lora_targets='.*qkv$'. Repeatable."),
 ) -> None:
     """Run the AMi-Br protocol: 5 slide-grouped folds, every hold-out set, fold mean +- SD and the ensemble."""
     from mitobench.config import load_config
@@ -56,6 +58,13 @@ def run(
                      "train.preset": preset, "train.epochs": epochs, "probe.head": probe_head, "threshold": threshold,
                      "datasets": list(dataset) if dataset else None, "dedup": dedup, "runs_dir": runs_dir,
                      "cache_dir": cache_dir, "device": device, "train.tta": tta, "allow_download": allow_download}
+        for item in set_ or []:
+            import yaml
+
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise MitobenchError(f"--set {item!r}: write it as key=value, e.g. train.lr=3e-4")
+            overrides[key.strip()] = yaml.safe_load(value)
         cfg = load_config(config, overrides)
         if cfg.method != "probe" and cfg.train.preset:
             from mitobench.methods.presets import apply_preset
@@ -119,6 +128,33 @@ def predict(
         m = binary_metrics(table["label"].astype(int), table["p_ensemble"], float(table["threshold"].iloc[0]))
         console.print("ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
     console.print(f"predictions: {path}")
+
+
+@app.command()
+def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete run folders.")) -> None:
+    """Compare runs side by side: fold mean +- SD and ensemble BA / AUROC per hold-out set."""
+    import pandas as pd
+    from rich.table import Table
+
+    rows = []
+    for run_dir in run_dirs:
+        path = run_dir / "metrics.csv"
+        if not path.is_file():
+            raise MitobenchError(f"{run_dir} has no metrics.csv: it is not a complete run.")
+        m = pd.read_csv(path, dtype={"fold": str})
+        for (dataset, metric), part in m[m["metric"].isin(["balanced_accuracy", "auroc"])].groupby(["dataset", "metric"], sort=False):
+            get = dict(zip(part["fold"], part["value"]))
+            ens = part[part["fold"] == "ensemble"]
+            rows.append({"run": run_dir.name, "dataset": dataset, "metric": metric,
+                         "folds": f"{get.get('mean', float('nan')):.4f} +- {get.get('sd', float('nan')):.4f}",
+                         "ensemble": (f"{ens['value'].iloc[0]:.4f} [{ens['ci_low'].iloc[0]:.4f}, {ens['ci_high'].iloc[0]:.4f}]"
+                                      if len(ens) else "-")})
+    table = Table(title="mitobench runs (positive class = atypical)")
+    for col in ("run", "dataset", "metric", "fold mean +- SD", "ensemble [95% CI]"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["run"], r["dataset"], r["metric"], r["folds"], r["ensemble"])
+    console.print(table)
 
 
 @data_app.command("fetch")

@@ -1,0 +1,257 @@
+"""The decoded patch cache and the embedding cache: decode/extract once, content keys, corruption, atomicity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mitobench.data.cache as patch_cache_mod
+import mitobench.embed as embed_mod
+from fixtures import make_atnorm_br, make_png
+from mitobench.data.cache import PatchCache
+from mitobench.data.images import decode_patch
+from mitobench.data.records import load_atnorm_br
+from mitobench.embed import EmbeddingCache, embedding_key
+from mitobench.io import atomic_save_npy, atomic_write, atomic_write_json
+from mitobench.models.registry import Backbone, create_backbone, replace_card
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def records(tmp_path):
+    make_atnorm_br(tmp_path / "data", n_atypical=3, n_normal=5)
+    return load_atnorm_br(tmp_path / "data")
+
+
+@pytest.fixture
+def count_decodes(monkeypatch):
+    calls = []
+
+    def counting(path, patch_size=128):
+        calls.append(path)
+        return decode_patch(path, patch_size)
+
+    monkeypatch.setattr(patch_cache_mod, "decode_patch", counting)
+    return calls
+
+
+# -- patch cache -----------------------------------------------------------------------------------
+
+def test_patch_cache_decodes_once(tmp_path, records, count_decodes, monkeypatch):
+    cache = PatchCache(tmp_path / "cache")
+    first, key = cache.load(records, "AtNorM-Br")
+    assert len(count_decodes) == len(records)
+    assert first.shape == (len(records), 128, 128, 3) and first.dtype == np.uint8
+    for i, path in enumerate(records["path"]):  # row order = record order
+        assert (first[i] == decode_patch(path)).all()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decoded a PNG again")
+
+    monkeypatch.setattr(patch_cache_mod, "decode_patch", refuse)
+    second, key2 = PatchCache(tmp_path / "cache").load(records, "AtNorM-Br")
+    assert key2 == key
+    assert isinstance(second, np.memmap) and not second.flags.writeable
+    assert (np.asarray(second) == np.asarray(first)).all()
+    assert not temp_files(tmp_path / "cache")
+    meta = json.loads((tmp_path / "cache" / "patches" / f"{key}.json").read_text())
+    assert meta["files"] == records["path"].tolist()
+
+
+def test_patch_key_follows_file_bytes_and_order(tmp_path, records, count_decodes):
+    cache = PatchCache(tmp_path / "cache")
+    _, key = cache.load(records)
+    # same file names, changed bytes -> new key, decoded again
+    path = Path(records["path"].iloc[2])
+    make_png(path, rgb=(1, 2, 3))
+    arr, key2 = cache.load(records)
+    assert key2 != key
+    assert len(count_decodes) == 2 * len(records)
+    assert (arr[2] == (1, 2, 3)).all()
+    # re-ordered records -> another key
+    _, key3 = cache.load(records.iloc[::-1])
+    assert key3 not in (key, key2)
+    # patch size is in the key
+    assert patch_cache_mod.content_key(records["path"].tolist(), 64) != key2
+
+
+def test_truncated_patch_entry_is_rebuilt(tmp_path, records, count_decodes):
+    cache = PatchCache(tmp_path / "cache")
+    good, key = cache.load(records)
+    good = np.array(good)
+    array_path = tmp_path / "cache" / "patches" / f"{key}.npy"
+    data = array_path.read_bytes()
+    array_path.write_bytes(data[: len(data) // 2])
+    rebuilt, key2 = cache.load(records)
+    assert key2 == key
+    assert len(count_decodes) == 2 * len(records)
+    assert (np.asarray(rebuilt) == good).all()
+    assert array_path.stat().st_size == len(data)
+
+
+def test_missing_metadata_or_bit_flip_is_rebuilt(tmp_path, records, count_decodes):
+    cache = PatchCache(tmp_path / "cache")
+    good, key = cache.load(records)
+    good = np.array(good)
+    array_path = tmp_path / "cache" / "patches" / f"{key}.npy"
+    meta_path = array_path.with_suffix(".json")
+    meta_path.unlink()  # array without metadata = an interrupted write
+    cache.load(records)
+    assert len(count_decodes) == 2 * len(records)
+    # a flipped bit keeps the size; verify=True checks the digest and rebuilds
+    raw = bytearray(array_path.read_bytes())
+    raw[-100] ^= 0xFF
+    array_path.write_bytes(bytes(raw))
+    rebuilt, _ = cache.load(records, verify=True)
+    assert len(count_decodes) == 3 * len(records)
+    assert (np.asarray(rebuilt) == good).all()
+
+
+# -- atomic writes ---------------------------------------------------------------------------------
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out" / "file.npy"
+
+    def broken(p: Path) -> None:
+        p.write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert not target.exists()
+    assert list((tmp_path / "out").iterdir()) == []
+    # an existing file is replaced whole or not at all
+    atomic_save_npy(target, np.arange(5))
+    with pytest.raises(RuntimeError):
+        atomic_write(target, broken)
+    assert (np.load(target) == np.arange(5)).all()
+    atomic_write_json(tmp_path / "out" / "x.json", {"a": 1})
+    assert json.loads((tmp_path / "out" / "x.json").read_text()) == {"a": 1}
+    assert not temp_files(tmp_path)
+
+
+# -- embedding cache -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    """EfficientNet-Lite0 with its package weights, at 32 px input so extraction is instant."""
+    backbone = create_backbone("efficientnet_lite0")
+    backbone.card = replace_card(backbone.card, input_size=32)
+    return backbone
+
+
+@pytest.fixture
+def patches():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (6, 128, 128, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def count_extracts(monkeypatch):
+    calls = []
+    real = embed_mod.extract
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed_mod, "extract", counting)
+    return calls
+
+
+def test_embedding_cache_extracts_once(tmp_path, tiny_backbone, patches, count_extracts):
+    cache = EmbeddingCache(tmp_path / "cache")
+    feats = cache.get(tiny_backbone, patches, "patchkey", batch_size=4)
+    assert feats.shape == (6, tiny_backbone.embed_dim) == (6, 1280) and feats.dtype == np.float32
+    again = EmbeddingCache(tmp_path / "cache").get(tiny_backbone, patches, "patchkey", batch_size=4)
+    assert len(count_extracts) == 1
+    assert (again == feats).all()
+    # batching does not change the features
+    direct = embed_mod.extract(tiny_backbone, patches, batch_size=6)
+    np.testing.assert_allclose(direct, feats, rtol=1e-4, atol=1e-5)
+    assert not temp_files(tmp_path / "cache")
+    metas = list((tmp_path / "cache" / "embeddings").rglob("*.json"))
+    assert len(metas) == 1
+    meta = json.loads(metas[0].read_text())
+    assert meta["weights"] == tiny_backbone.weights_id != "random-init"
+
+
+def test_embedding_key_covers_recipe(tiny_backbone):
+    base = embedding_key(tiny_backbone, "p", torch.float32)
+    other_weights = Backbone(tiny_backbone.model, tiny_backbone.card, "0123456789abcdef", "other file")
+    other_size = Backbone(tiny_backbone.model, replace_card(tiny_backbone.card, input_size=48),
+                          tiny_backbone.weights_id, "")
+    other_norm = Backbone(tiny_backbone.model, replace_card(tiny_backbone.card, mean=(0.5, 0.5, 0.5)),
+                          tiny_backbone.weights_id, "")
+    other_interp = Backbone(tiny_backbone.model, replace_card(tiny_backbone.card, interpolation="bicubic"),
+                            tiny_backbone.weights_id, "")
+    keys = {
+        base,
+        embedding_key(other_weights, "p", torch.float32),
+        embedding_key(other_size, "p", torch.float32),
+        embedding_key(other_norm, "p", torch.float32),
+        embedding_key(other_interp, "p", torch.float32),
+        embedding_key(tiny_backbone, "p", torch.bfloat16),
+        embedding_key(tiny_backbone, "q", torch.float32),
+    }
+    assert len(keys) == 7
+    assert embedding_key(tiny_backbone, "p", torch.float32) == base  # deterministic
+
+
+def test_embedding_cache_new_entry_per_recipe(tmp_path, tiny_backbone, patches, count_extracts):
+    cache = EmbeddingCache(tmp_path / "cache")
+    a = cache.get(tiny_backbone, patches, "k", batch_size=8)
+    other = Backbone(tiny_backbone.model, replace_card(tiny_backbone.card, input_size=40), tiny_backbone.weights_id, "")
+    b = cache.get(other, patches, "k", batch_size=8)
+    assert len(count_extracts) == 2
+    assert not np.allclose(a, b)
+    renamed = Backbone(tiny_backbone.model, tiny_backbone.card, "another-weights", "")
+    cache.get(renamed, patches, "k", batch_size=8)
+    cache.get(tiny_backbone, patches, "k", batch_size=8, dtype=torch.bfloat16)
+    assert len(count_extracts) == 4
+    assert len(list((tmp_path / "cache" / "embeddings").rglob("*.npy"))) == 4
+    cache.get(tiny_backbone, patches, "k", batch_size=8)  # the first entry is still there
+    assert len(count_extracts) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "garbage"])
+def test_corrupt_embedding_entry_is_rebuilt(tmp_path, tiny_backbone, patches, count_extracts, damage):
+    cache = EmbeddingCache(tmp_path / "cache")
+    feats = cache.get(tiny_backbone, patches, "k", batch_size=8)
+    (array_path,) = list((tmp_path / "cache" / "embeddings").rglob("*.npy"))
+    raw = bytearray(array_path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) - 1000]
+    elif damage == "bitflip":
+        raw[-7] ^= 0x10
+    else:
+        raw = bytearray(b"not an npy file")
+    array_path.write_bytes(bytes(raw))
+    again = cache.get(tiny_backbone, patches, "k", batch_size=8)
+    assert len(count_extracts) == 2
+    np.testing.assert_allclose(again, feats, rtol=1e-5, atol=1e-6)
+    # the rebuilt entry is whole again: a third call reads it
+    cache.get(tiny_backbone, patches, "k", batch_size=8)
+    assert len(count_extracts) == 2
+    assert not temp_files(tmp_path / "cache")
+
+
+def test_wrong_length_entry_is_not_served(tmp_path, tiny_backbone, patches, count_extracts):
+    cache = EmbeddingCache(tmp_path / "cache")
+    cache.get(tiny_backbone, patches, "k", batch_size=8)
+    (array_path,) = list((tmp_path / "cache" / "embeddings").rglob("*.npy"))
+    meta_path = array_path.with_suffix(".json")
+    short = np.load(array_path)[:3]
+    atomic_save_npy(array_path, short)  # well formed, but stale
+    meta = json.loads(meta_path.read_text())
+    meta["sha256"] = __import__("hashlib").sha256(short.tobytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+    out = cache.get(tiny_backbone, patches, "k", batch_size=8)
+    assert out.shape[0] == len(patches) and len(count_extracts) == 2
