@@ -68,36 +68,93 @@ def test_mapping_covers_every_tensor(package_state):
         assert model.state_dict()[key].shape == value.shape, key
 
 
+def _swap(state: dict, a: str, b: str) -> None:
+    for suffix in [k[len(a):] for k in state if k.startswith(a)]:
+        assert state[a + suffix].shape == state[b + suffix].shape
+        state[a + suffix], state[b + suffix] = state[b + suffix], state[a + suffix]
+
+
 def _wrong(package_state: dict, how: str) -> dict:
+    """A state dict as a plausible mapping bug would load it."""
     state = dict(package_state)
-    if how == "swap_blocks":  # two same-shaped blocks exchanged
-        for suffix in [k.split("_blocks.5.", 1)[1] for k in state if k.startswith("_blocks.5.")]:
-            a, b = f"_blocks.5.{suffix}", f"_blocks.6.{suffix}"
-            assert state[a].shape == state[b].shape
-            state[a], state[b] = state[b], state[a]
-    elif how == "bn_stats_not_mapped":  # the batch-norm running statistics left at their init values
+    if how == "bn_stats_not_mapped":  # batch-norm running statistics left at their init values
         state = {k: (torch.zeros_like(v) if k.endswith("running_mean") else
                      torch.ones_like(v) if k.endswith("running_var") else v) for k, v in state.items()}
-    elif how == "swap_expand_project_bn":  # _bn0 <-> _bn2 mix-up is impossible by shape; swap bn1/bn2 of a block
-        keys = [k for k in state if k.startswith("_blocks.3._bn0.")]
-        for k in keys:
-            k2 = k.replace("_bn0", "_bn1")
-            if state[k].shape == state[k2].shape:
-                state[k], state[k2] = state[k2], state[k]
-    elif how == "head_bn_swapped_with_stem":  # wrong normalisation in the head
-        state = {k: v for k, v in state.items()}
-        for k in [k for k in state if k.startswith("_bn1.")]:
-            state[k] = torch.flip(state[k], dims=[0])
+    elif how == "stem_bn_stats_not_mapped":
+        state = {k: (torch.zeros_like(v) if k.startswith("_bn0.running_mean") else
+                     torch.ones_like(v) if k.startswith("_bn0.running_var") else v) for k, v in state.items()}
+    elif how == "block_bn0_bn1_swapped":  # expand-BN and depthwise-BN mixed up (same shapes)
+        for block in range(1, 16):
+            _swap(state, f"_blocks.{block}._bn0.", f"_blocks.{block}._bn1.")
+    elif how == "one_block_bn0_bn1_swapped":
+        _swap(state, "_blocks.5._bn0.", "_blocks.5._bn1.")
+    elif how == "head_bn_weight_bias_swapped":
+        state["_bn1.weight"], state["_bn1.bias"] = state["_bn1.bias"], state["_bn1.weight"]
+    elif how == "swap_blocks":  # two same-shaped blocks of one stage exchanged
+        _swap(state, "_blocks.6.", "_blocks.7.")
+    elif how == "stem_rgb_as_bgr":
+        state["_conv_stem.weight"] = state["_conv_stem.weight"].flip(1)
+    else:
+        raise ValueError(how)
     return state
 
 
-@pytest.mark.parametrize("how", ["swap_blocks", "bn_stats_not_mapped", "swap_expand_project_bn",
-                                 "head_bn_swapped_with_stem"])
-def test_wrong_mapping_fails_the_check(photos, package_state, how):
+@pytest.mark.parametrize("how", ["bn_stats_not_mapped", "stem_bn_stats_not_mapped", "block_bn0_bn1_swapped",
+                                 "one_block_bn0_bn1_swapped", "head_bn_weight_bias_swapped"])
+def test_wrong_mapping_fails_the_photo_check(photos, package_state, how):
     model = fresh_model()
     model.load_state_dict(convert_lukemelas_state_dict(_wrong(package_state, how), model), strict=True)
     (cat, coffee), _ = classify(model, photos)
     assert not (cat in CATS and coffee in COFFEE), (how, cat, coffee)
+
+
+# Some wrong mappings still classify the photos (a residual network survives two blocks of one stage
+# exchanged, or swapped colour channels). An independent forward pass over the package's own layout
+# (lukemelas names, EfficientNet-Lite0 rules: ReLU6, no squeeze-excite, stride 2 in blocks 1, 3, 5, 11)
+# catches every one of them.
+STRIDE_2_BLOCKS = {1, 3, 5, 11}
+
+
+def reference_logits(state: dict, x: torch.Tensor, eps: float) -> torch.Tensor:
+    def bn(t, prefix):
+        return F.batch_norm(t, state[prefix + "running_mean"], state[prefix + "running_var"], state[prefix + "weight"],
+                            state[prefix + "bias"], False, 0.0, eps)
+
+    x = F.relu6(bn(F.conv2d(x, state["_conv_stem.weight"], stride=2, padding=1), "_bn0."))
+    n_blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("_blocks."))
+    for b in range(n_blocks):
+        p = f"_blocks.{b}."
+        inp = x
+        if p + "_expand_conv.weight" in state:
+            x = F.relu6(bn(F.conv2d(x, state[p + "_expand_conv.weight"]), p + "_bn0."))
+        w = state[p + "_depthwise_conv.weight"]
+        stride = 2 if b in STRIDE_2_BLOCKS else 1
+        x = F.relu6(bn(F.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2, groups=w.shape[0]), p + "_bn1."))
+        x = bn(F.conv2d(x, state[p + "_project_conv.weight"]), p + "_bn2.")
+        if stride == 1 and x.shape == inp.shape:
+            x = x + inp
+    x = F.relu6(bn(F.conv2d(x, state["_conv_head.weight"]), "_bn1."))
+    return F.linear(x.mean((2, 3)), state["_fc.weight"], state["_fc.bias"])
+
+
+def test_mapped_model_equals_reference_forward(photos, package_state):
+    model = fresh_model()
+    load_package_weights(model)
+    with torch.inference_mode():
+        ours = model.eval()(photos)
+        ref = reference_logits(package_state, photos, model.bn1.eps)
+    assert reference_logits(package_state, photos, model.bn1.eps).argmax(-1).tolist() == [285, 967]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["swap_blocks", "stem_rgb_as_bgr", "one_block_bn0_bn1_swapped"])
+def test_wrong_mapping_fails_the_reference_check(photos, package_state, how):
+    model = fresh_model()
+    model.load_state_dict(convert_lukemelas_state_dict(_wrong(package_state, how), model), strict=True)
+    with torch.inference_mode():
+        ours = model.eval()(photos)
+        ref = reference_logits(package_state, photos, model.bn1.eps)
+    assert (ours - ref).abs().max() > 0.1, how
 
 
 def test_random_init_fails_the_check(photos):

@@ -81,7 +81,11 @@ class FoldPredictor:
 
         from mitobench.methods.engine import Classifier, TrainMethod, _method_module
 
-        model = Classifier(copy.deepcopy(self.backbone))
+        from mitobench.methods.engine import match_input_size
+
+        backbone = copy.deepcopy(self.backbone)
+        match_input_size(backbone, self.config.train.img_size)
+        model = Classifier(backbone)
         model = _method_module(self.config.method).prepare(model, self.config)
         name = "model.safetensors" if self.config.method == "finetune" else "adapter_and_head.safetensors"
         state = load_file(str(self._checked(scratch / name)))

@@ -116,7 +116,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         run = RunDir(resume)
         if not (run.path / "config.yaml").is_file():
             raise MitobenchError(f"{run.path} is not a mitobench run folder (no config.yaml).")
-        if run.status().get("state") == "complete":
+        if run.status().get("state") == "complete" and not run.status().get("failed_folds"):
             raise MitobenchError(f"{run.path} is already complete; start a new run instead.")
         config = load_config(run.path / "config.yaml")
     config = config or RunConfig()

@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 import time
+import zipfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -99,7 +100,7 @@ class RunDir:
             with np.load(path) as data:
                 info = json.loads(str(data["__info__"]))
                 probs = {k[3:]: data[k] for k in data.files if k.startswith("p::")}
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None  # half-written: redo this fold
         return probs, info
 

@@ -130,8 +130,10 @@ def geometric(x: torch.Tensor, size: int, cfg: AugmentConfig, gen: torch.Generat
         return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     angle = _rand(b, -cfg.rotate_deg, cfg.rotate_deg, gen, x.device) * math.pi / 180
     scale = _rand(b, *cfg.crop_scale, gen, x.device)
-    # the shift never exceeds what keeps the image centre inside the crop
+    # The image centre lands at -(R S)^-1 t in output coordinates, |t| / scale from the middle; bounding
+    # |t| by scale / 2 keeps the mitosis in the central half of the view whatever the rotation.
     shift = torch.minimum(torch.full_like(scale, cfg.max_shift * 2), (1 - scale).clamp(min=0))
+    shift = torch.minimum(shift, scale / (2 * math.sqrt(2)))
     tx = _rand(b, -1, 1, gen, x.device) * shift
     ty = _rand(b, -1, 1, gen, x.device) * shift
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale

@@ -39,6 +39,13 @@ class Classifier(nn.Module):
         return self.head(self.dropout(self.backbone(x))).squeeze(1)
 
 
+def match_input_size(backbone, size: int) -> None:
+    """Let a fixed-size ViT take ``size`` px input (position embeddings resampled, as timm does)."""
+    model = backbone.model
+    if size != backbone.card.input_size and hasattr(model, "set_input_size") and not getattr(model, "dynamic_img_size", False):
+        model.set_input_size(img_size=(size, size))
+
+
 def _method_module(name: str):
     from mitobench.methods import finetune, lora
 
@@ -93,6 +100,7 @@ class TrainMethod:
 
         backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download)
         self.pretrained = backbone.pretrained
+        match_input_size(backbone, self.config.train.img_size)
         model = Classifier(backbone)
         if self.config.train.grad_checkpointing and hasattr(backbone.model, "set_grad_checkpointing"):
             backbone.model.set_grad_checkpointing(True)

@@ -1,0 +1,136 @@
+"""The ``mitobench`` command: help, and every kind of bad input gets one clear error and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from fixtures import make_png
+
+WIDE = {"COLUMNS": "1000"}
+
+
+def squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+def assert_clear_error(result, *needles: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.count("error:") == 1, result.stderr
+    for needle in needles:
+        assert squash(needle) in squash(result.stderr), (needle, result.stderr)
+
+
+def assert_no_complete_run(runs: Path) -> None:
+    assert not list(runs.glob("*/metrics.csv"))
+    for status in runs.glob("*/status.json"):
+        assert json.loads(status.read_text())["state"] != "complete"
+
+
+@pytest.fixture
+def root(fixture_root, tmp_path):
+    """A private copy of the synthetic data root, to break."""
+    return Path(shutil.copytree(fixture_root, tmp_path / "root"))
+
+
+def run_cmd(cli, root, tmp_path, *extra):
+    return cli("run", "--data-root", str(root), "--runs-dir", str(tmp_path / "runs"),
+               "--cache-dir", str(tmp_path / "cache"), *extra, env=WIDE)
+
+
+def test_help(cli):
+    result = cli("--help", env=WIDE)
+    assert result.returncode == 0
+    for command in ("run", "embed", "data"):
+        assert command in result.stdout
+    run_help = cli("run", "--help", env=WIDE)
+    assert run_help.returncode == 0
+    for option in ("--data-root", "--model", "--method", "--resume", "--config", "--preset"):
+        assert option in run_help.stdout
+    data_help = cli("data", "--help", env=WIDE)
+    assert data_help.returncode == 0 and "fetch" in data_help.stdout and "check" in data_help.stdout
+
+
+def test_unknown_model(cli, fixture_root, tmp_path):
+    result = run_cmd(cli, fixture_root, tmp_path, "--model", "no_such_model_xyz")
+    assert_clear_error(result, "no_such_model_xyz", "mitobench models list")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_data_root_without_datasets(cli, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "something").mkdir(parents=True)
+    result = run_cmd(cli, empty, tmp_path)
+    assert_clear_error(result, str(empty), "AMi-Br")
+    assert_no_complete_run(tmp_path / "runs")
+
+
+def test_corrupt_png(cli, root, tmp_path):
+    victim = sorted((root / "AMi-Br" / "Normal").glob("*.png"))[3]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    result = run_cmd(cli, root, tmp_path)
+    assert_clear_error(result, str(victim), "cannot decode")
+    assert_no_complete_run(tmp_path / "runs")
+
+
+def test_wrong_size_image(cli, root, tmp_path):
+    victim = sorted((root / "AtNorM-Br" / "Normal").glob("*.png"))[0]
+    make_png(victim, size=64)
+    result = run_cmd(cli, root, tmp_path)
+    assert_clear_error(result, str(victim), "64x64")
+    assert_no_complete_run(tmp_path / "runs")
+
+
+def test_csv_missing_a_column(cli, root, tmp_path):
+    csv = root / "amibr_train_split.csv"
+    pd.read_csv(csv).drop(columns=["final_label"]).to_csv(csv, index=False)
+    result = run_cmd(cli, root, tmp_path)
+    assert_clear_error(result, str(csv), "final_label")
+    assert_no_complete_run(tmp_path / "runs")
+
+
+def test_unknown_label(cli, root, tmp_path):
+    csv = root / "amibr_train_split.csv"
+    frame = pd.read_csv(csv)
+    frame.loc[4, "final_label"] = "Mitosis"
+    frame.to_csv(csv, index=False)
+    result = run_cmd(cli, root, tmp_path)
+    assert_clear_error(result, str(csv), "'Mitosis'", "row 6")
+    assert_no_complete_run(tmp_path / "runs")
+
+
+def test_missing_listed_image(cli, root, tmp_path):
+    row = pd.read_csv(root / "amibr_train_split.csv").iloc[7]
+    (root / "AMi-Br" / row["final_label"] / row["dataset_uid"]).unlink()
+    result = run_cmd(cli, root, tmp_path)
+    assert_clear_error(result, row["dataset_uid"], "missing")
+    assert_no_complete_run(tmp_path / "runs")
+
+
+def test_same_name_in_both_class_folders(cli, root, tmp_path):
+    shutil.copy(root / "AtNorM-Br" / "Atypical" / "1.png", root / "AtNorM-Br" / "Normal" / "1.png")
+    result = run_cmd(cli, root, tmp_path)
+    assert_clear_error(result, "1.png", "both", "ambiguous")
+    assert_no_complete_run(tmp_path / "runs")
+
+
+def test_bad_config_file_and_values(cli, fixture_root, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"epochz": 3}}))
+    assert_clear_error(run_cmd(cli, fixture_root, tmp_path, "--config", str(cfg)), "epochz", str(cfg))
+    assert_clear_error(run_cmd(cli, fixture_root, tmp_path, "--method", "boosting"), "boosting")
+    assert_clear_error(run_cmd(cli, fixture_root, tmp_path, "--set", "train.nope=1"), "nope")
+    assert_no_complete_run(tmp_path / "runs")
+
+
+def test_lora_without_regex(cli, fixture_root, tmp_path):
+    result = run_cmd(cli, fixture_root, tmp_path, "--method", "lora", "--model", "timm/resnet10t")
+    assert_clear_error(result, "timm/resnet10t", "LoRA")
+    assert_no_complete_run(tmp_path / "runs")

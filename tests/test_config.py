@@ -1,0 +1,77 @@
+"""The run configuration: YAML file, overrides, unknown options, the saved copy in each run."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mitobench.config import RunConfig, load_config, save_config
+from mitobench.errors import MitobenchError
+
+
+def test_defaults():
+    config = load_config()
+    assert config.model == "efficientnet_lite0" and config.method == "probe"
+    assert config.n_folds == 5 and config.seed == 42 and config.threshold == "fixed"
+    assert config.probe.head == "logistic"
+    assert config.to_dict() == RunConfig().to_dict()
+
+
+def test_yaml_sets_options_and_flags_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": "timm/resnet10t", "method": "finetune", "n_boot": 50,
+                                    "train": {"epochs": 7, "lr": 0.01}, "probe": {"Cs": [0.1, 1.0]}}))
+    config = load_config(path)
+    assert config.model == "timm/resnet10t" and config.method == "finetune" and config.n_boot == 50
+    assert config.train.epochs == 7 and config.train.lr == 0.01 and config.probe.Cs == [0.1, 1.0]
+    assert config.train.batch_size == 8  # untouched default
+    flagged = load_config(path, {"train.epochs": 2, "model": None, "method": "lora", "train.lr": None})
+    assert flagged.train.epochs == 2 and flagged.method == "lora"
+    assert flagged.model == "timm/resnet10t" and flagged.train.lr == 0.01  # None = flag not given
+
+
+@pytest.mark.parametrize("values, name", [({"modle": "x"}, "modle"), ({"train": {"epochz": 3}}, "epochz"),
+                                          ({"probe": {"C": 1}}, "'C'")])
+def test_unknown_option_in_yaml(tmp_path, values, name):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(MitobenchError, match=name) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_unknown_override():
+    with pytest.raises(MitobenchError, match="lrr"):
+        load_config(None, {"train.lrr": 1})
+    with pytest.raises(MitobenchError, match="mapping"):
+        load_config(None, {"train": 3})
+
+
+def test_bad_values_and_files(tmp_path):
+    with pytest.raises(MitobenchError, match="unknown method"):
+        load_config(None, {"method": "svm"})
+    with pytest.raises(MitobenchError, match="threshold"):
+        load_config(None, {"threshold": "best"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(MitobenchError, match="bad.yaml"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(MitobenchError, match="mapping"):
+        load_config(bad)
+    with pytest.raises(MitobenchError):
+        load_config(tmp_path / "missing.yaml")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty).to_dict() == RunConfig().to_dict()
+
+
+def test_save_load_round_trip(tmp_path):
+    config = load_config(None, {"model": "timm/resnet10t", "method": "lora", "train.lora_r": 4, "datasets": ["a.csv"],
+                                "probe.Cs": [0.5], "train.ema": 0.999, "cache_dir": str(tmp_path)})
+    path = tmp_path / "run" / "config.yaml"
+    save_config(config, path)
+    again = load_config(path)
+    assert again.to_dict() == config.to_dict()
+    assert yaml.safe_load(path.read_text())["train"]["lora_r"] == 4
+    assert not [p for p in path.parent.iterdir() if p.name != "config.yaml"]  # atomic: no temp files left

@@ -1,0 +1,402 @@
+"""The training engine (fine-tuning, LoRA), its batched augmentation, losses and presets, on the fixture."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from safetensors.torch import load_file
+
+import mitobench.methods.losses as losses_mod
+from mitobench.config import load_config
+from mitobench.data.cache import PatchCache
+from mitobench.errors import MitobenchError
+from mitobench.methods.augment import PRESETS, AugmentConfig, BatchAugment, dihedral, geometric, hed_jitter
+from mitobench.methods.engine import TrainMethod
+from mitobench.methods.losses import make_loss
+from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
+from mitobench.methods.presets import apply_preset
+from mitobench.models import registry
+from mitobench.models.registry import ModelCard
+from mitobench.protocol import Context, load_sets, run_benchmark
+from mitobench.runs import RunDir
+from mitobench.splits import paper_folds
+
+TINY_VIT = "test/vit-tiny-32"
+
+
+def make_config(root, tmp_path, **overrides):
+    train = {"epochs": 2, "img_size": 64, "batch_size": 8, "tta": False, "augment": "paper", "num_threads": 1,
+             **overrides.pop("train", {})}
+    values = {"data_root": str(root), "cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),
+              "method": "finetune", "n_boot": 100, **overrides}
+    values.update({f"train.{k}": v for k, v in train.items()})
+    return load_config(None, values)
+
+
+def make_context(config):
+    sets, _ = load_sets(config)
+    cache = PatchCache(config.cache_dir, config.patch_size)
+    patches, keys = {}, {}
+    for name, frame in sets.items():
+        patches[name], keys[name] = cache.load(frame, name)
+    folds = paper_folds(sets["AMi-Br-train"], config.n_folds, config.seed)
+    return Context(config, sets, patches, keys, folds, cache.root.parent, [n for n in sets if n != "AMi-Br-train"])
+
+
+def fold_indices(ctx, fold=1):
+    return np.flatnonzero(ctx.folds != fold), np.flatnonzero(ctx.folds == fold)
+
+
+@pytest.fixture
+def tiny_vit_card(monkeypatch):
+    """A ViT-Tiny/16 built for 32 px input (2 x 2 patches), random init, with the usual LoRA regex."""
+    registry.list_cards()
+    card = ModelCard(key=TINY_VIT, family="test", arch="vit_tiny_patch16_224",
+                     build_kwargs={"num_classes": 0, "img_size": 32}, input_size=32, embedding="pooled",
+                     lora_target=r".*\.(qkv|proj|fc1|fc2)$")
+    monkeypatch.setitem(registry._REGISTRY, TINY_VIT, card)
+    return card
+
+
+# -- fine-tuning -----------------------------------------------------------------------------------
+
+def test_finetune_fold(fixture_root, tmp_path):
+    config = make_config(fixture_root, tmp_path)
+    ctx = make_context(config)
+    method = TrainMethod(config)
+    method.prepare(ctx)
+    tr, va = fold_indices(ctx)
+    scratch = tmp_path / "fold_1"
+    scratch.mkdir()
+    result = method.fit_predict(1, tr, va, ctx, scratch)
+    assert set(result.probs) == {"validation", *ctx.holdouts}
+    assert len(result.probs["validation"]) == len(va)
+    for name in ctx.holdouts:
+        p = result.probs[name]
+        assert p.shape == (len(ctx.sets[name]),)
+        assert np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()
+    assert result.info["epochs_run"] == 2 and 1 <= result.info["best_epoch"] <= 2
+    assert len(result.info["history"]) == 2
+    weights = load_file(str(scratch / "model.safetensors"))
+    assert any(k.startswith("backbone.") for k in weights) and "head.weight" in weights
+    assert len(weights) == len(method._build().state_dict())
+    assert (scratch / "last.pt").is_file() and (scratch / "best.pt").is_file()
+    assert not list(scratch.glob("*.tmp"))
+
+
+def test_finetune_trains_every_weight(fixture_root, tmp_path):
+    method = TrainMethod(make_config(fixture_root, tmp_path))
+    method.device = torch.device("cpu")
+    model = method._build()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_resume_inside_a_fold_gives_the_same_weights(fixture_root, tmp_path, monkeypatch):
+    """Kill after epoch 1 of 2 (right after last.pt is written), continue: same weights as 2 epochs straight."""
+    config = make_config(fixture_root, tmp_path, train={"augment": "strong"})
+    ctx = make_context(config)
+    tr, va = fold_indices(ctx, 2)
+
+    def run(scratch):
+        method = TrainMethod(config)
+        method.prepare(ctx)
+        return method.fit_predict(2, tr, va, ctx, scratch)
+
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    ref = run(straight)
+
+    real_save = TrainMethod._atomic_torch_save
+
+    class Killed(BaseException):
+        pass
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if path.name == "last.pt":
+            raise Killed
+
+    monkeypatch.setattr(TrainMethod, "_atomic_torch_save", staticmethod(save_then_die))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    with pytest.raises(Killed):
+        run(resumed_dir)
+    assert torch.load(resumed_dir / "last.pt", weights_only=True)["state"].count('"epoch": 1') >= 1
+    monkeypatch.setattr(TrainMethod, "_atomic_torch_save", staticmethod(real_save))
+    resumed = run(resumed_dir)
+
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(resumed_dir / "last.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+    fa, fb = load_file(str(straight / "model.safetensors")), load_file(str(resumed_dir / "model.safetensors"))
+    for key in fa:
+        torch.testing.assert_close(fa[key], fb[key], rtol=0, atol=0, msg=key)
+    for name in ref.probs:
+        np.testing.assert_array_equal(ref.probs[name], resumed.probs[name])
+    assert ref.info["history"] == [
+        {**h, "seconds": ref.info["history"][i]["seconds"]} for i, h in enumerate(resumed.info["history"])]
+
+
+def test_nan_loss_stops_only_its_fold(fixture_root, tmp_path, monkeypatch):
+    """A NaN loss in fold 2: that fold stops with a clear error, the others are kept and reported, and
+    ``--resume`` retries it."""
+    real = losses_mod.make_loss
+    calls = []
+
+    def nan_on_second_fold(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss if len(calls) != 2 else (lambda z, t: loss(z, t) * float("nan"))
+
+    monkeypatch.setattr(losses_mod, "make_loss", nan_on_second_fold)
+    config = make_config(fixture_root, tmp_path, train={"epochs": 1, "img_size": 32})
+    out = io.StringIO()
+    run = run_benchmark(config, console=Console(file=out, width=300))
+    assert "fold 2 FAILED" in out.getvalue() and "nan" in out.getvalue().lower()
+    status = RunDir(run).status()
+    assert status["state"] == "complete" and list(status["failed_folds"]) == ["2"]
+    assert "fold 2" in status["failed_folds"]["2"] and "train.lr" in status["failed_folds"]["2"]
+    for k in (1, 3, 4, 5):
+        assert RunDir(run).load_fold(k)[0], k
+    report = (run / "report.txt").read_text()
+    assert "FAILED" in report and "[2]" in report and "--resume" in report
+    preds = pd.read_csv(run / "predictions.csv", dtype={"fold": str})
+    assert set(preds["fold"]) == {"1", "3", "4", "5", "ensemble"}
+
+    # resume retries only the failed fold
+    monkeypatch.setattr(losses_mod, "make_loss", real)
+    fitted = []
+    real_fit = TrainMethod.fit_predict
+
+    def counting(self, fold, *args, **kwargs):
+        fitted.append(fold)
+        return real_fit(self, fold, *args, **kwargs)
+
+    monkeypatch.setattr(TrainMethod, "fit_predict", counting)
+    run_benchmark(resume=run, console=Console(file=io.StringIO()))
+    assert fitted == [2]
+    status = RunDir(run).status()
+    assert status["state"] == "complete" and not status["failed_folds"]
+    preds = pd.read_csv(run / "predictions.csv", dtype={"fold": str})
+    assert set(preds["fold"]) == {"1", "2", "3", "4", "5", "ensemble"}
+    assert "FAILED" not in (run / "report.txt").read_text()
+
+
+def test_huge_lr_gives_nan_error(fixture_root, tmp_path):
+    config = make_config(fixture_root, tmp_path, train={"epochs": 3, "img_size": 32, "lr": 1e30, "warmup_epochs": 0})
+    ctx = make_context(config)
+    method = TrainMethod(config)
+    method.prepare(ctx)
+    tr, va = fold_indices(ctx, 3)
+    with pytest.raises(MitobenchError, match="fold 3"):
+        method.fit_predict(3, tr, va, ctx, tmp_path)
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+
+def test_lora_trains_only_adapters_and_head(fixture_root, tmp_path, tiny_vit_card):
+    config = make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT,
+                         train={"img_size": 32, "epochs": 1, "augment": "dihedral"})
+    method = TrainMethod(config)
+    method.device = torch.device("cpu")
+    model = method._build()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert trainable and frozen
+    assert all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert any("lora_A" in n for n in trainable) and "head.weight" in trainable
+    assert {n.split(".lora_")[0].split(".")[-1] for n in trainable if "lora_" in n} == {"qkv", "proj", "fc1", "fc2"}
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n_train < 0.1 * sum(p.numel() for p in model.parameters())
+
+    ctx = make_context(config)
+    method.prepare(ctx)
+    tr, va = fold_indices(ctx)
+    result = method.fit_predict(1, tr, va, ctx, tmp_path)
+    ckpt = tmp_path / "adapter_and_head.safetensors"
+    full_bytes = 4 * sum(p.numel() for p in model.parameters())
+    # adapters (r=8 on qkv/proj/fc1/fc2 of 12 blocks, ~1.2 MB for ViT-Tiny) + head: nothing else
+    assert ckpt.is_file() and ckpt.stat().st_size < 4 * n_train + 100_000
+    assert ckpt.stat().st_size < 0.1 * full_bytes
+    keys = load_file(str(ckpt)).keys()
+    assert keys and all("lora_" in k or k.startswith("head.") for k in keys)
+    assert not (tmp_path / "model.safetensors").exists()
+    for p in result.probs.values():
+        assert ((p >= 0) & (p <= 1)).all()
+
+
+def test_lora_changes_only_adapters_and_head(fixture_root, tmp_path, tiny_vit_card):
+    """After training, frozen weights are bit-identical to the built model's."""
+    config = make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT,
+                         train={"img_size": 32, "epochs": 1, "augment": "none", "lr": 1e-2})
+    ctx = make_context(config)
+    method = TrainMethod(config)
+    method.prepare(ctx)
+    torch.manual_seed(config.seed + 1)  # fit_predict seeds the same way before building
+    initial = {k: v.clone() for k, v in method._build().state_dict().items()}
+    tr, va = fold_indices(ctx)
+    method.fit_predict(1, tr, va, ctx, tmp_path)
+    final = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    changed = [k for k in initial if not torch.equal(initial[k], final[k])]
+    assert changed and all("lora_" in k or k.startswith("head.") for k in changed)
+
+
+def test_lora_without_regex_is_a_clear_error(fixture_root, tmp_path):
+    config = make_config(fixture_root, tmp_path, method="lora", model="timm/resnet10t")
+    with pytest.raises(MitobenchError, match="LoRA"):
+        TrainMethod(config)
+    with pytest.raises(MitobenchError, match="LoRA"):
+        run_benchmark(config, console=Console(file=io.StringIO()))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_lora_targets_matching_nothing(fixture_root, tmp_path, tiny_vit_card):
+    config = make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT, train={"lora_targets": r"nothing\.here$"})
+    method = TrainMethod(config)
+    method.device = torch.device("cpu")
+    with pytest.raises(MitobenchError, match="match no layer"):
+        method._build()
+
+
+# -- augmentation ----------------------------------------------------------------------------------
+
+def asymmetric(size=8):
+    return torch.arange(size * size, dtype=torch.float32).view(1, 1, size, size) / (size * size)
+
+
+def test_dihedral_group():
+    x = asymmetric()
+    views = [dihedral(x, k) for k in range(8)]
+    for i in range(8):
+        for j in range(i + 1, 8):
+            assert not torch.equal(views[i], views[j]), (i, j)
+    for k, v in enumerate(views):
+        inverse = (4 - k) % 4 if k < 4 else k  # rotations invert by the opposite rotation, flips are involutions
+        assert torch.equal(dihedral(v, inverse), x), k
+    assert torch.equal(views[0], x)
+
+
+def test_batch_augment_shape_and_range():
+    rng = np.random.default_rng(0)
+    batch = torch.from_numpy(rng.integers(0, 256, (6, 128, 128, 3), dtype=np.uint8))
+    for name, cfg in PRESETS.items():
+        out = BatchAugment(cfg, 64, seed=1)(batch)
+        assert out.shape == (6, 3, 64, 64) and out.dtype == torch.float32, name
+        assert out.min() >= 0 and out.max() <= 1, name
+    a = BatchAugment(PRESETS["strong"], 64, seed=3)
+    b = BatchAugment(PRESETS["strong"], 64, seed=3)
+    assert torch.equal(a(batch), b(batch))  # seeded
+    state = a.state()
+    first = a(batch)
+    a.set_state(state)
+    assert torch.equal(a(batch), first)  # the generator state round-trips (resume)
+
+
+def test_no_augmentation_is_plain_resize():
+    rng = np.random.default_rng(1)
+    batch = torch.from_numpy(rng.integers(0, 256, (2, 128, 128, 3), dtype=np.uint8))
+    out = BatchAugment(PRESETS["none"], 64)(batch)
+    x = batch.permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(out, F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True,
+                                                  align_corners=False))
+    assert torch.equal(BatchAugment(PRESETS["none"], 128)(batch), x)
+
+
+def test_hed_jitter_zero_is_identity():
+    x = torch.rand(3, 3, 16, 16) * 0.98 + 0.01
+    gen = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(hed_jitter(x, 0.0, 0.0, gen), x, atol=1e-4, rtol=0)
+    y = hed_jitter(x, 0.3, 0.1, gen)
+    assert y.shape == x.shape and (y - x).abs().max() > 1e-3 and y.min() >= 0 and y.max() <= 1
+
+
+def _mark_centroid(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    size = out.shape[-1]
+    ys, xs = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    mass = out[:, 0]
+    return (mass * ys).sum((1, 2)) / mass.sum((1, 2)), (mass * xs).sum((1, 2)) / mass.sum((1, 2))
+
+
+def _centre_mark(n=64):
+    img = torch.zeros(n, 3, 128, 128)
+    img[:, :, 56:72, 56:72] = 1.0  # a 16 x 16 px mark around the centre, where the mitotic figure is
+    return img
+
+
+@pytest.mark.parametrize("preset", ["paper", "strong"])
+def test_centre_stays_near_the_middle_with_the_presets(preset):
+    out = geometric(_centre_mark(), 64, PRESETS[preset], torch.Generator().manual_seed(0))
+    assert out.shape == (64, 3, 64, 64)
+    assert (out.amax(dim=(1, 2, 3)) > 0.9).all()
+    cy, cx = _mark_centroid(out)
+    assert ((cy - 31.5).abs() < 0.3 * 32).all() and ((cx - 31.5).abs() < 0.3 * 32).all()
+
+
+def test_centre_stays_in_view_at_the_strongest_crop():
+    """Smallest crop (half the side) with the largest shift allowed: the centre mark is still in every view."""
+    cfg = AugmentConfig(dihedral=False, rotate_deg=0, crop_scale=(0.5, 1.0), max_shift=0.5)
+    out = geometric(_centre_mark(256), 64, cfg, torch.Generator().manual_seed(0))
+    assert (out.amax(dim=(1, 2, 3)) > 0.5).all()
+
+
+# -- losses ----------------------------------------------------------------------------------------
+
+def _zt(seed=0, n=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) * 2, (torch.rand(n, generator=g) < 0.3).float()
+
+
+def test_weighted_bce_equals_manual():
+    z, t = _zt()
+    pw = 3.5
+    p = torch.sigmoid(z)
+    manual = -(pw * t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(make_loss("weighted_bce", pw)(z, t), manual, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(make_loss("bce", pw)(z, t), -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_focal_gamma_zero_is_alpha_weighted_bce():
+    z, t = _zt(1)
+    pw = 2.0
+    alpha = pw / (1 + pw)
+    ce = F.binary_cross_entropy_with_logits(z, t, reduction="none")
+    expected = ((alpha * t + (1 - alpha) * (1 - t)) * ce).mean()
+    torch.testing.assert_close(make_loss("focal", pw, gamma=0.0)(z, t), expected)
+    # gamma > 0 down-weights easy examples
+    assert make_loss("focal", pw, gamma=2.0)(z, t) < expected
+
+
+def test_label_smoothing_and_soft_targets():
+    z, t = _zt(2)
+    smoothed = make_loss("bce", 1.0, smoothing=0.2)(z, t)
+    torch.testing.assert_close(smoothed, F.binary_cross_entropy_with_logits(z, t * 0.8 + 0.1))
+    soft = torch.full_like(t, 2 / 3)  # a 2-of-3 expert vote
+    assert math.isfinite(make_loss("focal", 1.0)(z, soft).item())
+    with pytest.raises(MitobenchError, match="unknown loss"):
+        make_loss("hinge", 1.0)
+
+
+# -- presets ---------------------------------------------------------------------------------------
+
+def test_apply_preset_keeps_explicit_options():
+    config = load_config(None, {"method": "finetune", "train.epochs": 3, "train.lr": 0.123})
+    apply_preset(config, "cpu", explicit={"train.epochs"})
+    assert config.train.epochs == 3  # given explicitly
+    assert config.train.lr == TRAIN_PRESETS["cpu"]["lr"]  # not explicit: the preset's
+    assert config.train.img_size == TRAIN_PRESETS["cpu"]["img_size"] and config.train.preset == "cpu"
+    paper = apply_preset(load_config(None, {"method": "lora"}), "paper")
+    assert paper.train.patience == 10 and paper.train.lora_r == 8 and paper.train.lora_alpha == 16
+    assert paper.train.lora_dropout == 0.3 and paper.train.optimizer == "adam" and paper.train.lr == 5e-5
+    assert apply_preset(load_config(None, {"method": "finetune"}), "paper").train.patience == 15
+    with pytest.raises(MitobenchError, match="unknown preset"):
+        apply_preset(load_config(None, {}), "turbo")

@@ -1,0 +1,267 @@
+"""The protocol end to end: run folder contents, never overwriting, absent sets named, resume after a kill."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from rich.console import Console
+
+import mitobench.methods.probe as probe_mod
+from mitobench.config import load_config
+from mitobench.data.records import discover, evaluation_sets
+from mitobench.errors import MitobenchError
+from mitobench.evaluation.metrics import METRICS
+from mitobench.protocol import run_benchmark
+from mitobench.runs import RunDir
+from mitobench.splits import paper_folds
+
+HOLDOUTS = ["AMi-Br-test", "AtNorM-Br", "AtNorM-MD"]
+VALIDATION = "AMi-Br-train (validation fold)"
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO())
+
+
+def config(root: Path, tmp_path: Path, **overrides):
+    values = {"data_root": str(root), "cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),
+              "n_boot": 200, **overrides}
+    return load_config(None, values)
+
+
+@pytest.fixture(scope="module")
+def probe_run(fixture_root, tmp_path_factory):
+    """One default probe run on the synthetic root (efficientnet_lite0, default recipe)."""
+    tmp = tmp_path_factory.mktemp("probe_run")
+    path = run_benchmark(config(fixture_root, tmp), console=quiet())
+    return path, tmp
+
+
+def test_run_folder_contents(probe_run, fixture_root):
+    path, tmp = probe_run
+    assert path.parent == tmp / "runs"
+    for name in ("config.yaml", "environment.json", "folds.csv", "predictions.csv", "metrics.csv", "report.txt",
+                 "status.json"):
+        assert (path / name).is_file(), name
+    status = json.loads((path / "status.json").read_text())
+    assert status["state"] == "complete"
+    env = json.loads((path / "environment.json").read_text())
+    for key in ("python", "platform", "cpu", "packages", "git_commit", "gpu"):
+        assert key in env
+    assert env["packages"]["scikit-learn"] == "1.9.1"
+    # the saved config is the resolved one, and loads back to the same options
+    saved = load_config(path / "config.yaml")
+    assert saved.to_dict() == config(fixture_root, tmp).to_dict()
+    assert yaml.safe_load((path / "config.yaml").read_text())["model"] == "efficientnet_lite0"
+
+
+def test_folds_csv(probe_run, fixture_root):
+    path, _ = probe_run
+    folds = pd.read_csv(path / "folds.csv")
+    train = evaluation_sets(discover(fixture_root))["AMi-Br-train"]
+    assert folds["image"].tolist() == train["image"].tolist()
+    assert (folds["fold"].to_numpy() == paper_folds(train)).all()
+    assert {"image", "group", "label", "fold"} <= set(folds.columns)
+
+
+def test_predictions_csv(probe_run, fixture_root):
+    path, _ = probe_run
+    preds = pd.read_csv(path / "predictions.csv", dtype={"fold": str})
+    assert list(preds.columns) == ["image", "dataset", "fold", "probability", "label"]
+    assert preds["probability"].between(0, 1).all()
+    sets = evaluation_sets(discover(fixture_root))
+    for name in HOLDOUTS:
+        part = preds[preds["dataset"] == name]
+        assert sorted(part["fold"].unique()) == ["1", "2", "3", "4", "5", "ensemble"], name
+        for fold, rows in part.groupby("fold"):
+            assert sorted(rows["image"]) == sorted(sets[name]["image"]), (name, fold)
+        # the ensemble is the mean probability of the 5 fold models
+        wide = part.pivot(index="image", columns="fold", values="probability")
+        np.testing.assert_allclose(wide["ensemble"], wide[["1", "2", "3", "4", "5"]].mean(axis=1), rtol=1e-6)
+        labels = part.drop_duplicates("image").set_index("image")["label"]
+        assert (labels.loc[sets[name]["image"]].to_numpy() == sets[name]["label"].to_numpy()).all()
+    val = preds[preds["dataset"] == VALIDATION]
+    folds = pd.read_csv(path / "folds.csv").set_index("image")["fold"]
+    assert len(val) == len(sets["AMi-Br-train"]) and val["image"].is_unique
+    assert (val["fold"].astype(int).to_numpy() == folds.loc[val["image"]].to_numpy()).all()
+
+
+def test_metrics_csv(probe_run):
+    path, _ = probe_run
+    metrics = pd.read_csv(path / "metrics.csv", dtype={"fold": str})
+    for col in ("dataset", "model", "method", "fold", "metric", "value", "ci_low", "ci_high"):
+        assert col in metrics.columns
+    assert set(metrics["metric"]) == set(METRICS)
+    assert (metrics["model"] == "efficientnet_lite0").all() and (metrics["method"] == "probe").all()
+    for name in HOLDOUTS:
+        part = metrics[metrics["dataset"] == name]
+        assert {"1", "2", "3", "4", "5", "ensemble", "mean", "sd"} <= set(part["fold"])
+        ens = part[part["fold"] == "ensemble"]
+        assert len(ens) == len(METRICS) and ens["ci_low"].notna().all()
+    report = (path / "report.txt").read_text()
+    for name in HOLDOUTS:
+        assert name in report
+    assert "ABSENT" not in report
+
+
+def test_second_run_makes_a_new_folder(probe_run, fixture_root):
+    path, tmp = probe_run
+    before = (path / "metrics.csv").read_bytes()
+    second = run_benchmark(config(fixture_root, tmp), console=quiet())
+    assert second != path and second.parent == path.parent
+    assert (path / "metrics.csv").read_bytes() == before  # untouched
+    # warm cache, same config: same numbers
+    pd.testing.assert_frame_equal(pd.read_csv(second / "metrics.csv"), pd.read_csv(path / "metrics.csv"))
+
+
+def test_absent_holdout_is_named(fixture_root_no_md, tmp_path):
+    out = io.StringIO()
+    path = run_benchmark(config(fixture_root_no_md, tmp_path), console=Console(file=out, width=200))
+    report = (path / "report.txt").read_text()
+    assert "AtNorM-MD" in report and "ABSENT" in report
+    assert "AtNorM-MD" in out.getvalue()
+    preds = pd.read_csv(path / "predictions.csv")
+    assert "AtNorM-MD" not in set(preds["dataset"])
+    assert {"AMi-Br-test", "AtNorM-Br"} <= set(preds["dataset"])
+
+
+def test_validation_threshold_is_chosen_on_validation_fold(fixture_root, tmp_path):
+    path = run_benchmark(config(fixture_root, tmp_path, threshold="validation"), console=quiet())
+    info = json.loads((path / "fold_info.json").read_text())
+    thresholds = [info[str(k)]["threshold"] for k in range(1, 6)]
+    assert all(0 <= t <= 1 for t in thresholds)
+    preds = pd.read_csv(path / "predictions.csv", dtype={"fold": str})
+    from mitobench.protocol import best_threshold
+
+    for k in range(1, 6):
+        val = preds[(preds["dataset"] == VALIDATION) & (preds["fold"] == str(k))]
+        assert thresholds[k - 1] == pytest.approx(best_threshold(val["label"].to_numpy(), val["probability"].to_numpy()))
+
+
+def test_interrupted_probe_run_resumes_to_the_same_numbers(fixture_root, tmp_path, monkeypatch):
+    reference = run_benchmark(config(fixture_root, tmp_path / "a"), console=quiet())
+
+    real = probe_mod.ProbeMethod.fit_predict
+
+    def interrupt_at_fold_3(self, fold, *args, **kwargs):
+        if fold == 3:
+            raise KeyboardInterrupt
+        return real(self, fold, *args, **kwargs)
+
+    monkeypatch.setattr(probe_mod.ProbeMethod, "fit_predict", interrupt_at_fold_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(config(fixture_root, tmp_path / "b"), console=quiet())
+    (run,) = list((tmp_path / "b" / "runs").iterdir())
+    assert RunDir(run).status()["state"] == "interrupted"
+    assert not (run / "metrics.csv").exists() and not (run / "report.txt").exists()
+    assert sorted(p.name for p in (run / "folds").glob("*.npz")) == ["fold_1.npz", "fold_2.npz"]
+
+    fitted = []
+
+    def counting(self, fold, *args, **kwargs):
+        fitted.append(fold)
+        return real(self, fold, *args, **kwargs)
+
+    monkeypatch.setattr(probe_mod.ProbeMethod, "fit_predict", counting)
+    resumed = run_benchmark(resume=run, console=quiet())
+    assert resumed == run
+    assert fitted == [3, 4, 5]  # finished folds are not redone
+    assert RunDir(run).status()["state"] == "complete"
+    pd.testing.assert_frame_equal(pd.read_csv(run / "metrics.csv"), pd.read_csv(reference / "metrics.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(run / "predictions.csv"), pd.read_csv(reference / "predictions.csv"))
+    with pytest.raises(MitobenchError, match="already complete"):
+        run_benchmark(resume=run, console=quiet())
+
+
+def test_resume_needs_a_run_folder(tmp_path):
+    with pytest.raises(MitobenchError, match="not a mitobench run folder"):
+        run_benchmark(resume=tmp_path, console=quiet())
+
+
+def test_half_written_fold_file_is_redone(tmp_path):
+    run = RunDir(tmp_path)
+    run.save_fold(1, {"validation": np.array([0.1, 0.9])}, {"threshold": 0.5})
+    probs, info = run.load_fold(1)
+    assert info == {"threshold": 0.5} and (probs["validation"] == [0.1, 0.9]).all()
+    data = run.fold_file(1).read_bytes()
+    run.fold_file(1).write_bytes(data[: len(data) // 2])
+    assert run.load_fold(1) is None
+    assert run.load_fold(2) is None
+
+
+FINETUNE_YAML = {"method": "finetune", "n_boot": 200,
+                 "train": {"epochs": 3, "img_size": 64, "batch_size": 8, "tta": False, "num_threads": 1}}
+
+
+@pytest.mark.slow
+def test_sigkilled_finetune_run_resumes_to_the_same_numbers(fixture_root, tmp_path, cli):
+    cfg_path = tmp_path / "ft.yaml"
+    cfg_path.write_text(yaml.safe_dump({**FINETUNE_YAML, "data_root": str(fixture_root),
+                                        "cache_dir": str(tmp_path / "cache")}))
+    # uninterrupted reference, in this process
+    reference = run_benchmark(load_config(cfg_path, {"runs_dir": str(tmp_path / "ref")}), console=quiet())
+
+    runs = tmp_path / "killed"
+    env = {**os.environ, "MITOBENCH_QUIET": "1", "MITOBENCH_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "mitobench.cli", "run", "--config", str(cfg_path),
+                             "--runs-dir", str(runs)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(runs.glob("*/folds/fold_*.npz")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no fold finished in 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    (run,) = list(runs.iterdir())
+    done = sorted(p.name for p in (run / "folds").glob("fold_*.npz"))
+    assert done and "fold_5.npz" not in done
+    assert not (run / "metrics.csv").exists() and not (run / "predictions.csv").exists()
+    assert RunDir(run).status()["state"] != "complete"
+
+    result = cli("run", "--resume", str(run), env={"MITOBENCH_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert RunDir(run).status()["state"] == "complete"
+    for k in range(1, 6):
+        assert (run / "folds" / f"fold_{k}" / "model.safetensors").is_file()
+    ours, ref = pd.read_csv(run / "metrics.csv"), pd.read_csv(reference / "metrics.csv")
+    pd.testing.assert_frame_equal(ours, ref)
+    pd.testing.assert_frame_equal(pd.read_csv(run / "predictions.csv"), pd.read_csv(reference / "predictions.csv"))
+
+
+@pytest.mark.slow
+def test_real_data_default_run(real_data, tmp_path):
+    """The main job on the real data: the default probe, cold cache. Minutes; run once per test session."""
+    path = run_benchmark(load_config(None, {"data_root": str(real_data), "cache_dir": str(tmp_path / "cache"),
+                                            "runs_dir": str(tmp_path / "runs")}), console=quiet())
+    assert RunDir(path).status()["state"] == "complete"
+    folds = pd.read_csv(path / "folds.csv")
+    assert folds["fold"].value_counts().sort_index().tolist() == [563, 564, 632, 571, 564]
+    preds = pd.read_csv(path / "predictions.csv", dtype={"fold": str})
+    ens = preds[preds["fold"] == "ensemble"]
+    assert ens.groupby("dataset").size().to_dict() == {"AMi-Br-test": 826, "AtNorM-Br": 746}
+    report = (path / "report.txt").read_text()
+    assert "AtNorM-MD" in report and "ABSENT" in report
+    metrics = pd.read_csv(path / "metrics.csv", dtype={"fold": str}).set_index(["dataset", "fold", "metric"])
+    for name in ("AMi-Br-test", "AtNorM-Br"):
+        # ImageNet features are a weak floor, but far above chance
+        assert metrics.loc[(name, "ensemble", "auroc"), "value"] > 0.65
+        assert metrics.loc[(name, "mean", "balanced_accuracy"), "value"] > 0.55
+        lo, hi = metrics.loc[(name, "ensemble", "balanced_accuracy"), ["ci_low", "ci_high"]]
+        assert lo < metrics.loc[(name, "ensemble", "balanced_accuracy"), "value"] < hi
