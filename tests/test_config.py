@@ -75,3 +75,14 @@ def test_save_load_round_trip(tmp_path):
     assert again.to_dict() == config.to_dict()
     assert yaml.safe_load(path.read_text())["train"]["lora_r"] == 4
     assert not [p for p in path.parent.iterdir() if p.name != "config.yaml"]  # atomic: no temp files left
+
+
+def test_preset_then_yaml_then_flags(tmp_path):
+    """A named preset fills the defaults; the YAML file and then the flags override it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("method: finetune\ntrain:\n  preset: cpu\n  epochs: 4\n  lr: 0.0005\n")
+    config = load_config(path, {"train.lr": 0.002})
+    assert config.train.preset == "cpu"
+    assert config.train.img_size == 128 and config.train.loss == "weighted_bce"  # from the preset
+    assert config.train.epochs == 4  # YAML over preset
+    assert config.train.lr == 0.002  # flag over YAML

@@ -65,12 +65,7 @@ def run(
             if not sep:
                 raise MitobenchError(f"--set {item!r}: write it as key=value, e.g. train.lr=3e-4")
             overrides[key.strip()] = yaml.safe_load(value)
-        cfg = load_config(config, overrides)
-        if cfg.method != "probe" and cfg.train.preset:
-            from mitobench.methods.presets import apply_preset
-
-            apply_preset(cfg, cfg.train.preset, explicit={k for k, v in overrides.items() if v is not None})
-        path = run_benchmark(cfg)
+        path = run_benchmark(load_config(config, overrides))
     console.print(f"results: {path}")
 
 

@@ -106,8 +106,9 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides (``None`` values in overrides are ignored)."""
+    """Defaults <- training preset (if one is named) <- YAML file <- overrides (``None`` values ignored)."""
     config = RunConfig()
+    values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         try:
@@ -116,6 +117,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise MitobenchError(f"{path}: cannot read this YAML config ({exc}).") from exc
         if not isinstance(values, dict):
             raise MitobenchError(f"{path}: a config must be a mapping of option: value")
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    train_values = values.get("train") if isinstance(values.get("train"), dict) else {}
+    preset = flags.get("train.preset") or train_values.get("preset")
+    config.method = flags.get("method") or values.get("method") or config.method
+    if preset:
+        from mitobench.methods.presets import apply_preset
+
+        apply_preset(config, preset)
+    if values:
         _merge(config, values, str(path))
     if overrides:
         nested: dict[str, Any] = {}
