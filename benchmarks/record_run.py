@@ -39,7 +39,7 @@ def summary(run_dir: Path) -> str:
     total = status.get("timings", {}).get("total_s")
     fold_s = sum(float(v.get("seconds", 0)) for v in info.values())
     extra = [f"- run folder: `{run_dir}` (status {status['state']}); sum of fold times {fold_s / 60:.1f} min"
-             + (f", wall of the last (resumed) process {total / 60:.1f} min" if total else "")]
+             + (f", wall of the process that finished the run {total / 60:.1f} min" if total else "")]
     best = {k: (v.get("best_epoch"), round(v.get("best_val_ba") or 0, 4)) for k, v in info.items() if "best_epoch" in v}
     if best:
         extra.append(f"- selected epoch and validation BA per fold: {best}")
