@@ -41,6 +41,7 @@ def run(
     runs_dir: Optional[str] = typer.Option(None, help="Where run folders go (default ./runs)."),
     cache_dir: Optional[str] = typer.Option(None, help="Patch and embedding cache (default $MITOBENCH_CACHE or the user cache)."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:1."),
+    dtype: Optional[str] = typer.Option(None, help="Embedding dtype: auto (card's on GPU, float32 on CPU) | float32 | bfloat16 | float16."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="8-view dihedral test-time augmentation (training methods)."),
     allow_download: Optional[bool] = typer.Option(None, "--allow-download/--offline", help="Allow Hugging Face downloads."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume an interrupted run folder."),
@@ -57,7 +58,7 @@ def run(
         overrides = {"data_root": data_root, "model": model, "weights": weights, "method": method,
                      "train.preset": preset, "train.epochs": epochs, "probe.head": probe_head, "threshold": threshold,
                      "datasets": list(dataset) if dataset else None, "dedup": dedup, "runs_dir": runs_dir,
-                     "cache_dir": cache_dir, "device": device, "train.tta": tta, "allow_download": allow_download}
+                     "cache_dir": cache_dir, "device": device, "dtype": dtype, "train.tta": tta, "allow_download": allow_download}
         for item in set_ or []:
             import yaml
 
@@ -75,8 +76,9 @@ def embed(
     model: str = typer.Option("efficientnet_lite0", help="Registry key or timm/<name>."),
     weights: Optional[str] = typer.Option(None, help="Weights file or snapshot folder."),
     cache_dir: Optional[str] = typer.Option(None, help="Cache folder."),
-    batch_size: int = typer.Option(128),
+    batch_size: Optional[int] = typer.Option(None, help="Default: 8 on CPU, 128 on GPU."),
     device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto", help="auto (card's dtype on GPU, float32 on CPU) | float32 | bfloat16 | float16."),
 ) -> None:
     """Decode and embed every dataset once into the cache (later runs reuse it)."""
     import time
@@ -92,7 +94,7 @@ def embed(
     sets, absent = load_sets(cfg)
     backbone = create_backbone(model, weights)
     dev = pick_device(device)
-    dtype = pick_dtype("auto", dev, backbone.card.dtype)
+    dtype = pick_dtype(dtype, dev, backbone.card.dtype)
     patches = PatchCache(default_cache_dir(cfg))
     cache = EmbeddingCache(default_cache_dir(cfg))
     for name, frame in sets.items():

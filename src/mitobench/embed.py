@@ -32,10 +32,16 @@ def embedding_key(backbone: Backbone, patch_key: str, dtype: torch.dtype) -> str
 
 
 @torch.inference_mode()
-def extract(backbone: Backbone, patches: np.ndarray, batch_size: int = 128, device: torch.device | None = None,
+def default_batch_size(device: torch.device) -> int:
+    """Small batches on CPU: at 224 px a batch of 64 spills the caches and runs ~2x slower than 8."""
+    return 8 if device.type == "cpu" else 128
+
+
+def extract(backbone: Backbone, patches: np.ndarray, batch_size: int | None = None, device: torch.device | None = None,
             dtype: torch.dtype = torch.float32, name: str = "embed") -> np.ndarray:
     """Batched embeddings of uint8 ``(N, H, W, 3)`` patches, float32 ``(N, D)``."""
     device = device or torch.device("cpu")
+    batch_size = batch_size or default_batch_size(device)
     backbone = backbone.to(device).eval()
     channels_last = device.type == "cpu"  # oneDNN runs convolutions much faster in NHWC on CPU
     if channels_last:
@@ -57,7 +63,7 @@ class EmbeddingCache:
     def __init__(self, root: str | Path):
         self.root = Path(root) / "embeddings"
 
-    def get(self, backbone: Backbone, patches: np.ndarray, patch_key: str, *, batch_size: int = 128,
+    def get(self, backbone: Backbone, patches: np.ndarray, patch_key: str, *, batch_size: int | None = None,
             device: torch.device | None = None, dtype: torch.dtype = torch.float32, name: str = "embed") -> np.ndarray:
         key = embedding_key(backbone, patch_key, dtype)
         folder = self.root / backbone.card.key.replace("/", "--")
