@@ -31,12 +31,12 @@ def embedding_key(backbone: Backbone, patch_key: str, dtype: torch.dtype) -> str
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-@torch.inference_mode()
 def default_batch_size(device: torch.device) -> int:
     """Small batches on CPU: at 224 px a batch of 64 spills the caches and runs ~2x slower than 8."""
     return 8 if device.type == "cpu" else 128
 
 
+@torch.inference_mode()
 def extract(backbone: Backbone, patches: np.ndarray, batch_size: int | None = None, device: torch.device | None = None,
             dtype: torch.dtype = torch.float32, name: str = "embed") -> np.ndarray:
     """Batched embeddings of uint8 ``(N, H, W, 3)`` patches, float32 ``(N, D)``."""
