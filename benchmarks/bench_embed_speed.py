@@ -76,23 +76,14 @@ def main() -> None:
               f"x{batched / one:.2f}", flush=True)
     if args.no_append:
         return
-    command = "OMP_NUM_THREADS=... " if os.environ.get("OMP_NUM_THREADS") else ""
-    command += ".venv/bin/python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    lines = []
-    if not RESULTS.exists() or HEADING not in RESULTS.read_text():
-        lines += ["", HEADING, "",
-                  "CPU images/s for embedding uint8 128-px patches (preprocess to 224 + forward, random weights, "
-                  "fp32, `torch.inference_mode`), one image per call vs one batched call. "
-                  "GPU figure (benchmarks/gpu_embed.py: Virchow2, UNI, H-optimus-0, half precision batch 256 vs "
-                  "fp32 batch 1): **pending, not yet run on a GPU** (no estimate).", ""]
-    lines += [f"### {dt.datetime.now().astimezone().isoformat(timespec='seconds')}", "",
-              f"- command: `{command}`",
-              f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs, torch threads {args.threads}, "
-              f"torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}", "",
-              f"| model | one at a time (img/s) | batch {args.batch} (img/s) | speed-up |", "|---|---|---|---|"]
-    lines += [f"| {label} | {one:.2f} | {batched:.2f} | {batched / one:.2f}x |" for label, one, batched in rows]
-    with open(RESULTS, "a") as fh:
-        fh.write("\n".join(lines) + "\n")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import append_results
+
+    body = "\n".join([f"torch threads {args.threads}; batched = mitobench.embed.extract (channels-last on CPU, "
+                      f"batch {args.batch}); one at a time = preprocess + forward per image.", "",
+                      f"| model | one at a time (img/s) | batch {args.batch} (img/s) | speed-up |", "|---|---|---|---|",
+                      *[f"| {label} | {one:.2f} | {batched:.2f} | {batched / one:.2f}x |" for label, one, batched in rows]])
+    append_results(HEADING, body)
     print(f"appended to {RESULTS}")
 
 
