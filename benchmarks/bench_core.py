@@ -92,11 +92,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=os.environ.get("MITOBENCH_DATA", str(ROOT.parent / "shared/data")))
     parser.add_argument("--paper-folds", type=int, default=1)
+    parser.add_argument("--dtype", default=None, help="passed to `mitobench run --dtype` (default: auto = float32 on CPU)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "MITOBENCH_CACHE": f"{tmp}/cache", "MITOBENCH_QUIET": "1"}
-        common = ["--data-root", args.data_root, "--runs-dir", f"{tmp}/runs"]
+        common = ["--data-root", args.data_root, "--runs-dir", f"{tmp}/runs", *(["--dtype", args.dtype] if args.dtype else [])]
         cold, cold_rss, cold_dir = run_cli(common, env)
         warm, warm_rss, warm_dir = run_cli(common, env)
         timings = json.loads((cold_dir / "status.json").read_text())["timings"]
@@ -106,7 +107,7 @@ def main() -> None:
     n = timings["n_images"]
     lines = [
         "| figure | value | target |", "|---|---|---|",
-        f"| cold default run, {n} images (wall) | {cold:.1f} s | <= 240 s |",
+        f"| cold default run{' --dtype ' + args.dtype if args.dtype else ''}, {n} images (wall) | {cold:.1f} s | <= 240 s |",
         f"| - decode PNGs into the patch cache | {timings['decode_s']:.1f} s | |",
         f"| - embedding extraction | {timings['embed_s']:.1f} s ({n / timings['embed_s']:.0f} images/s) | |",
         f"| - probe fitting, 5 folds (C by inner grouped CV) | {timings['probe_fit_s']:.1f} s | |",
