@@ -21,14 +21,6 @@ from mitobench.models.registry import Backbone, build_model, create_backbone, ge
 REV = "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
     for var in ("MITOBENCH_WEIGHTS", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HOME", "HUGGINGFACE_HUB_CACHE"):

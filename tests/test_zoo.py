@@ -27,14 +27,6 @@ PREFIX_TOKENS = {"uni": 1, "uni2_h": 9, "virchow": 1, "virchow2": 5, "hoptimus0"
                  "conch_v1": 1, "vit_large_patch16_224": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def meta_model(card) -> nn.Module:
     with torch.device("meta"):
         return build_model(card)

@@ -8,6 +8,7 @@ validation fold only. Every epoch writes a resumable checkpoint into the fold's 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -148,10 +149,10 @@ class TrainMethod:
         model = self._build()
         if cfg.compile:
             model = torch.compile(model)
-        from mitobench.methods.losses import make_loss
-
         n_pos, n_neg = int(y_tr.sum()), int(len(y_tr) - y_tr.sum())
-        loss_fn = make_loss(cfg.loss, n_neg / max(n_pos, 1), cfg.focal_gamma, cfg.label_smoothing)
+        from mitobench.methods import losses  # looked up per fold, so a loss can be swapped in
+
+        loss_fn = losses.make_loss(cfg.loss, n_neg / max(n_pos, 1), cfg.focal_gamma, cfg.label_smoothing)
         groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
         steps_per_epoch = math.ceil(len(train_idx) / (cfg.batch_size * cfg.grad_accum))
         total_steps = steps_per_epoch * cfg.epochs
@@ -188,8 +189,6 @@ class TrainMethod:
             augment.set_state(saved["aug_rng"])
             gen.set_state(saved["gen_rng"])
             torch.set_rng_state(saved["torch_rng"])
-            import json
-
             state = json.loads(saved["state"])
             log.info("fold %d: resumed after epoch %d", fold, state["epoch"])
 
@@ -203,37 +202,32 @@ class TrainMethod:
                 order = torch.multinomial(weights, len(y_tr), replacement=True, generator=gen)
             else:
                 order = torch.randperm(len(y_tr), generator=gen)
-            bar = progress_bar(f"fold {fold} epoch {state['epoch'] + 1}/{cfg.epochs}", len(order))
-            advance = bar.__enter__()
-            for step, start in enumerate(range(0, len(order), cfg.batch_size)):
-                idx = order[start:start + cfg.batch_size]
-                advance(len(idx))
-                x = augment(x_tr[idx].to(self.device))
-                x = (x - model.backbone._mean) / model.backbone._std
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                try:
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                        loss = loss_fn(model(x).float(), targets[idx].to(self.device)) / cfg.grad_accum
-                except torch.OutOfMemoryError as exc:
-                    raise MitobenchError(self._oom_message(exc)) from exc
-                if not torch.isfinite(loss):
-                    raise FoldFailedError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}; "
-                                          "this fold was stopped, the other folds go on. Lower the learning rate "
-                                          "(train.lr) or train in float32.")
-                try:
-                    loss.backward()
-                except torch.OutOfMemoryError as exc:
-                    raise MitobenchError(self._oom_message(exc)) from exc
-                if (step + 1) % cfg.grad_accum == 0:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    if sched is not None:
-                        sched.step()
-                    if ema is not None:
-                        ema.update_parameters(model)
-                n_seen += len(idx)
-            bar.__exit__(None, None, None)
+            with progress_bar(f"fold {fold} epoch {state['epoch'] + 1}/{cfg.epochs}", len(order)) as advance:
+                for step, start in enumerate(range(0, len(order), cfg.batch_size)):
+                    idx = order[start:start + cfg.batch_size]
+                    advance(len(idx))
+                    x = augment(x_tr[idx].to(self.device))
+                    x = (x - model.backbone._mean) / model.backbone._std
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    try:
+                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                            loss = loss_fn(model(x).float(), targets[idx].to(self.device)) / cfg.grad_accum
+                        if not torch.isfinite(loss):
+                            raise FoldFailedError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}; "
+                                                  "this fold was stopped, the other folds go on. Lower the learning rate "
+                                                  "(train.lr) or train in float32.")
+                        loss.backward()
+                    except torch.OutOfMemoryError as exc:
+                        raise MitobenchError(self._oom_message(exc)) from exc
+                    if (step + 1) % cfg.grad_accum == 0:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        if sched is not None:
+                            sched.step()
+                        if ema is not None:
+                            ema.update_parameters(model)
+                    n_seen += len(idx)
             t_train += time.perf_counter() - t0
             state["epoch"] += 1
             eval_model = ema.module if ema is not None else model
@@ -252,8 +246,6 @@ class TrainMethod:
                     self._atomic_torch_save({k: v.detach().cpu() for k, v in eval_model.state_dict().items()}, best_path)
                 elif state["epoch"] >= cfg.min_epochs:
                     state["since"] += 1
-            import json
-
             self._atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
                                      "sched": sched.state_dict() if sched is not None else {},
                                      "plateau": plateau.state_dict() if plateau is not None else {},
