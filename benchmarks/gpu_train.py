@@ -1,8 +1,15 @@
 """Issue 4 GPU benchmark (needs CUDA): LoRA training steps on the Virchow2 architecture (ViT-H/14,
-random weights, 224 px) with mitobench's engine settings (bf16 autocast, batch 64) against the
-reference way (fp32, batch 8); plus a full fine-tuning step of swin_base_patch4_window7_224.
+random weights, 224 px) with mitobench's engine pipeline against the reference way; plus a full
+fine-tuning step of swin_base_patch4_window7_224 and of the
+default EfficientNet-Lite0 (224 px).
+
+- mitobench: uint8 128-px patches already on the GPU -> the engine's batched augmentation (the cpu
+  preset's ``strong`` augmentation, resized to 224) -> normalise -> bf16 autocast, batch 64.
+- reference (the paper's code): fp32, batch 8, inputs already made (its per-image PIL pipeline is not
+  even counted, which favours the reference).
 
 Usage: python benchmarks/gpu_train.py [--steps 10] [--batch 64] [--no-append]
+       python benchmarks/gpu_train.py --smoke --device cpu   # depth-2 replicas: checks the script
 Prints images/s, peak GPU memory and the ratio, and appends them with the GPU's name to RESULTS.md.
 """
 
@@ -18,27 +25,45 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results  # noqa: E402
 
+from mitobench.methods.augment import PRESETS, BatchAugment  # noqa: E402
 
-def build(key: str, method: str):
+WORKLOADS = (("virchow2", "lora"), ("swin_base_patch4_window7_224", "finetune"), ("efficientnet_lite0", "finetune"))
+
+
+def build(key: str, method: str, device: torch.device, smoke: bool):
     from mitobench.config import RunConfig
     from mitobench.methods import finetune, lora
     from mitobench.methods.engine import Classifier
-    from mitobench.models.registry import Backbone, build_model, get_card
+    from mitobench.models.registry import Backbone, build_model, get_card, replace_card
 
     card = get_card(key)
+    if smoke and "efficientnet" not in key:
+        depth = {"depths": (1, 1, 1, 1)} if "swin" in key else {"depth": 2}
+        card = replace_card(card, build_kwargs={**card.build_kwargs, **depth})
     model = Classifier(Backbone(build_model(card), card, "random-init", "benchmark"))
     cfg = RunConfig(model=key, method=method)
-    return (lora if method == "lora" else finetune).prepare(model, cfg).cuda().train()
+    return (lora if method == "lora" else finetune).prepare(model, cfg).to(device).train()
 
 
-def measure(model, batch: int, steps: int, bf16: bool, size: int = 224) -> tuple[float, float]:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model, device: torch.device, batch: int, steps: int, fast: bool, size: int = 224) -> tuple[float, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, 1e-4)
-    x = torch.randn(batch, 3, size, size, device="cuda")
-    y = torch.randint(0, 2, (batch,), device="cuda").float()
+    y = torch.randint(0, 2, (batch,), device=device).float()
+    if fast:
+        patches = torch.randint(0, 256, (batch, 128, 128, 3), dtype=torch.uint8, device=device)
+        augment = BatchAugment(PRESETS["strong"], size, seed=0)
+        mean, std = model.backbone._mean.to(device), model.backbone._std.to(device)
+    else:
+        x_ref = torch.randn(batch, 3, size, size, device=device)
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        x = (augment(patches) - mean) / std if fast else x_ref
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -46,35 +71,48 @@ def measure(model, batch: int, steps: int, bf16: bool, size: int = 224) -> tuple
 
     for _ in range(2):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0), torch.cuda.max_memory_allocated() / 2**30
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return steps * batch / (time.perf_counter() - t0), peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="depth-reduced replicas, tiny counts (script check only)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA GPU: this benchmark only runs on a GPU (the figure stays pending in RESULTS.md)")
-    rows = ["| workload | mitobench (bf16) img/s | peak GB | reference (fp32, batch 8) img/s | peak GB | ratio |",
+    if args.smoke:
+        args.steps, args.batch, args.no_append = 1, 2, True
+    if device.type == "cuda":  # the reference way is true fp32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    rows = ["| workload | mitobench (bf16, engine pipeline) img/s | peak GB | reference (fp32, batch 8) img/s | peak GB | ratio |",
             "|---|---|---|---|---|---|"]
-    for key, method in (("virchow2", "lora"), ("swin_base_patch4_window7_224", "finetune")):
-        model = build(key, method)
-        fast, fast_mem = measure(model, args.batch, args.steps, bf16=True)
-        torch.cuda.empty_cache()
-        slow, slow_mem = measure(model, 8, args.steps * 2, bf16=False)
+    for key, method in WORKLOADS:
+        model = build(key, method, device, args.smoke)
+        fast, fast_mem = measure(model, device, args.batch, args.steps, fast=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        slow, slow_mem = measure(model, device, 8 if not args.smoke else 1, args.steps * 2, fast=False)
         rows.append(f"| {key} {method} (batch {args.batch}) | {fast:.1f} | {fast_mem:.1f} | {slow:.1f} | {slow_mem:.1f} | {fast / slow:.1f}x |")
         print(rows[-1], flush=True)
         del model
-        torch.cuda.empty_cache()
-    body = f"GPU: {torch.cuda.get_device_name(0)}\n\n" + "\n".join(rows)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    body = f"GPU: {name}, torch {torch.__version__}\n\n" + "\n".join(rows)
     print(body)
     if not args.no_append:
         append_results("## Training engine: GPU LoRA / fine-tuning steps (issue 4)", body)
