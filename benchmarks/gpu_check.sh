@@ -5,10 +5,10 @@
 # runs the training-engine tests with CUDA visible (the engine picks the GPU: autocast, CUDA RNG paths).
 # Both benchmarks append their figures to benchmarks/RESULTS.md.
 set -u
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src${EXTRA_SITE:+:$EXTRA_SITE}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, timm, peft; print('torch', torch.__version__, 'timm', timm.__version__, 'peft', peft.__version__)"
-timeout 240 $PY benchmarks/gpu_embed.py --append || echo "gpu_embed.py failed: $?"
-timeout 240 $PY benchmarks/gpu_train.py || echo "gpu_train.py failed: $?"
+timeout 240 $PY benchmarks/gpu_embed.py --append --variants virchow2,hoptimus0 || echo "gpu_embed.py failed: $?"
+timeout 240 $PY benchmarks/gpu_train.py --variants virchow2 || echo "gpu_train.py failed: $?"
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_engine.py || echo "engine tests on CUDA failed: $?"

@@ -32,7 +32,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(key: str, device: torch.device, batch: int, n_big: int, n_single: int, smoke: bool) -> dict:
+def run(key: str, device: torch.device, batch: int, n_big: int, n_single: int, smoke: bool,
+        variants: bool = False) -> dict:
     card = get_card(key)
     if smoke:
         card = replace_card(card, build_kwargs={**card.build_kwargs, "depth": 2})
@@ -45,9 +46,8 @@ def run(key: str, device: torch.device, batch: int, n_big: int, n_single: int, s
             return backbone(backbone.preprocess(x))
 
     # reference way: fp32, one image per call (TF32 off so it is really fp32)
-    if device.type == "cuda":
+    if device.type == "cuda":  # PyTorch's defaults, as the reference code ran: no TF32 in matmuls
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
     for i in range(2):
         embed(patches[i:i + 1], None)
     sync(device)
@@ -65,8 +65,25 @@ def run(key: str, device: torch.device, batch: int, n_big: int, n_single: int, s
     sync(device)
     batched = n_big * batch / (time.perf_counter() - start)
     assert out.shape == (batch, card.embed_dim) and torch.isfinite(out.float()).all()
-    return {"key": key, "dtype": str(half).replace("torch.", ""), "single": single, "batched": batched,
-            "ratio": batched / single}
+    result = {"key": key, "dtype": str(half).replace("torch.", ""), "single": single, "batched": batched,
+              "ratio": batched / single}
+    if variants:  # same batch, weights stored in the half dtype (no per-call casts), then also compiled
+        backbone.to(half)
+
+        def embed_half(model, x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return model(backbone.preprocess(x).to(half))
+
+        for name, model in (("half_weights", backbone), ("half_compiled", torch.compile(backbone))):
+            embed_half(model, patches)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(n_big):
+                out = embed_half(model, patches)
+            sync(device)
+            result[name] = n_big * batch / (time.perf_counter() - start)
+            print(f"{key:10s} {name}: {result[name]:8.1f} img/s | x{result[name] / single:.1f}", flush=True)
+    return result
 
 
 def main() -> None:
@@ -76,6 +93,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4, help="timed batches")
     ap.add_argument("--single", type=int, default=64, help="timed single images")
     ap.add_argument("--smoke", action="store_true", help="depth-2 replicas, tiny counts (script check only)")
+    ap.add_argument("--variants", default="", help="comma-separated keys also timed with half weights and torch.compile")
     ap.add_argument("--append", action="store_true", help="append the figures to benchmarks/RESULTS.md")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -86,7 +104,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = []
     for key in KEYS:
-        r = run(key, device, args.batch, args.batches, args.single, args.smoke)
+        r = run(key, device, args.batch, args.batches, args.single, args.smoke, key in args.variants.split(","))
         rows.append(r)
         print(f"{key:10s} fp32 batch 1: {r['single']:8.1f} img/s | {r['dtype']} batch {args.batch}: "
               f"{r['batched']:8.1f} img/s | x{r['ratio']:.1f} {'OK' if r['ratio'] >= 20 else 'below 20x'}", flush=True)

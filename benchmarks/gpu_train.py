@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="depth-reduced replicas, tiny counts (script check only)")
+    parser.add_argument("--variants", default="", help="comma-separated keys also timed with frozen bf16 weights and torch.compile")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -95,9 +96,8 @@ def main() -> None:
         sys.exit("no CUDA GPU: this benchmark only runs on a GPU (the figure stays pending in RESULTS.md)")
     if args.smoke:
         args.steps, args.batch, args.no_append = 1, 2, True
-    if device.type == "cuda":  # the reference way is true fp32
+    if device.type == "cuda":  # PyTorch's defaults, as the reference code ran: no TF32 in matmuls
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
     rows = ["| workload | mitobench (bf16, engine pipeline) img/s | peak GB | reference (fp32, batch 8) img/s | peak GB | ratio |",
             "|---|---|---|---|---|---|"]
     for key, method in WORKLOADS:
@@ -105,6 +105,17 @@ def main() -> None:
         fast, fast_mem = measure(model, device, args.batch, args.steps, fast=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if key in args.variants.split(","):  # the engine's options: frozen weights in bf16, then train.compile
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+            v, v_mem = measure(model, device, args.batch, args.steps, fast=True)
+            print(f"| {key} {method} frozen weights bf16 | {v:.1f} | {v_mem:.1f} |", flush=True)
+            compiled = torch.compile(model)
+            v, v_mem = measure(compiled, device, args.batch, args.steps, fast=True)
+            print(f"| {key} {method} frozen bf16 + torch.compile | {v:.1f} | {v_mem:.1f} |", flush=True)
+            for p in model.parameters():
+                p.data = p.data.float()
         slow, slow_mem = measure(model, device, 8 if not args.smoke else 1, args.steps * 2, fast=False)
         rows.append(f"| {key} {method} (batch {args.batch}) | {fast:.1f} | {fast_mem:.1f} | {slow:.1f} | {slow_mem:.1f} | {fast / slow:.1f}x |")
         print(rows[-1], flush=True)
