@@ -91,6 +91,23 @@ def test_finetune_fold(fixture_root, tmp_path):
     assert not list(scratch.glob("*.tmp"))
 
 
+def test_ema_averages_batchnorm_statistics(fixture_root, tmp_path):
+    """With ``ema`` the kept weights are the average, and BatchNorm running stats move with training."""
+    config = make_config(fixture_root, tmp_path, train={"ema": 0.5, "img_size": 32})
+    ctx = make_context(config)
+    method = TrainMethod(config)
+    method.prepare(ctx)
+    tr, va = fold_indices(ctx)
+    scratch = tmp_path / "fold_1"
+    scratch.mkdir()
+    method.fit_predict(1, tr, va, ctx, scratch)
+    start = method._build().state_dict()
+    kept = load_file(str(scratch / "model.safetensors"))
+    means = [k for k in kept if k.endswith("running_mean")]
+    assert means and any(not torch.equal(kept[k], start[k]) for k in means)
+    assert all(torch.isfinite(v.float()).all() for v in kept.values())
+
+
 def test_finetune_trains_every_weight(fixture_root, tmp_path):
     method = TrainMethod(make_config(fixture_root, tmp_path))
     method.device = torch.device("cpu")

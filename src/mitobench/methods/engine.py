@@ -170,8 +170,10 @@ class TrainMethod:
             raise MitobenchError(f"unknown optimizer {cfg.optimizer!r}: use adamw or adam")
         augment = BatchAugment(PRESETS[cfg.augment] if isinstance(cfg.augment, str) else cfg.augment, cfg.img_size, seed)
         gen = torch.Generator().manual_seed(seed)
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema)) \
-            if cfg.ema else None
+        # use_buffers: BatchNorm running statistics are averaged like the weights (as timm's ModelEma does)
+        # instead of being copied from the raw model.
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
+                                                  use_buffers=True) if cfg.ema else None
 
         state = {"epoch": 0, "best": -1.0, "best_auc": -1.0, "best_epoch": 0, "since": 0, "history": []}
         ckpt = scratch / "last.pt"
