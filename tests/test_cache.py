@@ -255,3 +255,23 @@ def test_wrong_length_entry_is_not_served(tmp_path, tiny_backbone, patches, coun
     meta_path.write_text(json.dumps(meta))
     out = cache.get(tiny_backbone, patches, "k", batch_size=8)
     assert out.shape[0] == len(patches) and len(count_extracts) == 2
+
+
+def test_unchanged_files_are_not_read_again_for_the_key(tmp_path, records, monkeypatch):
+    """The second load finds the key through the files' stat; a rewritten file is hashed again."""
+    cache = PatchCache(tmp_path / "cache")
+    _, key = cache.load(records)
+    hashed = []
+    real = patch_cache_mod.content_key
+    monkeypatch.setattr(patch_cache_mod, "content_key", lambda paths, size: hashed.append(1) or real(paths, size))
+    _, again = cache.load(records)
+    assert again == key and not hashed
+    make_png(Path(records["path"].iloc[0]), rgb=(9, 9, 9))
+    _, changed = cache.load(records)
+    assert hashed and changed != key
+    # a corrupt memo is not trusted: the key is computed from the bytes again
+    for memo in (tmp_path / "cache" / "patches" / "by-stat").glob("*.json"):
+        memo.write_text("{")
+    hashed.clear()
+    _, recomputed = cache.load(records)
+    assert hashed and recomputed == changed

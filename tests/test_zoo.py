@@ -205,3 +205,38 @@ def test_transformers_config_conflict_is_caught(tmp_path):
     card = replace_card(card, build_kwargs={**card.build_kwargs, "depth": 2, **overrides})
     with pytest.raises(MitobenchError, match="num_heads: config.json says 8, the card builds 4"):
         load_weights_strict(build_model(card), tmp_path, card)
+
+
+@pytest.mark.parametrize("key", ["swin_base_patch4_window7_224", "vit_large_patch16_224"])
+def test_written_out_timm_configs_match_timm(key):
+    """The baselines' preprocessing is written into the zoo (no timm import when cards are read): it must
+    stay what timm's pretrained config says."""
+    import timm
+
+    from mitobench.models.zoo import TIMM_IMAGENET
+
+    cfg, ours = timm.models.get_pretrained_cfg(key), TIMM_IMAGENET[key]
+    assert (ours["input_size"], ours["crop_pct"], ours["interpolation"]) == (cfg.input_size[-1], cfg.crop_pct, cfg.interpolation)
+    assert tuple(ours["mean"]) == tuple(cfg.mean) and tuple(ours["std"]) == tuple(cfg.std)
+    assert ours["hf_repo"] == cfg.hf_hub_id and ours["license"] == cfg.license
+
+
+def test_reading_cards_does_not_import_timm():
+    """A warm run only reads cards; importing timm (and torchvision) costs seconds, so it waits for a build."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mitobench.models.registry import get_card, list_cards; list_cards(); "
+            "get_card('virchow2'); import mitobench.protocol, mitobench.methods.probe, mitobench.embed; "
+            "print('timm' in sys.modules, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_lazy_swiglu_builds_timm_layer():
+    from timm.layers import SwiGLUPacked
+
+    card = replace_card(get_card("virchow2"), build_kwargs={**get_card("virchow2").build_kwargs, "depth": 1})
+    model = build_model(card)
+    assert repr(card.build_kwargs["mlp_layer"]) == repr(SwiGLUPacked)
+    assert type(model.blocks[0].mlp).__name__ == "GluMlp"

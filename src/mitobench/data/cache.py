@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,10 +62,29 @@ class PatchCache:
             return None
         return array
 
+    def _content_key(self, paths: list[str]) -> str:
+        """``content_key`` without reading the files again while none changed since it was computed.
+
+        As git's index does, the file list with each file's size, mtime, ctime and inode points to the
+        content key computed before; any write to a file changes its ctime, so a changed file is re-read.
+        """
+        stats = hashlib.sha256(f"{CACHE_FORMAT}-{self.patch_size}".encode())
+        for path in paths:
+            st = os.stat(path)
+            stats.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
+        memo = self.root / "by-stat" / f"{stats.hexdigest()[:32]}.json"
+        try:
+            return str(json.loads(memo.read_text())["content_key"])
+        except (OSError, ValueError, KeyError, TypeError):
+            key = content_key(paths, self.patch_size)
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(memo, {"content_key": key, "n_files": len(paths)})
+            return key
+
     def load(self, records: pd.DataFrame, name: str = "patches", verify: bool = False) -> tuple[np.ndarray, str]:
         """``(patches, content_key)`` of ``records`` in row order, decoding only on the first call."""
         paths = records["path"].tolist()
-        key = content_key(paths, self.patch_size)
+        key = self._content_key(paths)
         array = self._valid(key, len(paths))
         if array is not None and verify:
             meta = json.loads(self._paths(key)[1].read_text())

@@ -65,7 +65,11 @@ def read_csv(path: Path, required: list[str]) -> pd.DataFrame:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files in ``folder``, sorted, as paths under the resolved folder (one scandir, no stat per file)."""
+    folder = folder.resolve()
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES]
+    return [folder / name for name in sorted(names)]
 
 
 def scan_class_folders(root: Path) -> pd.DataFrame:
@@ -90,7 +94,7 @@ def scan_class_folders(root: Path) -> pd.DataFrame:
                     "Keep it in exactly one class folder."
                 )
             seen[path.name] = str(folder)
-            rows.append({"name": path.name, "path": str(path.resolve()), "label": LABELS[class_name.lower()]})
+            rows.append({"name": path.name, "path": str(path), "label": LABELS[class_name.lower()]})
     if not rows:
         raise MitobenchError(f"{root}: the class folders hold no images ({sorted(IMAGE_SUFFIXES)}).")
     return pd.DataFrame(rows)
@@ -127,29 +131,31 @@ def load_amibr(root: Path) -> pd.DataFrame:
     vote_cols = ["expert1_atypical", "expert2_atypical", "expert3_atypical"]
     votes = labels[vote_cols].astype(str).apply(lambda c: c.str.lower() == "true").mean(axis=1)
 
+    file_path, file_label = files["path"].to_dict(), files["label"].to_dict()
+    vote_of = votes.to_dict()
     rows = []
     for i, rec in enumerate(train.itertuples(index=False)):
         where = f"{train_csv} row {i + 2} ({rec.dataset_uid})"
         label = parse_label(rec.final_label, where)
-        if rec.dataset_uid not in files.index:
+        if rec.dataset_uid not in file_path:
             raise MitobenchError(f"{where}: image {image_dir}/{rec.final_label}/{rec.dataset_uid} is missing. "
                                  "Restore it (`mitobench data fetch`) or fix the data root.")
-        if files.at[rec.dataset_uid, "label"] != label:
+        if file_label[rec.dataset_uid] != label:
             raise MitobenchError(f"{where}: labelled {rec.final_label} but the file is in the other class folder.")
-        rows.append({"image": rec.dataset_uid, "path": files.at[rec.dataset_uid, "path"], "label": label,
+        rows.append({"image": rec.dataset_uid, "path": file_path[rec.dataset_uid], "label": label,
                      "split": "train", "group": rec.slide, "domain": rec.dataset,
-                     "p_atypical_votes": votes.get(rec.dataset_uid, np.nan)})
+                     "p_atypical_votes": vote_of.get(rec.dataset_uid, np.nan)})
     train_names = set(train["dataset_uid"])
     if len(train_names) != len(train):
         raise MitobenchError(f"{train_csv}: some dataset_uid values are listed twice; each image must appear once.")
-    for name, rec in files.iterrows():
+    slide_of = labels["slide"].to_dict() if labels.index.is_unique else labels["slide"].groupby(level=0).first().to_dict()
+    source_of = labels["dataset"].to_dict() if labels.index.is_unique else labels["dataset"].groupby(level=0).first().to_dict()
+    for name in files.index:
         if name in train_names:
             continue
-        meta = labels.loc[name] if name in labels.index else None
-        rows.append({"image": name, "path": rec["path"], "label": rec["label"], "split": "test",
-                     "group": meta["slide"] if meta is not None else np.nan,
-                     "domain": meta["dataset"] if meta is not None else name.split("_")[0],
-                     "p_atypical_votes": votes.get(name, np.nan)})
+        rows.append({"image": name, "path": file_path[name], "label": file_label[name], "split": "test",
+                     "group": slide_of.get(name, np.nan), "domain": source_of.get(name, name.split("_")[0]),
+                     "p_atypical_votes": vote_of.get(name, np.nan)})
     frame = pd.DataFrame(rows)
     frame["dataset"] = "AMi-Br"
     return _frame(frame)

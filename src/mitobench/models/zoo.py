@@ -29,10 +29,25 @@ import re  # noqa: E402
 from functools import partial  # noqa: E402
 
 import torch  # noqa: E402
-from timm.layers import SwiGLUPacked  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mitobench.errors import MitobenchError  # noqa: E402
+
+
+class _SwiGLUPacked:
+    """``timm.layers.SwiGLUPacked``, imported only when a model is built: reading the cards (a warm run's
+    cache lookup) then never imports timm and torchvision. The repr is timm's, so cache keys are unchanged."""
+
+    def __call__(self, *args, **kwargs) -> nn.Module:
+        from timm.layers import SwiGLUPacked as swiglu_packed
+
+        return swiglu_packed(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "functools.partial(<class 'timm.layers.mlp.GluMlp'>, act_layer=<class 'torch.nn.modules.activation.SiLU'>, gate_last=False)"
+
+
+SwiGLUPacked = _SwiGLUPacked()
 
 #: peft target_modules regex (re.fullmatch) for every timm ViT: the block Linears only, never patch_embed.proj;
 #: the optional prefix lets it match inside a wrapper (``model.blocks.0.attn.qkv`` in a Backbone)
@@ -200,18 +215,27 @@ _vit("conch_v1", "pathology vision-language (CONCH v1 vision trunk, ViT-B/16)", 
 # ------------------------------------------------------------------- the paper's E2E baselines
 
 
+#: timm's pretrained configs for the two baselines, written out so that reading the cards never imports timm
+#: (tests/test_zoo.py checks them against ``timm.models.get_pretrained_cfg``).
+TIMM_IMAGENET = {
+    "swin_base_patch4_window7_224": dict(input_size=224, crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_MEAN,
+                                         std=IMAGENET_STD, hf_repo="timm/swin_base_patch4_window7_224.ms_in22k_ft_in1k",
+                                         license="mit"),
+    "vit_large_patch16_224": dict(input_size=224, crop_pct=0.9, interpolation="bicubic", mean=HALF, std=HALF,
+                                  hf_repo="timm/vit_large_patch16_224.augreg_in21k_ft_in1k", license="apache-2.0"),
+}
+
+
 def _timm_imagenet(key: str, family: str, embed_dim: int, lora: str | None, params_m: float,
                    description: str) -> ModelCard:
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(key)
-    size = int(cfg.input_size[-1])
+    cfg = TIMM_IMAGENET[key]
+    size = cfg["input_size"]
     return register(ModelCard(
         key=key, family=family, arch=key, build_kwargs={}, input_size=size,
-        resize=int(size / cfg.crop_pct) if cfg.crop_pct and cfg.crop_pct < 1 else None,
-        interpolation=cfg.interpolation or "bicubic", mean=tuple(cfg.mean), std=tuple(cfg.std), embedding="pooled",
-        embed_dim=embed_dim, hf_repo=cfg.hf_hub_id, weight_files=("model.safetensors", "pytorch_model.bin"),
-        license=cfg.license or "see timm", gated=False, params_m=params_m, lora_target=lora,
+        resize=int(size / cfg["crop_pct"]) if cfg["crop_pct"] < 1 else None,
+        interpolation=cfg["interpolation"], mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), embedding="pooled",
+        embed_dim=embed_dim, hf_repo=cfg["hf_repo"], weight_files=("model.safetensors", "pytorch_model.bin"),
+        license=cfg["license"], gated=False, params_m=params_m, lora_target=lora,
         state_dict_filter=drop_head, description=description))
 
 
