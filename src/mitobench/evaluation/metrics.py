@@ -4,37 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import (
-    average_precision_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    matthews_corrcoef,
-    precision_score,
-    roc_auc_score,
-)
 
 METRICS = ("balanced_accuracy", "auroc", "sensitivity", "specificity", "precision", "f1",
            "average_precision", "mcc")
 
 
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """All reported metrics; threshold-free ones (AUROC, AP) use the probabilities."""
+    """All reported metrics; threshold-free ones (AUROC, AP) use the probabilities.
+
+    Computed by the vectorised ``_metrics_rows`` (tests check it against scikit-learn's functions); with a
+    single class present, BA, AUROC and AP are NaN.
+    """
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs, dtype=float)
-    preds = (probs >= threshold).astype(int)
-    tn, fp, fn, tp = confusion_matrix(labels, preds, labels=[0, 1]).ravel()
-    both = len(np.unique(labels)) == 2
-    return {
-        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)) if both else float("nan"),
-        "auroc": float(roc_auc_score(labels, probs)) if both else float("nan"),
-        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
-        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
-        "precision": float(precision_score(labels, preds, zero_division=0)),
-        "f1": float(f1_score(labels, preds, zero_division=0)),
-        "average_precision": float(average_precision_score(labels, probs)) if both else float("nan"),
-        "mcc": float(matthews_corrcoef(labels, preds)),
-    }
+    with np.errstate(divide="ignore", invalid="ignore"):
+        row = {m: float(v[0]) for m, v in _metrics_rows(labels[None], probs[None], threshold).items()}
+    if len(np.unique(labels)) < 2:
+        row.update(balanced_accuracy=float("nan"), auroc=float("nan"), average_precision=float("nan"))
+    return row
 
 
 def _metrics_rows(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
