@@ -275,3 +275,27 @@ def test_unchanged_files_are_not_read_again_for_the_key(tmp_path, records, monke
     hashed.clear()
     _, recomputed = cache.load(records)
     assert hashed and recomputed == changed
+
+
+def test_backbone_identity_without_a_build(tmp_path):
+    """The weights id a warm run computes without building equals the one the build gives."""
+    from safetensors.torch import save_file
+
+    from mitobench.models.registry import backbone_identity
+
+    assert backbone_identity("efficientnet_lite0") == create_backbone("efficientnet_lite0").weights_id != "random-init"
+    assert backbone_identity("timm/resnet18") == "random-init"
+    model = create_backbone("timm/resnet18").model
+    file = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
+    assert backbone_identity("timm/resnet18", file) == create_backbone("timm/resnet18", file).weights_id
+    assert backbone_identity("uni") is None or backbone_identity("uni") == create_backbone("uni").weights_id
+
+
+def test_lookup_finds_what_get_stored(tiny_backbone, patches, tmp_path):
+    cache = EmbeddingCache(tmp_path / "cache")
+    assert cache.lookup(tiny_backbone.card, tiny_backbone.weights_id, "pk", len(patches), torch.float32) is None
+    stored = cache.get(tiny_backbone, patches, "pk", batch_size=4)
+    found = cache.lookup(tiny_backbone.card, tiny_backbone.weights_id, "pk", len(patches), torch.float32)
+    np.testing.assert_array_equal(found, stored)
+    assert cache.lookup(tiny_backbone.card, "0123456789abcdef", "pk", len(patches), torch.float32) is None

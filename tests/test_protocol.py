@@ -115,9 +115,14 @@ def test_metrics_csv(probe_run):
     assert "ABSENT" not in report
 
 
-def test_second_run_makes_a_new_folder(probe_run, fixture_root):
+def test_second_run_makes_a_new_folder(probe_run, fixture_root, monkeypatch):
     path, tmp = probe_run
     before = (path / "metrics.csv").read_bytes()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a warm run must find its embeddings without building the backbone")
+
+    monkeypatch.setattr("mitobench.models.registry.create_backbone", no_build)
     second = run_benchmark(config(fixture_root, tmp), console=quiet())
     assert second != path and second.parent == path.parent
     assert (path / "metrics.csv").read_bytes() == before  # untouched

@@ -19,14 +19,19 @@ import torch
 
 from mitobench import __version__
 from mitobench.io import atomic_save_npy, atomic_write_json
-from mitobench.models.registry import Backbone
+from mitobench.models.registry import Backbone, ModelCard
 from mitobench.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 
-def embedding_key(backbone: Backbone, patch_key: str, dtype: torch.dtype) -> str:
-    spec = {"recipe": backbone.card.recipe(), "weights": backbone.weights_id, "dtype": str(dtype),
+def embedding_key(backbone: Backbone | ModelCard, patch_key: str, dtype: torch.dtype, weights_id: str | None = None) -> str:
+    """Cache key: the card's recipe, the weights' digest, dtype, the patches' content key, mitobench's version.
+
+    ``backbone`` may be a bare card with ``weights_id`` given (a warm run finds its entries without a build)."""
+    card = backbone if isinstance(backbone, ModelCard) else backbone.card
+    weights_id = weights_id if weights_id is not None else backbone.weights_id
+    spec = {"recipe": card.recipe(), "weights": weights_id, "dtype": str(dtype),
             "patches": patch_key, "mitobench": __version__, "format": 1}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -63,11 +68,18 @@ class EmbeddingCache:
     def __init__(self, root: str | Path):
         self.root = Path(root) / "embeddings"
 
+    def _paths(self, card: ModelCard, key: str) -> tuple[Path, Path]:
+        folder = self.root / card.key.replace("/", "--")
+        return folder / f"{key}.npy", folder / f"{key}.json"
+
+    def lookup(self, card: ModelCard, weights_id: str, patch_key: str, n: int, dtype: torch.dtype) -> np.ndarray | None:
+        """The cached, verified embeddings of ``n`` patches, or ``None`` (then ``get`` extracts them)."""
+        return self._load(*self._paths(card, embedding_key(card, patch_key, dtype, weights_id)), n)
+
     def get(self, backbone: Backbone, patches: np.ndarray, patch_key: str, *, batch_size: int | None = None,
             device: torch.device | None = None, dtype: torch.dtype = torch.float32, name: str = "embed") -> np.ndarray:
         key = embedding_key(backbone, patch_key, dtype)
-        folder = self.root / backbone.card.key.replace("/", "--")
-        array_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
+        array_path, meta_path = self._paths(backbone.card, key)
         cached = self._load(array_path, meta_path, len(patches))
         if cached is not None:
             return cached

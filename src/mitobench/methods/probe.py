@@ -8,6 +8,7 @@ batch 8, early stopping on the validation fold's balanced accuracy).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,8 @@ from threadpoolctl import threadpool_limits
 
 from mitobench.config import RunConfig
 from mitobench.splits import inner_group_splits
+
+log = logging.getLogger(__name__)
 
 
 class LogisticProbe(ClassifierMixin, BaseEstimator):
@@ -148,17 +151,29 @@ class ProbeMethod:
     def prepare(self, ctx) -> None:
         from mitobench.device import pick_device, pick_dtype
         from mitobench.embed import EmbeddingCache
-        from mitobench.models.registry import create_backbone
+        from mitobench.models.registry import backbone_identity, create_backbone
 
         t0 = time.perf_counter()
-        backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download)
-        self.pretrained = backbone.pretrained
         device = pick_device(self.config.device)
-        dtype = pick_dtype(self.config.dtype, device, backbone.card.dtype)
+        dtype = pick_dtype(self.config.dtype, device, self.card.dtype)
         cache = EmbeddingCache(ctx.cache_dir)
-        for name, patches in ctx.patches.items():
-            self.embeddings[name] = cache.get(backbone, patches, ctx.patch_keys[name], batch_size=self.config.batch_size,
-                                              device=device, dtype=dtype, name=name)
+        # warm path: every set already embedded with these exact weights -> no model build, no timm import
+        weights_id = backbone_identity(self.config.model, self.config.weights)
+        if weights_id is not None:
+            for name, patches in ctx.patches.items():
+                found = cache.lookup(self.card, weights_id, ctx.patch_keys[name], len(patches), dtype)
+                if found is not None:
+                    self.embeddings[name] = found
+        self.pretrained = weights_id != "random-init"
+        missing = [name for name in ctx.patches if name not in self.embeddings]
+        if missing:
+            backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download)
+            self.pretrained = backbone.pretrained
+            for name in missing:
+                self.embeddings[name] = cache.get(backbone, ctx.patches[name], ctx.patch_keys[name],
+                                                  batch_size=self.config.batch_size, device=device, dtype=dtype, name=name)
+        elif not self.pretrained:
+            log.warning("%s: RANDOM INIT, no pretrained weights loaded", self.config.model)
         ctx.timings["embed_s"] = time.perf_counter() - t0
         ctx.timings["n_images"] = int(sum(len(p) for p in ctx.patches.values()))
         ctx.timings["probe_fit_s"] = 0.0

