@@ -9,9 +9,7 @@ batch 8, early stopping on the validation fold's balanced accuracy).
 from __future__ import annotations
 
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -48,19 +46,13 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         Z = self.scaler_.transform(X)
         self.classes_ = np.array([0, 1])
         if groups is not None and len(self.Cs) > 1:
-            def path_scores(split: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-                tr, va = split
-                scores = np.zeros(len(self.Cs))
+            scores = np.zeros(len(self.Cs))
+            for tr, va in inner_group_splits(y, groups, self.inner_splits, self.random_state):
                 model = self._model(self.Cs[0]).set_params(warm_start=True)  # warm-started regularisation path
                 for i in np.argsort(self.Cs):
                     model.set_params(C=self.Cs[i]).fit(Z[tr], y[tr])
-                    scores[i] = balanced_accuracy_score(y[va], model.predict(Z[va]))
-                return scores
-
-            # the inner splits' paths are independent: run them side by side (BLAS and the loss release the GIL)
-            splits = list(inner_group_splits(y, groups, self.inner_splits, self.random_state))
-            with ThreadPoolExecutor(max_workers=min(len(splits), os.cpu_count() or 1)) as pool:
-                self.inner_scores_ = np.mean(list(pool.map(path_scores, splits)), axis=0)
+                    scores[i] += balanced_accuracy_score(y[va], model.predict(Z[va]))
+            self.inner_scores_ = scores / self.inner_splits
             self.C_ = float(self.Cs[int(np.argmax(self.inner_scores_))])
         else:
             self.C_ = float(self.Cs[0])
