@@ -48,22 +48,19 @@ def run(key: str, device: torch.device, batch: int, n_big: int, n_single: int, s
     # reference way: fp32, one image per call (TF32 off so it is really fp32)
     if device.type == "cuda":  # PyTorch's defaults, as the reference code ran: no TF32 in matmuls
         torch.backends.cuda.matmul.allow_tf32 = False
-    for i in range(2):
-        embed(patches[i:i + 1], None)
-    sync(device)
-    start = time.perf_counter()
-    for i in range(n_single):
-        embed(patches[i % batch:i % batch + 1], None)
-    sync(device)
-    single = n_single / (time.perf_counter() - start)
+    def images_per_s(step, calls: int, per_call: int):
+        """Warm up once, then time ``calls`` calls of ``step(i)``; returns (images/s, last output)."""
+        step(0)
+        sync(device)
+        start = time.perf_counter()
+        for i in range(calls):
+            out = step(i)
+        sync(device)
+        return calls * per_call / (time.perf_counter() - start), out
+
+    single, _ = images_per_s(lambda i: embed(patches[i % batch:i % batch + 1], None), n_single, 1)
     # fast way: batch, half precision autocast
-    embed(patches, half)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(n_big):
-        out = embed(patches, half)
-    sync(device)
-    batched = n_big * batch / (time.perf_counter() - start)
+    batched, out = images_per_s(lambda i: embed(patches, half), n_big, batch)
     assert out.shape == (batch, card.embed_dim) and torch.isfinite(out.float()).all()
     result = {"key": key, "dtype": str(half).replace("torch.", ""), "single": single, "batched": batched,
               "ratio": batched / single}
@@ -75,13 +72,7 @@ def run(key: str, device: torch.device, batch: int, n_big: int, n_single: int, s
                 return model(backbone.preprocess(x).to(half))
 
         for name, model in (("half_weights", backbone), ("half_compiled", torch.compile(backbone))):
-            embed_half(model, patches)
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(n_big):
-                out = embed_half(model, patches)
-            sync(device)
-            result[name] = n_big * batch / (time.perf_counter() - start)
+            result[name], _ = images_per_s(lambda i: embed_half(model, patches), n_big, batch)
             print(f"{key:10s} {name}: {result[name]:8.1f} img/s | x{result[name] / single:.1f}", flush=True)
     return result
 

@@ -54,6 +54,16 @@ def fold_indices(ctx, fold=1):
     return np.flatnonzero(ctx.folds != fold), np.flatnonzero(ctx.folds == fold)
 
 
+def fit_fold(config, scratch, fold=1):
+    """Prepare a TrainMethod on ``config``'s data and train ``fold`` into ``scratch``: (method, ctx, va, result)."""
+    ctx = make_context(config)
+    method = TrainMethod(config)
+    method.prepare(ctx)
+    tr, va = fold_indices(ctx, fold)
+    scratch.mkdir(exist_ok=True)
+    return method, ctx, va, method.fit_predict(fold, tr, va, ctx, scratch)
+
+
 @pytest.fixture
 def tiny_vit_card(monkeypatch):
     """A ViT-Tiny/16 built for 32 px input (2 x 2 patches), random init, with the usual LoRA regex."""
@@ -68,14 +78,8 @@ def tiny_vit_card(monkeypatch):
 # -- fine-tuning -----------------------------------------------------------------------------------
 
 def test_finetune_fold(fixture_root, tmp_path):
-    config = make_config(fixture_root, tmp_path)
-    ctx = make_context(config)
-    method = TrainMethod(config)
-    method.prepare(ctx)
-    tr, va = fold_indices(ctx)
     scratch = tmp_path / "fold_1"
-    scratch.mkdir()
-    result = method.fit_predict(1, tr, va, ctx, scratch)
+    method, ctx, va, result = fit_fold(make_config(fixture_root, tmp_path), scratch)
     assert set(result.probs) == {"validation", *ctx.holdouts}
     assert len(result.probs["validation"]) == len(va)
     for name in ctx.holdouts:
@@ -93,14 +97,8 @@ def test_finetune_fold(fixture_root, tmp_path):
 
 def test_ema_averages_batchnorm_statistics(fixture_root, tmp_path):
     """With ``ema`` the kept weights are the average, and BatchNorm running stats move with training."""
-    config = make_config(fixture_root, tmp_path, train={"ema": 0.5, "img_size": 32})
-    ctx = make_context(config)
-    method = TrainMethod(config)
-    method.prepare(ctx)
-    tr, va = fold_indices(ctx)
     scratch = tmp_path / "fold_1"
-    scratch.mkdir()
-    method.fit_predict(1, tr, va, ctx, scratch)
+    method, *_ = fit_fold(make_config(fixture_root, tmp_path, train={"ema": 0.5, "img_size": 32}), scratch)
     start = method._build().state_dict()
     kept = load_file(str(scratch / "model.safetensors"))
     means = [k for k in kept if k.endswith("running_mean")]

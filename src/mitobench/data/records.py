@@ -148,8 +148,8 @@ def load_amibr(root: Path) -> pd.DataFrame:
     train_names = set(train["dataset_uid"])
     if len(train_names) != len(train):
         raise MitobenchError(f"{train_csv}: some dataset_uid values are listed twice; each image must appear once.")
-    slide_of = labels["slide"].to_dict() if labels.index.is_unique else labels["slide"].groupby(level=0).first().to_dict()
-    source_of = labels["dataset"].to_dict() if labels.index.is_unique else labels["dataset"].groupby(level=0).first().to_dict()
+    first = labels.groupby(level=0)[["slide", "dataset"]].first()  # one row per image name
+    slide_of, source_of = first["slide"].to_dict(), first["dataset"].to_dict()
     for name in files.index:
         if name in train_names:
             continue
