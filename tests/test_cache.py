@@ -16,6 +16,7 @@ from mitobench.data.cache import PatchCache
 from mitobench.data.images import decode_patch
 from mitobench.data.records import load_atnorm_br
 from mitobench.embed import EmbeddingCache, embedding_key
+from mitobench.errors import MitobenchError
 from mitobench.io import atomic_save_npy, atomic_write, atomic_write_json
 from mitobench.models.registry import Backbone, create_backbone, replace_card
 
@@ -299,3 +300,19 @@ def test_lookup_finds_what_get_stored(tiny_backbone, patches, tmp_path):
     found = cache.lookup(tiny_backbone.card, tiny_backbone.weights_id, "pk", len(patches), torch.float32)
     np.testing.assert_array_equal(found, stored)
     assert cache.lookup(tiny_backbone.card, "0123456789abcdef", "pk", len(patches), torch.float32) is None
+    # the warm path names the dtype as a string (no torch): the same key
+    np.testing.assert_array_equal(cache.lookup(tiny_backbone.card, tiny_backbone.weights_id, "pk", len(patches), "float32"),
+                                  stored)
+    assert embedding_key(tiny_backbone, "pk", "bf16") == embedding_key(tiny_backbone, "pk", torch.bfloat16)
+
+
+def test_device_and_dtype_without_torch(monkeypatch):
+    from mitobench.device import device_type, dtype_name, pick_device, pick_dtype
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert device_type("auto") == "cpu" and pick_device("auto") == torch.device("cpu")
+    assert device_type("cuda:1") == "cuda"
+    assert dtype_name("auto", "cpu", "float16") == "float32" and dtype_name("auto", "cuda", "float16") == "float16"
+    assert pick_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(MitobenchError, match="unknown dtype 'half8'"):
+        dtype_name("half8", "cpu")

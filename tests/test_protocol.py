@@ -130,6 +130,39 @@ def test_second_run_makes_a_new_folder(probe_run, fixture_root, monkeypatch):
     pd.testing.assert_frame_equal(pd.read_csv(second / "metrics.csv"), pd.read_csv(path / "metrics.csv"))
 
 
+def test_warm_run_never_imports_torch(probe_run, fixture_root):
+    """A warm probe run (cached embeddings, no GPU driver) needs no torch: importing it costs ~2 s of a
+    ~5 s run. Checked in a fresh interpreter, since this test process has torch loaded already."""
+    path, tmp = probe_run
+    code = ("import sys, io; from rich.console import Console; from mitobench.config import load_config; "
+            "from mitobench.protocol import run_benchmark; "
+            f"c = load_config(None, {{'data_root': {str(fixture_root)!r}, 'cache_dir': {str(tmp / 'cache')!r}, "
+            f"'runs_dir': {str(tmp / 'runs')!r}, 'n_boot': 200}}); "
+            "out = run_benchmark(c, console=Console(file=io.StringIO())); "
+            "print(out); print('torch' in sys.modules, 'timm' in sys.modules)")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the GPU-driver check then skips torch on any machine
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    run_dir, loaded = out.stdout.strip().splitlines()[-2:]
+    assert loaded.split() == ["False", "False"]
+    pd.testing.assert_frame_equal(pd.read_csv(Path(run_dir) / "metrics.csv"), pd.read_csv(path / "metrics.csv"))
+    env_json = json.loads((Path(run_dir) / "environment.json").read_text())
+    assert env_json["torch_threads"] is None and env_json["gpu"] is None
+    assert json.loads((path / "environment.json").read_text())["torch_threads"] >= 1  # the cold run loaded torch
+
+
+def test_parallel_probe_fits_equal_serial(probe_run, fixture_root, tmp_path):
+    """Fold models fitted in forked workers give exactly the serial fits' probabilities."""
+    path, tmp = probe_run
+    serial = run_benchmark(config(fixture_root, tmp, **{"probe.workers": 1}), console=quiet())
+    parallel = run_benchmark(config(fixture_root, tmp, **{"probe.workers": 3}), console=quiet())
+    for run in (serial, parallel):
+        pd.testing.assert_frame_equal(pd.read_csv(run / "predictions.csv"), pd.read_csv(path / "predictions.csv"))
+    fold_info = json.loads((parallel / "fold_info.json").read_text())
+    assert [fold_info[str(f)]["C"] for f in range(1, 6)] == [
+        json.loads((serial / "fold_info.json").read_text())[str(f)]["C"] for f in range(1, 6)]
+
+
 def test_absent_holdout_is_named(fixture_root_no_md, tmp_path):
     out = io.StringIO()
     path = run_benchmark(config(fixture_root_no_md, tmp_path), console=Console(file=out, width=200))

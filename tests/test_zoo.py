@@ -221,16 +221,17 @@ def test_written_out_timm_configs_match_timm(key):
     assert ours["hf_repo"] == cfg.hf_hub_id and ours["license"] == cfg.license
 
 
-def test_reading_cards_does_not_import_timm():
+def test_reading_cards_does_not_import_timm_or_torch():
     """A warm run only reads cards; importing timm (and torchvision) costs seconds, so it waits for a build."""
     import subprocess
     import sys
 
-    code = ("import sys; from mitobench.models.registry import get_card, list_cards; list_cards(); "
-            "get_card('virchow2'); import mitobench.protocol, mitobench.methods.probe, mitobench.embed; "
-            "print('timm' in sys.modules, 'torchvision' in sys.modules)")
+    code = ("import sys; from mitobench.models import get_card, list_cards; list_cards(); "
+            "get_card('virchow2'); import mitobench.protocol, mitobench.methods.probe, mitobench.embed, mitobench.device; "
+            "from mitobench.models.cards import backbone_identity; backbone_identity('efficientnet_lite0'); "
+            "print('timm' in sys.modules, 'torchvision' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "False"]
 
 
 def test_lazy_swiglu_builds_timm_layer():
@@ -240,3 +241,21 @@ def test_lazy_swiglu_builds_timm_layer():
     model = build_model(card)
     assert repr(card.build_kwargs["mlp_layer"]) == repr(SwiGLUPacked)
     assert type(model.blocks[0].mlp).__name__ == "GluMlp"
+
+
+def test_lazy_build_arguments_have_the_real_objects_repr():
+    """Cache keys hold repr() of the build arguments: the stand-ins must not change a key."""
+    from functools import partial
+
+    from torch import nn
+
+    from mitobench.models.lazy import Lazy, resolve_lazy
+    from mitobench.models.zoo import LAYERNORM_EPS12, SILU
+
+    assert repr(SILU) == repr(nn.SiLU) and resolve_lazy(SILU) is nn.SiLU
+    real = partial(nn.LayerNorm, eps=1e-12)
+    assert repr(LAYERNORM_EPS12) == repr(real) == repr(resolve_lazy(LAYERNORM_EPS12))
+    assert LAYERNORM_EPS12(8).eps == 1e-12
+    assert resolve_lazy(3) == 3 and isinstance(SILU, Lazy)
+    model = build_model(replace_card(get_card("phikon"), build_kwargs={**get_card("phikon").build_kwargs, "depth": 1}))
+    assert model.blocks[0].norm1.eps == 1e-12

@@ -22,6 +22,9 @@ class ProbeConfig:
     Cs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     inner_splits: int = 3
     max_iter: int = 2000
+    # logistic head: fold models fitted in this many forked processes (Linux); None: one per CPU core, 1: serial.
+    # The fits are single-threaded and deterministic, so the results do not depend on it.
+    workers: int | None = None
     # torch head (paper parity): BCE, Adam 5e-5, weighted sampler, early stopping on the validation fold
     lr: float = 5e-5
     weight_decay: float = 1e-5

@@ -1,24 +1,61 @@
-"""Device and dtype choice in one place."""
+"""Device and dtype choice in one place.
+
+``device_type`` and ``dtype_name`` answer without importing torch where they can (no GPU driver on the
+machine means no CUDA device), so a warm run that only reads cached embeddings never loads torch.
+"""
 
 from __future__ import annotations
 
-import torch
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mitobench.errors import MitobenchError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+#: present on any machine where torch can see a GPU (NVIDIA, ROCm, WSL2)
+_GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def gpu_driver_present() -> bool:
+    """False when torch cannot possibly see a GPU: no driver files, or ``CUDA_VISIBLE_DEVICES`` hides them all."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return any(Path(p).exists() for p in _GPU_DRIVER_FILES)
 
 
-def pick_dtype(name: str, device: torch.device, card_dtype: str = "float32") -> torch.dtype:
+def device_type(name: str = "auto") -> str:
+    """``cuda`` or ``cpu`` (or the type of an explicit device such as ``cuda:1``)."""
+    if name != "auto":
+        return name.split(":", 1)[0]
+    if not gpu_driver_present():
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_device(name: str = "auto") -> "torch.device":
+    import torch
+
+    return torch.device(device_type(name) if name == "auto" else name)
+
+
+def dtype_name(name: str, device: "str | torch.device", card_dtype: str = "float32") -> str:
     """``auto``: the card's recommended dtype on CUDA, float32 on CPU (bf16 on CPU is slower here)."""
+    kind = getattr(device, "type", device)
     if name == "auto":
-        name = card_dtype if device.type == "cuda" else "float32"
-    known = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in known:
-        from mitobench.errors import MitobenchError
-
+        name = card_dtype if kind == "cuda" else "float32"
+    if name not in DTYPES:
         raise MitobenchError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
-    return known[name]
+    return DTYPES[name]
+
+
+def pick_dtype(name: str, device: "str | torch.device", card_dtype: str = "float32") -> "torch.dtype":
+    import torch
+
+    return getattr(torch, dtype_name(name, device, card_dtype))

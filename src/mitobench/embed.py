@@ -14,38 +14,62 @@ import json
 import logging
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from mitobench import __version__
 from mitobench.io import atomic_save_npy, atomic_write_json
-from mitobench.models.registry import Backbone, ModelCard
-from mitobench.progress import progress_bar
+from mitobench.models.cards import ModelCard
+
+if TYPE_CHECKING:  # pragma: no cover  (a warm run reads the cache without importing torch)
+    import torch
+
+    from mitobench.models.registry import Backbone
 
 log = logging.getLogger(__name__)
 
 
-def embedding_key(backbone: Backbone | ModelCard, patch_key: str, dtype: torch.dtype, weights_id: str | None = None) -> str:
+def dtype_key(dtype: "torch.dtype | str") -> str:
+    """``torch.float32`` for ``torch.float32`` or its name ``float32``: one spelling in every key."""
+    if isinstance(dtype, str):
+        from mitobench.device import DTYPES
+
+        return f"torch.{DTYPES.get(dtype.removeprefix('torch.'), dtype)}"
+    return str(dtype)
+
+
+def embedding_key(backbone: "Backbone | ModelCard", patch_key: str, dtype: "torch.dtype | str",
+                  weights_id: str | None = None) -> str:
     """Cache key: the card's recipe, the weights' digest, dtype, the patches' content key, mitobench's version.
 
     ``backbone`` may be a bare card with ``weights_id`` given (a warm run finds its entries without a build)."""
     card = backbone if isinstance(backbone, ModelCard) else backbone.card
     weights_id = weights_id if weights_id is not None else backbone.weights_id
-    spec = {"recipe": card.recipe(), "weights": weights_id, "dtype": str(dtype),
+    spec = {"recipe": card.recipe(), "weights": weights_id, "dtype": dtype_key(dtype),
             "patches": patch_key, "mitobench": __version__, "format": 1}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def default_batch_size(device: torch.device) -> int:
+def default_batch_size(device: "torch.device") -> int:
     """Small batches on CPU: at 224 px a batch of 64 spills the caches and runs ~2x slower than 8."""
     return 8 if device.type == "cpu" else 128
 
 
-@torch.inference_mode()
-def extract(backbone: Backbone, patches: np.ndarray, batch_size: int | None = None, device: torch.device | None = None,
-            dtype: torch.dtype = torch.float32, name: str = "embed") -> np.ndarray:
+def extract(backbone: "Backbone", patches: np.ndarray, batch_size: int | None = None,
+            device: "torch.device | None" = None, dtype: "torch.dtype | None" = None, name: str = "embed") -> np.ndarray:
     """Batched embeddings of uint8 ``(N, H, W, 3)`` patches, float32 ``(N, D)``."""
-    device = device or torch.device("cpu")
+    import torch
+
+    with torch.inference_mode():
+        return _extract(backbone, patches, batch_size, device or torch.device("cpu"), dtype or torch.float32, name)
+
+
+def _extract(backbone, patches, batch_size, device, dtype, name) -> np.ndarray:
+    import torch
+
+    from mitobench.progress import progress_bar
+
     batch_size = batch_size or default_batch_size(device)
     backbone = backbone.to(device).eval()
     channels_last = device.type == "cpu"  # oneDNN runs convolutions much faster in NHWC on CPU
@@ -72,12 +96,16 @@ class EmbeddingCache:
         folder = self.root / card.key.replace("/", "--")
         return folder / f"{key}.npy", folder / f"{key}.json"
 
-    def lookup(self, card: ModelCard, weights_id: str, patch_key: str, n: int, dtype: torch.dtype) -> np.ndarray | None:
+    def lookup(self, card: ModelCard, weights_id: str, patch_key: str, n: int, dtype: "torch.dtype | str") -> np.ndarray | None:
         """The cached, verified embeddings of ``n`` patches, or ``None`` (then ``get`` extracts them)."""
         return self._load(*self._paths(card, embedding_key(card, patch_key, dtype, weights_id)), n)
 
-    def get(self, backbone: Backbone, patches: np.ndarray, patch_key: str, *, batch_size: int | None = None,
-            device: torch.device | None = None, dtype: torch.dtype = torch.float32, name: str = "embed") -> np.ndarray:
+    def get(self, backbone: "Backbone", patches: np.ndarray, patch_key: str, *, batch_size: int | None = None,
+            device: "torch.device | None" = None, dtype: "torch.dtype | str" = "float32", name: str = "embed") -> np.ndarray:
+        from mitobench.device import pick_dtype
+
+        if isinstance(dtype, str):
+            dtype = pick_dtype(dtype, device or "cpu")
         key = embedding_key(backbone, patch_key, dtype)
         array_path, meta_path = self._paths(backbone.card, key)
         cached = self._load(array_path, meta_path, len(patches))

@@ -23,7 +23,7 @@ from mitobench.data.records import HOLDOUT_SETS, discover, evaluation_sets, load
 from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.evaluation.report import render_report, tidy_metrics
 from mitobench.io import atomic_write_csv, atomic_write_json, atomic_write_text
-from mitobench.runs import RunDir, environment, new_run_dir
+from mitobench.runs import RunDir, complete_environment, environment, new_run_dir
 from mitobench.splits import paper_folds
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
     except BaseException as exc:
         run.set_status("failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", error=str(exc))
         raise
+    complete_environment(run.path / "environment.json")
     ctx.timings["total_s"] = time.perf_counter() - t_start
     run.set_status("complete", timings=ctx.timings, failed_folds=failed)
     return run.path

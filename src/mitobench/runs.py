@@ -55,18 +55,38 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
-def environment() -> dict:
+def _torch_facts() -> dict:
+    """Threads and GPU, asked of torch only when this run loaded it or a GPU driver is present: a warm
+    probe run (cached embeddings, no GPU) never imports torch. ``torch_threads`` is then ``None``."""
+    from mitobench.device import gpu_driver_present
+
+    if "torch" not in sys.modules and not gpu_driver_present():
+        return {"torch_threads": None, "gpu": None}
     import torch
 
+    return {"torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu, "git_commit": commit,
+            "cpu_count": os.cpu_count(), **_torch_facts(), "git_commit": commit,
             "packages": _package_versions(), "started": datetime.now(timezone.utc).isoformat()}
+
+
+def complete_environment(path: Path) -> None:
+    """Fill in ``torch_threads`` once the run has loaded torch (it is not imported up front)."""
+    if "torch" not in sys.modules or not path.is_file():
+        return
+    env = json.loads(path.read_text())
+    if env.get("torch_threads") is None:
+        env.update(_torch_facts())
+        atomic_write_json(path, env)
 
 
 class RunDir:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import time
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
@@ -21,6 +22,9 @@ from threadpoolctl import threadpool_limits
 
 from mitobench.config import RunConfig
 from mitobench.splits import inner_group_splits
+
+if TYPE_CHECKING:  # pragma: no cover  (torch loads only for the torch head or an embedding cache miss)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +83,15 @@ class TorchProbe(ClassifierMixin, BaseEstimator):
         self.standardise = standardise
         self.random_state = random_state
 
-    def _z(self, X: np.ndarray) -> torch.Tensor:
+    def _z(self, X: np.ndarray) -> "torch.Tensor":
+        import torch
+
         X = self.scaler_.transform(X) if self.standardise else X
         return torch.as_tensor(X, dtype=torch.float32)
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None):
+        import torch
+
         gen = torch.Generator().manual_seed(self.random_state)
         torch.manual_seed(self.random_state)
         self.scaler_ = StandardScaler().fit(X) if self.standardise else None
@@ -119,6 +127,8 @@ class TorchProbe(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        import torch
+
         with torch.no_grad():
             p = torch.sigmoid(self.head_(self._z(X)).squeeze(1)).numpy()
         return np.stack([1 - p, p], axis=1)
@@ -133,23 +143,25 @@ class ProbeMethod:
     name = "probe"
 
     def __init__(self, config: RunConfig):
-        from mitobench.models.registry import get_card
+        from mitobench.models.cards import get_card
 
         self.config = config
         self.card = get_card(config.model)  # unknown key -> clear error before any work
         self.embeddings: dict[str, np.ndarray] = {}
         self.pretrained = True
+        self._fitted: dict[int, tuple] = {}  # folds fitted ahead by the worker pool
+        self._pool_tried = False
 
     def prepare(self, ctx) -> None:
-        from mitobench.device import pick_device, pick_dtype
+        from mitobench.device import device_type, dtype_name
         from mitobench.embed import EmbeddingCache
-        from mitobench.models.registry import backbone_identity, create_backbone
+        from mitobench.models.cards import backbone_identity
 
         t0 = time.perf_counter()
-        device = pick_device(self.config.device)
-        dtype = pick_dtype(self.config.dtype, device, self.card.dtype)
+        device = device_type(self.config.device)
+        dtype = dtype_name(self.config.dtype, device, self.card.dtype)
         cache = EmbeddingCache(ctx.cache_dir)
-        # warm path: every set already embedded with these exact weights -> no model build, no timm import
+        # warm path: every set already embedded with these exact weights -> no model build, no torch import
         weights_id = backbone_identity(self.config.model, self.config.weights)
         if weights_id is not None:
             for name, patches in ctx.patches.items():
@@ -159,6 +171,11 @@ class ProbeMethod:
         self.pretrained = weights_id != "random-init"
         missing = [name for name in ctx.patches if name not in self.embeddings]
         if missing:
+            from mitobench.device import pick_device, pick_dtype
+            from mitobench.models.registry import create_backbone
+
+            device = pick_device(self.config.device)
+            dtype = pick_dtype(self.config.dtype, device, self.card.dtype)
             backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download)
             self.pretrained = backbone.pretrained
             for name in missing:
@@ -180,10 +197,9 @@ class ProbeMethod:
 
         raise MitobenchError(f"unknown probe head {p.head!r}: use logistic or torch")
 
-    def fit_predict(self, fold, train_idx, val_idx, ctx, scratch):
-        from mitobench.protocol import FoldResult
-
-        t0 = time.perf_counter()
+    def _fit_fold(self, train_idx: np.ndarray, val_idx: np.ndarray, ctx) -> tuple[dict[str, np.ndarray], dict, dict]:
+        """Fit one fold's probe: its probabilities on the validation fold and every hold-out set, its info
+        and its affine weights."""
         X = self.embeddings["AMi-Br-train"]
         train = ctx.sets["AMi-Br-train"]
         y, groups = train["label"].to_numpy(), train["group"].to_numpy()
@@ -195,11 +211,60 @@ class ProbeMethod:
         probs = {"validation": est.predict_proba(X[val_idx])[:, 1]}
         for name in ctx.holdouts:
             probs[name] = est.predict_proba(self.embeddings[name])[:, 1]
-        ctx.timings["probe_fit_s"] = ctx.timings.get("probe_fit_s", 0.0) + time.perf_counter() - t0
         info = {"head": self.config.probe.head, "C": getattr(est, "C_", None),
                 "best_val_ba": getattr(est, "best_val_ba_", None)}
-        save_linear(est, scratch / "probe.safetensors")
+        return probs, info, linear_weights(est)
+
+    def _fit_remaining_in_parallel(self, first: int, ctx) -> None:
+        """Fit folds ``first``..n in forked worker processes (they inherit the embeddings, nothing is copied).
+
+        Only the logistic head on Linux: its fits are single-threaded and deterministic, so each fold's
+        result is the serial one. A worker that fails leaves its fold to the serial path.
+        """
+        import multiprocessing as mp
+        import os
+
+        folds = [f for f in range(first, int(ctx.folds.max()) + 1) if f not in self._fitted]
+        workers = self.config.probe.workers
+        if workers is None:
+            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(workers, len(folds))
+        if (workers < 2 or self.config.probe.head != "logistic"
+                or "fork" not in mp.get_all_start_methods()):
+            return
+        global _FORKED
+        _FORKED = (self, ctx)
+        try:
+            with mp.get_context("fork").Pool(workers) as pool:
+                for fold, result in zip(folds, pool.map(_fit_fold_in_worker, folds)):
+                    self._fitted[fold] = result
+        except Exception as exc:  # noqa: BLE001  (the serial path below still fits every fold)
+            log.warning("parallel probe fitting failed (%s); fitting the folds one by one", exc)
+        finally:
+            _FORKED = None
+
+    def fit_predict(self, fold, train_idx, val_idx, ctx, scratch):
+        from mitobench.protocol import FoldResult
+
+        t0 = time.perf_counter()
+        if not self._pool_tried:
+            self._pool_tried = True
+            self._fit_remaining_in_parallel(fold, ctx)
+        ahead = self._fitted.pop(fold, None)
+        if ahead is None or not np.array_equal(val_idx, np.flatnonzero(ctx.folds == fold)):
+            ahead = self._fit_fold(train_idx, val_idx, ctx)
+        probs, info, weights = ahead
+        ctx.timings["probe_fit_s"] = ctx.timings.get("probe_fit_s", 0.0) + time.perf_counter() - t0
+        save_weights(weights, scratch / "probe.safetensors")
         return FoldResult(probs, info)
+
+
+_FORKED: tuple | None = None  # (ProbeMethod, Context) for forked workers, set only while a pool runs
+
+
+def _fit_fold_in_worker(fold: int):
+    method, ctx = _FORKED
+    return method._fit_fold(np.flatnonzero(ctx.folds != fold), np.flatnonzero(ctx.folds == fold), ctx)
 
 
 def linear_weights(est) -> dict[str, np.ndarray]:
@@ -217,11 +282,14 @@ def linear_weights(est) -> dict[str, np.ndarray]:
 
 
 def save_linear(est, path) -> None:
+    save_weights(linear_weights(est), path)
+
+
+def save_weights(weights: dict[str, np.ndarray], path) -> None:
     from safetensors.numpy import save_file
 
     from mitobench.io import atomic_write
 
-    weights = linear_weights(est)
     atomic_write(path, lambda p: save_file(weights, str(p)))
 
 

