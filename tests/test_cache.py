@@ -316,3 +316,73 @@ def test_device_and_dtype_without_torch(monkeypatch):
     assert pick_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(MitobenchError, match="unknown dtype 'half8'"):
         dtype_name("half8", "cpu")
+
+
+def test_frozen_graph_matches_eager(tiny_backbone, patches):
+    """The frozen TorchScript path (CPU, float32) gives eager mode's embeddings to float32 rounding, the
+    padded last batch included (7 patches, batches of 4)."""
+    many = np.concatenate([patches, patches[:1]])
+    eager = embed_mod.extract(tiny_backbone, many, batch_size=4, freeze=False)
+    frozen = embed_mod.extract(tiny_backbone, many, batch_size=4, freeze=True)
+    assert frozen.shape == eager.shape == (7, 1280)
+    np.testing.assert_allclose(frozen, eager, rtol=1e-4, atol=1e-5 * np.abs(eager).max())
+    with torch.inference_mode():
+        x = tiny_backbone.preprocess(torch.from_numpy(patches[:4])).contiguous(memory_format=torch.channels_last)
+        assert isinstance(embed_mod.frozen_for_cpu(tiny_backbone, x), torch.jit.ScriptModule)
+
+
+def test_frozen_graph_falls_back_to_eager_when_tracing_fails(tiny_backbone, patches, monkeypatch):
+    def broken_trace(*args, **kwargs):
+        raise RuntimeError("untraceable")
+
+    monkeypatch.setattr(torch.jit, "trace", broken_trace)
+    with torch.inference_mode():
+        x = tiny_backbone.preprocess(torch.from_numpy(patches[:2]))
+        assert embed_mod.frozen_for_cpu(tiny_backbone, x) is tiny_backbone
+    assert embed_mod.extract(tiny_backbone, patches, batch_size=4).shape == (6, 1280)
+
+
+def test_worker_processes_give_the_in_process_embeddings(tiny_backbone, monkeypatch, tmp_path):
+    """Two single-threaded worker processes, kept across two datasets, return the same embeddings in order;
+    an unguarded script (no ``if __name__ == '__main__'``) can use them."""
+    from mitobench import embed_workers
+
+    monkeypatch.setattr(embed_workers, "MIN_IMAGES_PER_WORKER", 4)
+    monkeypatch.setattr(embed_workers, "CHUNK", 8)
+    rng = np.random.default_rng(1)
+    first, second = (rng.integers(0, 256, (n, 128, 128, 3), dtype=np.uint8) for n in (21, 11))
+    try:
+        a = embed_mod.extract(tiny_backbone, first, workers=2)
+        workers = list(embed_workers._STATE["workers"])
+        b = embed_mod.extract(tiny_backbone, second, workers=2)
+        assert embed_workers._STATE["workers"] == workers  # reused, not restarted
+    finally:
+        embed_mod.shutdown_workers()
+    assert all(w.proc.poll() is not None for w in workers)  # stopped
+    for got, patches in ((a, first), (b, second)):
+        np.testing.assert_allclose(got, embed_mod.extract(tiny_backbone, patches, batch_size=4), rtol=1e-4, atol=1e-5)
+    script = tmp_path / "unguarded.py"
+    script.write_text("import numpy as np\nimport mitobench.embed_workers as w\nfrom mitobench.embed import extract\n"
+                      "from mitobench.models.registry import create_backbone, replace_card\n"
+                      "w.MIN_IMAGES_PER_WORKER = 2\nb = create_backbone('efficientnet_lite0')\n"
+                      "b.card = replace_card(b.card, input_size=32)\n"
+                      "x = np.zeros((6, 128, 128, 3), np.uint8)\nprint(extract(b, x, workers=2).shape)\n")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "(6, 1280)" in out.stdout, out.stderr[-2000:]
+
+
+def test_worker_failure_falls_back_in_process(tiny_backbone, patches, monkeypatch, caplog):
+    """A model that cannot be sent to a worker is embedded in this process, with a warning."""
+    from mitobench import embed_workers
+
+    monkeypatch.setattr(embed_workers, "MIN_IMAGES_PER_WORKER", 1)
+    tiny_backbone.model.unpicklable = lambda: None  # lambdas do not pickle
+    try:
+        got = embed_mod.extract(tiny_backbone, patches, workers=2)
+    finally:
+        del tiny_backbone.model.unpicklable
+    assert "embedding in this process" in caplog.text
+    np.testing.assert_allclose(got, embed_mod.extract(tiny_backbone, patches), rtol=1e-4, atol=1e-5)

@@ -81,6 +81,9 @@ class RunConfig:
     seed: int = 42
     patch_size: int = 128
     batch_size: int | None = None  # embedding extraction; None: 8 on CPU (cache-friendly, fastest here), 128 on GPU
+    # CPU embedding in this many single-threaded worker processes (faster than threads on a small CPU);
+    # None: one per CPU core, 1: in this process
+    embed_workers: int | None = None
     device: str = "auto"
     dtype: str = "auto"  # auto: the card's dtype on CUDA, float32 on CPU
     datasets: list[str] = field(default_factory=list)  # extra hold-out sets: class folders or CSVs

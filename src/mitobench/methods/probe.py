@@ -172,15 +172,20 @@ class ProbeMethod:
         missing = [name for name in ctx.patches if name not in self.embeddings]
         if missing:
             from mitobench.device import pick_device, pick_dtype
+            from mitobench.embed import shutdown_workers
             from mitobench.models.registry import create_backbone
 
             device = pick_device(self.config.device)
             dtype = pick_dtype(self.config.dtype, device, self.card.dtype)
             backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download)
             self.pretrained = backbone.pretrained
-            for name in missing:
-                self.embeddings[name] = cache.get(backbone, ctx.patches[name], ctx.patch_keys[name],
-                                                  batch_size=self.config.batch_size, device=device, dtype=dtype, name=name)
+            try:
+                for name in missing:
+                    self.embeddings[name] = cache.get(backbone, ctx.patches[name], ctx.patch_keys[name],
+                                                      batch_size=self.config.batch_size, device=device, dtype=dtype,
+                                                      name=name, workers=cpu_workers(self.config.embed_workers))
+            finally:
+                shutdown_workers()
         elif not self.pretrained:
             log.warning("%s: RANDOM INIT, no pretrained weights loaded", self.config.model)
         ctx.timings["embed_s"] = time.perf_counter() - t0
@@ -222,13 +227,9 @@ class ProbeMethod:
         result is the serial one. A worker that fails leaves its fold to the serial path.
         """
         import multiprocessing as mp
-        import os
 
         folds = [f for f in range(first, int(ctx.folds.max()) + 1) if f not in self._fitted]
-        workers = self.config.probe.workers
-        if workers is None:
-            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = min(workers, len(folds))
+        workers = min(cpu_workers(self.config.probe.workers), len(folds))
         if (workers < 2 or self.config.probe.head != "logistic"
                 or "fork" not in mp.get_all_start_methods()):
             return
@@ -265,6 +266,15 @@ _FORKED: tuple | None = None  # (ProbeMethod, Context) for forked workers, set o
 def _fit_fold_in_worker(fold: int):
     method, ctx = _FORKED
     return method._fit_fold(np.flatnonzero(ctx.folds != fold), np.flatnonzero(ctx.folds == fold), ctx)
+
+
+def cpu_workers(requested: int | None) -> int:
+    """``requested``, or one per CPU core this process may use."""
+    import os
+
+    if requested is not None:
+        return max(1, int(requested))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def linear_weights(est) -> dict[str, np.ndarray]:
