@@ -22,7 +22,7 @@ from mitobench.methods.engine import TrainMethod
 from mitobench.methods.losses import make_loss
 from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
 from mitobench.methods.presets import apply_preset
-from mitobench.models import registry
+from mitobench.models import cards as registry
 from mitobench.models.registry import ModelCard
 from mitobench.protocol import Context, load_sets, run_benchmark
 from mitobench.runs import RunDir

@@ -79,6 +79,7 @@ def embed(
     batch_size: Optional[int] = typer.Option(None, help="Default: 8 on CPU, 128 on GPU."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="auto (card's dtype on GPU, float32 on CPU) | float32 | bfloat16 | float16."),
+    workers: Optional[int] = typer.Option(None, help="CPU: single-threaded embedding worker processes (default: one per core; 1: in this process)."),
 ) -> None:
     """Decode and embed every dataset once into the cache (later runs reuse it)."""
     import time
@@ -86,7 +87,8 @@ def embed(
     from mitobench.config import load_config
     from mitobench.data.cache import PatchCache
     from mitobench.device import pick_device, pick_dtype
-    from mitobench.embed import EmbeddingCache
+    from mitobench.embed import EmbeddingCache, shutdown_workers
+    from mitobench.methods.probe import cpu_workers
     from mitobench.models.registry import create_backbone
     from mitobench.protocol import default_cache_dir, load_sets
 
@@ -97,11 +99,15 @@ def embed(
     dtype = pick_dtype(dtype, dev, backbone.card.dtype)
     patches = PatchCache(default_cache_dir(cfg))
     cache = EmbeddingCache(default_cache_dir(cfg))
-    for name, frame in sets.items():
-        t0 = time.perf_counter()
-        arr, key = patches.load(frame, name)
-        feats = cache.get(backbone, arr, key, batch_size=batch_size, device=dev, dtype=dtype, name=name)
-        console.print(f"{name}: {feats.shape[0]} x {feats.shape[1]} ({time.perf_counter() - t0:.1f}s)")
+    try:
+        for name, frame in sets.items():
+            t0 = time.perf_counter()
+            arr, key = patches.load(frame, name)
+            feats = cache.get(backbone, arr, key, batch_size=batch_size, device=dev, dtype=dtype, name=name,
+                              workers=cpu_workers(workers))
+            console.print(f"{name}: {feats.shape[0]} x {feats.shape[1]} ({time.perf_counter() - t0:.1f}s)")
+    finally:
+        shutdown_workers()
     if not backbone.pretrained:
         console.print("[bold yellow]RANDOM INIT: no pretrained weights were loaded[/]")
 
