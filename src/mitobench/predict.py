@@ -60,11 +60,15 @@ class FoldPredictor:
     def probabilities(self, fold: int, patches: np.ndarray, batch_size: int) -> np.ndarray:
         scratch = self.run_dir / "folds" / f"fold_{fold}"
         if self.config.method == "probe":
-            from mitobench.embed import extract
-            from mitobench.methods.probe import load_linear
+            from mitobench.embed import extract, shutdown_workers
+            from mitobench.methods.probe import cpu_workers, load_linear
 
             if not hasattr(self, "_feats"):
-                self._feats = extract(self.backbone, patches, batch_size, self.device, name="embed")
+                try:  # on CPU: the frozen graph in one single-threaded worker per core, batch size chosen for it
+                    self._feats = extract(self.backbone, patches, None if self.device.type == "cpu" else batch_size,
+                                          self.device, name="embed", workers=cpu_workers(self.config.embed_workers))
+                finally:
+                    shutdown_workers()
             w, b = load_linear(self._checked(scratch / "probe.safetensors"))
             return 1 / (1 + np.exp(-(self._feats.astype(np.float64) @ w + b)))
         return self._trained(fold, scratch, patches, batch_size)
