@@ -36,12 +36,11 @@ class WorkerError(RuntimeError):
 
 
 class _Worker:
-    def __init__(self, payload: bytes):
+    def __init__(self):
         self.log = tempfile.TemporaryFile()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-c", "from mitobench.embed_workers import serve; serve()"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env)
-        self.send(payload, raw=True)
 
     def send(self, obj, raw: bool = False) -> None:
         try:
@@ -95,7 +94,9 @@ def extract_in_workers(backbone: "Backbone", patches: np.ndarray, batch_size: in
     if _STATE.get("key") != key:
         shutdown()
         payload = _payload(backbone, batch_size, dtype, freeze)
-        _STATE.update(key=key, workers=[_Worker(payload) for _ in range(workers)])
+        _STATE.update(key=key, workers=[_Worker() for _ in range(workers)])  # all start importing torch at once
+        for worker in _STATE["workers"]:
+            worker.send(payload, raw=True)
         for worker in _STATE["workers"]:
             worker.receive()  # "ready": the model loaded
     chunks: queue.Queue = queue.Queue()
