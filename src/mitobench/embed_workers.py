@@ -90,7 +90,7 @@ def extract_in_workers(backbone: "Backbone", patches: np.ndarray, batch_size: in
                        workers: int, advance: Callable[[int], None]) -> np.ndarray:
     """Embeddings of ``patches`` computed by ``workers`` processes, in order."""
     batch_size = batch_size or CPU_WORKER_BATCH
-    key = (id(backbone), backbone.weights_id, workers, batch_size, str(dtype), freeze)
+    key = (id(backbone), backbone.weights_id, repr(backbone.card.recipe()), workers, batch_size, str(dtype), freeze)
     if _STATE.get("key") != key:
         shutdown()
         payload = _payload(backbone, batch_size, dtype, freeze)
