@@ -86,9 +86,8 @@ def embed(
 
     from mitobench.config import load_config
     from mitobench.data.cache import PatchCache
-    from mitobench.device import pick_device, pick_dtype
+    from mitobench.device import cpu_workers, pick_device, pick_dtype
     from mitobench.embed import EmbeddingCache, shutdown_workers
-    from mitobench.methods.probe import cpu_workers
     from mitobench.models.registry import create_backbone
     from mitobench.protocol import default_cache_dir, load_sets
 

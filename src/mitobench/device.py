@@ -28,6 +28,13 @@ def gpu_driver_present() -> bool:
     return any(Path(p).exists() for p in _GPU_DRIVER_FILES)
 
 
+def cpu_workers(requested: int | None = None) -> int:
+    """``requested``, or one per CPU core this process may use (worker processes for CPU work)."""
+    if requested is not None:
+        return max(1, int(requested))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def device_type(name: str = "auto") -> str:
     """``cuda`` or ``cpu`` (or the type of an explicit device such as ``cuda:1``)."""
     if name != "auto":

@@ -61,7 +61,8 @@ class FoldPredictor:
         scratch = self.run_dir / "folds" / f"fold_{fold}"
         if self.config.method == "probe":
             from mitobench.embed import extract, shutdown_workers
-            from mitobench.methods.probe import cpu_workers, load_linear
+            from mitobench.device import cpu_workers
+            from mitobench.methods.probe import load_linear
 
             if not hasattr(self, "_feats"):
                 try:  # on CPU: the frozen graph in one single-threaded worker per core, batch size chosen for it

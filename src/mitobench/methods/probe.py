@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from mitobench.config import RunConfig
+from mitobench.device import cpu_workers
 from mitobench.splits import inner_group_splits
 
 if TYPE_CHECKING:  # pragma: no cover  (torch loads only for the torch head or an embedding cache miss)
@@ -268,15 +269,6 @@ def _fit_fold_in_worker(fold: int):
     return method._fit_fold(np.flatnonzero(ctx.folds != fold), np.flatnonzero(ctx.folds == fold), ctx)
 
 
-def cpu_workers(requested: int | None) -> int:
-    """``requested``, or one per CPU core this process may use."""
-    import os
-
-    if requested is not None:
-        return max(1, int(requested))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def linear_weights(est) -> dict[str, np.ndarray]:
     """The fitted probe as one affine map on raw embeddings: logit = x @ w + b."""
     if isinstance(est, LogisticProbe):
@@ -289,10 +281,6 @@ def linear_weights(est) -> dict[str, np.ndarray]:
             w = w / est.scaler_.scale_
             b = b - float(np.dot(est.scaler_.mean_, w))
     return {"weight": np.asarray(w, np.float64), "bias": np.asarray([b], np.float64)}
-
-
-def save_linear(est, path) -> None:
-    save_weights(linear_weights(est), path)
 
 
 def save_weights(weights: dict[str, np.ndarray], path) -> None:
