@@ -113,6 +113,39 @@ def test_finetune_trains_every_weight(fixture_root, tmp_path):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_frozen_stages_keep_weights_and_batchnorm_statistics(fixture_root, tmp_path):
+    """freeze_stages=2: the stem and stages 0-1 (weights and BatchNorm running stats) end bit-identical;
+    the later stages and the head train."""
+    config = make_config(fixture_root, tmp_path, train={"freeze_stages": 2, "img_size": 32, "epochs": 1, "lr": 1e-2})
+    ctx = make_context(config)
+    method = TrainMethod(config)
+    method.prepare(ctx)
+    torch.manual_seed(config.seed + 1)  # fit_predict seeds the same way before building
+    model = method._build()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters()
+                      if n.startswith(("backbone.model.conv_stem", "backbone.model.bn1", "backbone.model.blocks.0.",
+                                       "backbone.model.blocks.1."))}
+    model.train()
+    assert model.frozen_norms and not any(m.training for m in model.frozen_norms)
+    assert model.backbone.model.blocks[2][0].bn1.training
+    tr, va = fold_indices(ctx)
+    method.fit_predict(1, tr, va, ctx, tmp_path)
+    final = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    early = ("backbone.model.conv_stem", "backbone.model.bn1.", "backbone.model.blocks.0.", "backbone.model.blocks.1.")
+    changed = {k for k in initial if not torch.equal(initial[k], final[k])}
+    assert changed and not any(k.startswith(early) for k in changed)
+    assert "head.weight" in changed and any(k.startswith("backbone.model.blocks.2.") and "running_mean" in k for k in changed)
+
+
+def test_freezing_every_stage_is_a_clear_error(fixture_root, tmp_path):
+    method = TrainMethod(make_config(fixture_root, tmp_path, train={"freeze_stages": 7}))
+    method.device = torch.device("cpu")
+    with pytest.raises(MitobenchError, match="freeze_stages=7 leaves no stage .* use at most 6"):
+        method._build()
+
+
 def test_resume_inside_a_fold_gives_the_same_weights(fixture_root, tmp_path, monkeypatch):
     """Kill after epoch 1 of 2 (right after last.pt is written), continue: same weights as 2 epochs straight."""
     config = make_config(fixture_root, tmp_path, train={"augment": "strong"})

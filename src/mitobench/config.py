@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 1e-5
     warmup_epochs: float = 1.0
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
+    freeze_stages: int = 0  # the stem and the first N stages keep their pretrained weights (methods/freeze.py)
     patience: int = 15
     min_epochs: int = 0
     sampler: str = "weighted"  # weighted | shuffle

@@ -22,6 +22,7 @@ from torch import nn
 from mitobench.config import RunConfig
 from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, BatchAugment, dihedral
+from mitobench.methods.freeze import freeze_stages
 from mitobench.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ class Classifier(nn.Module):
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.embed_dim, 1)
+        self.frozen_norms: list[nn.Module] = []  # BatchNorms of frozen stages keep their statistics
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        for norm in self.frozen_norms:
+            norm.train(False)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.backbone(x))).squeeze(1)
@@ -106,6 +114,7 @@ class TrainMethod:
         if self.config.train.grad_checkpointing and hasattr(backbone.model, "set_grad_checkpointing"):
             backbone.model.set_grad_checkpointing(True)
         model = self.module.prepare(model, self.config)
+        freeze_stages(model, self.config.train.freeze_stages)
         if self.config.train.channels_last:
             model = model.to(memory_format=torch.channels_last)  # 2-6x faster CNN training on CPU (oneDNN)
         return model.to(self.device)
