@@ -139,6 +139,25 @@ def test_frozen_stages_keep_weights_and_batchnorm_statistics(fixture_root, tmp_p
     assert "head.weight" in changed and any(k.startswith("backbone.model.blocks.2.") and "running_mean" in k for k in changed)
 
 
+def test_frozen_stages_can_keep_batch_statistics(fixture_root, tmp_path):
+    """freeze_norm_stats=False: frozen stages' weights stay, their BatchNorm running statistics move."""
+    config = make_config(fixture_root, tmp_path, train={"freeze_stages": 2, "freeze_norm_stats": False,
+                                                        "img_size": 32, "epochs": 1})
+    ctx = make_context(config)
+    method = TrainMethod(config)
+    method.prepare(ctx)
+    torch.manual_seed(config.seed + 1)
+    initial = {k: v.clone() for k, v in method._build().state_dict().items()}
+    tr, va = fold_indices(ctx)
+    method.fit_predict(1, tr, va, ctx, tmp_path)
+    final = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    stem = [k for k in initial if k.startswith("backbone.model.bn1.")]
+    assert not torch.equal(initial["backbone.model.bn1.running_mean"], final["backbone.model.bn1.running_mean"])
+    assert all(torch.equal(initial[k], final[k]) for k in stem if not k.startswith("backbone.model.bn1.running")
+               and not k.endswith("num_batches_tracked"))
+    assert torch.equal(initial["backbone.model.conv_stem.weight"], final["backbone.model.conv_stem.weight"])
+
+
 def test_freezing_every_stage_is_a_clear_error(fixture_root, tmp_path):
     method = TrainMethod(make_config(fixture_root, tmp_path, train={"freeze_stages": 7}))
     method.device = torch.device("cpu")

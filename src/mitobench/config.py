@@ -47,6 +47,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
     freeze_stages: int = 0  # the stem and the first N stages keep their pretrained weights (methods/freeze.py)
+    freeze_norm_stats: bool = True  # ... and their BatchNorm statistics (False: batch statistics, as in training)
     patience: int = 15
     min_epochs: int = 0
     sampler: str = "weighted"  # weighted | shuffle

@@ -114,7 +114,7 @@ class TrainMethod:
         if self.config.train.grad_checkpointing and hasattr(backbone.model, "set_grad_checkpointing"):
             backbone.model.set_grad_checkpointing(True)
         model = self.module.prepare(model, self.config)
-        freeze_stages(model, self.config.train.freeze_stages)
+        freeze_stages(model, self.config.train.freeze_stages, self.config.train.freeze_norm_stats)
         if self.config.train.channels_last:
             model = model.to(memory_format=torch.channels_last)  # 2-6x faster CNN training on CPU (oneDNN)
         return model.to(self.device)

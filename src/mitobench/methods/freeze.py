@@ -26,10 +26,12 @@ def stage_groups(model: nn.Module) -> list[list[str]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def freeze_stages(classifier: nn.Module, n_stages: int) -> list[str]:
+def freeze_stages(classifier: nn.Module, n_stages: int, freeze_norm_stats: bool = True) -> list[str]:
     """Freeze the stem and the first ``n_stages`` stages; return the frozen parameter names.
 
-    Their BatchNorm layers stay in eval mode during training (``Classifier.train`` sees to that).
+    With ``freeze_norm_stats`` their BatchNorm layers stay in eval mode during training
+    (``Classifier.train`` sees to that); without, they normalise with batch statistics and update their
+    running statistics as usual (still no gradient flows into them).
     """
     if n_stages <= 0:
         return []
@@ -44,6 +46,6 @@ def freeze_stages(classifier: nn.Module, n_stages: int) -> list[str]:
         params[name].requires_grad_(False)
     owners = {name.rsplit(".", 1)[0] for name in names}
     modules = dict(model.named_modules())
-    classifier.frozen_norms = [modules[o] for o in sorted(owners)
-                               if isinstance(modules.get(o), nn.modules.batchnorm._BatchNorm)]
+    classifier.frozen_norms = [modules[o] for o in sorted(owners) if freeze_norm_stats
+                               and isinstance(modules.get(o), nn.modules.batchnorm._BatchNorm)]
     return names
