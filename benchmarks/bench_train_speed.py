@@ -1,11 +1,12 @@
 """Issue 4 benchmark: CPU training images/s of EfficientNet-Lite0 with mitobench's pipeline against
 the reference code's pipeline, same model, same machine, one run.
 
-Usage: .venv/bin/python benchmarks/bench_train_speed.py [--data-root ../shared/data] [--steps 12]
+Usage: .venv/bin/python benchmarks/bench_train_speed.py [--data-root ../shared/data] [--steps 12] [--freeze 3]
 
 - mitobench: decoded uint8 patches held in memory, batched tensor augmentation (dihedral, rotation,
   centre-keeping crop, colour and HED jitter, blur, resize in one grid_sample), channels-last,
-  AdamW, batch 32.
+  AdamW, the batch size of ``--preset cpu``; once as the preset trains (every weight), once with
+  ``train.freeze_stages`` (the stem and first stages frozen, ``--freeze``, default 3).
 - reference: PIL transforms per image in a torch DataLoader (RandomResizedCrop, flips, rotation,
   ColorJitter, ToTensor, Normalize), batch 8, Adam, as the reference code.
 Both at 128 px and 224 px. Full training steps (forward, backward, optimiser).
@@ -36,17 +37,24 @@ def records(data_root: str, n: int):
     return sets["AMi-Br-train"].iloc[:n]
 
 
-def ours(frame, size: int, steps: int, batch: int = 32) -> float:
+def ours(frame, size: int, steps: int, freeze: int) -> float:
+    """Training steps as the engine takes them with ``--preset cpu`` (batch, augmentation, memory format)."""
     from mitobench.data.images import decode_patch
     from mitobench.methods.augment import PRESETS, BatchAugment
     from mitobench.methods.engine import Classifier
+    from mitobench.methods.freeze import freeze_stages
+    from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
     from mitobench.models.registry import create_backbone
 
+    preset = TRAIN_PRESETS["cpu"]
+    batch = preset["batch_size"]
     images = torch.from_numpy(np.stack([decode_patch(p) for p in frame["path"]]))  # the in-memory cache
     labels = torch.as_tensor(frame["label"].to_numpy(), dtype=torch.float32)
-    model = Classifier(create_backbone("efficientnet_lite0")).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    aug = BatchAugment(PRESETS["strong"], size, seed=0)
+    model = Classifier(create_backbone("efficientnet_lite0"))
+    freeze_stages(model, freeze)
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
+    aug = BatchAugment(PRESETS[preset["augment"]], size, seed=0)
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:
@@ -102,7 +110,7 @@ def reference(frame, size: int, steps: int, batch: int = 8) -> float:
         opt.step()
 
     step()
-    n_steps = steps * 4  # same number of images as mitobench's steps at batch 32
+    n_steps = steps * 4  # as many images as mitobench's steps at batch 32
     t0 = time.perf_counter()
     for _ in range(n_steps):
         step()
@@ -110,16 +118,24 @@ def reference(frame, size: int, steps: int, batch: int = 8) -> float:
 
 
 def main() -> None:
+    from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=os.environ.get("MITOBENCH_DATA", str(ROOT.parent / "shared/data")))
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--freeze", type=int, default=3, help="train.freeze_stages for the second column")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     frame = records(args.data_root, 512)
-    rows = ["| input | mitobench (img/s) | reference pipeline (img/s) | ratio | target |", "|---|---|---|---|---|"]
+    freeze = args.freeze
+    rows = ["| input | mitobench, `--preset cpu` (img/s) | mitobench + `train.freeze_stages="
+            f"{freeze}` (img/s) | reference pipeline (img/s) | ratio preset / with frozen stages | target |",
+            "|---|---|---|---|---|---|"]
     for size in (128, 224):
-        a, b = ours(frame, size, args.steps), reference(frame, size, args.steps)
-        rows.append(f"| {size} px | {a:.1f} | {b:.1f} | {a / b:.1f}x | >= 3x |")
+        preset = ours(frame, size, args.steps, freeze=TRAIN_PRESETS["cpu"].get("freeze_stages", 0))
+        frozen = ours(frame, size, args.steps, freeze=freeze)
+        ref = reference(frame, size, args.steps)
+        rows.append(f"| {size} px | {preset:.1f} | {frozen:.1f} | {ref:.1f} | {preset / ref:.1f}x / {frozen / ref:.1f}x | >= 3x |")
         print(rows[-1], flush=True)
     body = "\n".join(rows)
     print(body)
