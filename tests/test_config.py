@@ -66,6 +66,27 @@ def test_bad_values_and_files(tmp_path):
     assert load_config(empty).to_dict() == RunConfig().to_dict()
 
 
+@pytest.mark.parametrize("key, value, expected", [("train.freeze_stages", "abc", "int"), ("train.lr", "fast", "float"),
+                                                  ("train.tta", "yes", "bool"), ("train.epochs", 2.5, "int"),
+                                                  ("train.epochs", True, "int"), ("probe.Cs", [0.1, "x"], "list"),
+                                                  ("datasets", "a.csv", "list"), ("weights", 3, "str or None")])
+def test_wrong_type_is_one_clear_error(tmp_path, key, value, expected):
+    """A wrong type stops at load time, naming the option and the type it needs."""
+    with pytest.raises(MitobenchError, match=f"{key.split('.')[-1]}.*must be {expected}"):
+        load_config(None, {key: value})
+    section, _, leaf = key.rpartition(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({section: {leaf: value}} if section else {leaf: value}))
+    with pytest.raises(MitobenchError, match=str(path)):
+        load_config(path)
+
+
+def test_right_types_are_accepted():
+    config = load_config(None, {"train.lr": 1, "train.layer_decay": None, "train.ema": 0.99, "probe.Cs": [1, 0.5],
+                                "weights": "w.safetensors", "train.freeze_norm_stats": False})
+    assert config.train.lr == 1 and config.probe.Cs == [1, 0.5] and config.train.freeze_norm_stats is False
+
+
 def test_save_load_round_trip(tmp_path):
     config = load_config(None, {"model": "timm/resnet10t", "method": "lora", "train.lora_r": 4, "datasets": ["a.csv"],
                                 "probe.Cs": [0.5], "train.ema": 0.999, "cache_dir": str(tmp_path)})

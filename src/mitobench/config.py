@@ -99,6 +99,23 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                                       "None": (type(None),), "list[float]": (list,), "list[str]": (list,)}
+_ITEMS: dict[str, tuple[type, ...]] = {"list[float]": (int, float), "list[str]": (str,)}
+
+
+def _check_type(value: Any, annotation: str, where: str, key: str) -> None:
+    """A wrong type in a YAML file or ``--set`` stops here, not deep inside a fold."""
+    parts = [part.strip() for part in annotation.split("|")]
+    allowed = tuple(t for part in parts for t in _TYPES.get(part, (object,)))
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if ok and isinstance(value, list):
+        items = tuple(t for part in parts for t in _ITEMS.get(part, (object,)))
+        ok = all(isinstance(v, items) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise MitobenchError(f"{where}: option {key!r} must be {' or '.join(parts)}, not {value!r}")
+
+
 def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
     names = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
@@ -110,6 +127,7 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
                 raise MitobenchError(f"{where}: option {key!r} must be a mapping")
             _merge(current, value, f"{where}.{key}")
         else:
+            _check_type(value, str(names[key].type), where, key)
             setattr(obj, key, value)
 
 
