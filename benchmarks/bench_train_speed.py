@@ -37,9 +37,16 @@ def records(data_root: str, n: int):
     return sets["AMi-Br-train"].iloc[:n]
 
 
-def ours(frame, size: int, steps: int, freeze: int) -> float:
-    """Training steps as the engine takes them with ``--preset cpu`` (batch, augmentation, memory format)."""
+def in_memory(frame) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's in-memory cache: decoded uint8 patches and labels."""
     from mitobench.data.images import decode_patch
+
+    images = torch.from_numpy(np.stack([decode_patch(p) for p in frame["path"]]))
+    return images, torch.as_tensor(frame["label"].to_numpy(), dtype=torch.float32)
+
+
+def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, freeze: int) -> float:
+    """Training steps as the engine takes them with ``--preset cpu`` (batch, augmentation, memory format)."""
     from mitobench.methods.augment import PRESETS, BatchAugment
     from mitobench.methods.engine import Classifier
     from mitobench.methods.freeze import freeze_stages
@@ -48,8 +55,6 @@ def ours(frame, size: int, steps: int, freeze: int) -> float:
 
     preset = TRAIN_PRESETS["cpu"]
     batch = preset["batch_size"]
-    images = torch.from_numpy(np.stack([decode_patch(p) for p in frame["path"]]))  # the in-memory cache
-    labels = torch.as_tensor(frame["label"].to_numpy(), dtype=torch.float32)
     model = Classifier(create_backbone("efficientnet_lite0"))
     freeze_stages(model, freeze)
     model = model.to(memory_format=torch.channels_last).train()
@@ -127,13 +132,14 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     frame = records(args.data_root, 512)
+    images, labels = in_memory(frame)
     freeze = args.freeze
     rows = ["| input | mitobench, `--preset cpu` (img/s) | mitobench + `train.freeze_stages="
             f"{freeze}` (img/s) | reference pipeline (img/s) | ratio preset / with frozen stages | target |",
             "|---|---|---|---|---|---|"]
     for size in (128, 224):
-        preset = ours(frame, size, args.steps, freeze=TRAIN_PRESETS["cpu"].get("freeze_stages", 0))
-        frozen = ours(frame, size, args.steps, freeze=freeze)
+        preset = ours(images, labels, size, args.steps, freeze=TRAIN_PRESETS["cpu"].get("freeze_stages", 0))
+        frozen = ours(images, labels, size, args.steps, freeze=freeze)
         ref = reference(frame, size, args.steps)
         rows.append(f"| {size} px | {preset:.1f} | {frozen:.1f} | {ref:.1f} | {preset / ref:.1f}x / {frozen / ref:.1f}x | >= 3x |")
         print(rows[-1], flush=True)

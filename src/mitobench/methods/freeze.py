@@ -1,9 +1,9 @@
 """Freeze a backbone's stem and first stages (``train.freeze_stages``).
 
-The early layers of a CNN run at the highest resolution, so their backward pass is most of a CPU
-training step; their ImageNet features (edges, colour blobs) change little in fine-tuning. Frozen
-stages keep their pretrained weights and BatchNorm statistics, and autograd records nothing for
-them. Stages follow timm's coarse ``group_matcher`` (the stem, then ``blocks.N``), so the same
+The early layers of a CNN run at the highest resolution, so their backward pass is a large part of a
+CPU training step. Frozen stages keep their pretrained weights and BatchNorm statistics, and autograd
+records nothing for them: faster, but on H&E patches the early filters gain from adapting (see
+docs/training.md), so the CPU preset does not freeze. Stages follow timm's coarse ``group_matcher`` (the stem, then ``blocks.N``), so the same
 option works for EfficientNets, ConvNeXts, ViTs (a stage is one block) and any timm backbone.
 """
 
