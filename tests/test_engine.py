@@ -20,6 +20,7 @@ from mitobench.errors import MitobenchError
 from mitobench.methods.augment import PRESETS, AugmentConfig, BatchAugment, dihedral, geometric, hed_jitter
 from mitobench.methods.engine import TrainMethod
 from mitobench.methods.losses import make_loss
+from mitobench.methods.mixup import mixup
 from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
 from mitobench.methods.presets import apply_preset
 from mitobench.models import cards as registry
@@ -165,9 +166,10 @@ def test_freezing_every_stage_is_a_clear_error(fixture_root, tmp_path):
         method._build()
 
 
-def test_resume_inside_a_fold_gives_the_same_weights(fixture_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mixup", [None, 0.4])
+def test_resume_inside_a_fold_gives_the_same_weights(fixture_root, tmp_path, monkeypatch, mixup):
     """Kill after epoch 1 of 2 (right after last.pt is written), continue: same weights as 2 epochs straight."""
-    config = make_config(fixture_root, tmp_path, train={"augment": "strong"})
+    config = make_config(fixture_root, tmp_path, train={"augment": "strong", "mixup": mixup})
     ctx = make_context(config)
     tr, va = fold_indices(ctx, 2)
 
@@ -211,6 +213,35 @@ def test_resume_inside_a_fold_gives_the_same_weights(fixture_root, tmp_path, mon
         np.testing.assert_array_equal(ref.probs[name], resumed.probs[name])
     assert ref.info["history"] == [
         {**h, "seconds": ref.info["history"][i]["seconds"]} for i, h in enumerate(resumed.info["history"])]
+
+
+def test_mixup_mixes_images_and_targets_with_one_lambda():
+    x, t = torch.randn(16, 3, 8, 8), torch.rand(16)
+    mixed_x, mixed_t, lam = mixup(x, t, 0.4, torch.Generator().manual_seed(3))
+    assert 0 <= lam <= 1 and 0 < lam < 1  # Beta(0.4, 0.4) almost surely strictly inside
+    # a convex mix with a permutation keeps batch sums, and each item is lam * own + (1 - lam) * partner
+    torch.testing.assert_close(mixed_t.sum(), t.sum())
+    torch.testing.assert_close(mixed_x.sum(0), x.sum(0))
+    partner_t = (mixed_t - lam * t) / (1 - lam)
+    partner = [int(torch.argmin((t - v).abs())) for v in partner_t]
+    assert sorted(partner) == list(range(16))
+    torch.testing.assert_close(mixed_x, lam * x + (1 - lam) * x[partner])
+    again = mixup(x, t, 0.4, torch.Generator().manual_seed(3))
+    assert again[2] == lam and torch.equal(again[0], mixed_x)
+
+
+def test_mixup_lambda_follows_its_beta():
+    gen = torch.Generator().manual_seed(0)
+    lams = np.array([mixup(torch.zeros(2, 1), torch.zeros(2), 0.2, gen)[2] for _ in range(2000)])
+    assert abs(lams.mean() - 0.5) < 0.03  # Beta(0.2, 0.2): mean 0.5, mass near 0 and 1
+    assert ((lams < 0.1) | (lams > 0.9)).mean() > 0.5
+    assert abs(np.var(lams) - 0.25 * 1 / (2 * 0.2 + 1)) < 0.02  # var = 1 / (4 (2 alpha + 1))
+
+
+@pytest.mark.parametrize("alpha", [0, -0.2])
+def test_mixup_needs_a_positive_alpha(fixture_root, tmp_path, alpha):
+    with pytest.raises(MitobenchError, match="train.mixup"):
+        make_config(fixture_root, tmp_path, train={"mixup": alpha})
 
 
 def test_nan_loss_stops_only_its_fold(fixture_root, tmp_path, monkeypatch):

@@ -68,6 +68,7 @@ class TrainConfig:
     lora_targets: str | None = None  # regex; default: the model card's
     num_threads: int | None = None
     ema: float | None = None  # exponential moving average of weights, selected on the validation fold
+    mixup: float | None = None  # Beta(alpha, alpha) mixup of images and targets (methods/mixup.py); None: off
 
 
 @dataclass
@@ -168,6 +169,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise MitobenchError(f"unknown method {config.method!r}: use probe, finetune or lora")
     if config.threshold not in ("fixed", "validation"):
         raise MitobenchError(f"unknown threshold mode {config.threshold!r}: use fixed or validation")
+    if config.train.mixup is not None and not config.train.mixup > 0:
+        raise MitobenchError(f"train.mixup={config.train.mixup!r}: mixup needs a Beta concentration above 0 "
+                             "(0.2-0.4 is usual); leave it unset (null) for no mixup.")
     return config
 
 

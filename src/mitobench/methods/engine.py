@@ -23,6 +23,7 @@ from mitobench.config import RunConfig
 from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, BatchAugment, dihedral
 from mitobench.methods.freeze import freeze_stages
+from mitobench.methods.mixup import mixup
 from mitobench.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -219,11 +220,14 @@ class TrainMethod:
                     advance(len(idx))
                     x = augment(x_tr[idx].to(self.device))
                     x = (x - model.backbone._mean) / model.backbone._std
+                    y = targets[idx].to(self.device)
+                    if cfg.mixup:
+                        x, y, _ = mixup(x, y, cfg.mixup, gen)
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     try:
                         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                            loss = loss_fn(model(x).float(), targets[idx].to(self.device)) / cfg.grad_accum
+                            loss = loss_fn(model(x).float(), y) / cfg.grad_accum
                         if not torch.isfinite(loss):
                             raise FoldFailedError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}; "
                                                   "this fold was stopped, the other folds go on. Lower the learning rate "
