@@ -78,9 +78,13 @@ def tiny_vit_card(monkeypatch):
 
 # -- fine-tuning -----------------------------------------------------------------------------------
 
-def test_finetune_fold(fixture_root, tmp_path):
+def test_finetune_fold(fixture_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MITOBENCH_QUIET")  # each epoch's validation line is printed (a log shows progress too)
     scratch = tmp_path / "fold_1"
     method, ctx, va, result = fit_fold(make_config(fixture_root, tmp_path), scratch)
+    printed = capsys.readouterr().err
+    for h in result.info["history"]:
+        assert f"fold 1 epoch {h['epoch']}/2: validation BA {h['val_ba']:.4f}, AUROC {h['val_auroc']:.4f}" in printed
     assert set(result.probs) == {"validation", *ctx.holdouts}
     assert len(result.probs["validation"]) == len(va)
     for name in ctx.holdouts:

@@ -17,6 +17,12 @@ def _enabled() -> bool:
     return not os.environ.get("MITOBENCH_QUIET") and sys.stderr.isatty()
 
 
+def say(message: str) -> None:
+    """A status line on stderr (also in a log file, where bars are hidden), unless MITOBENCH_QUIET is set."""
+    if not os.environ.get("MITOBENCH_QUIET"):
+        console.print(message)
+
+
 @contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``; shows a bar only on an interactive terminal."""

@@ -9,7 +9,6 @@ validation fold only. Every epoch writes a resumable checkpoint into the fold's 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -24,9 +23,7 @@ from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, BatchAugment, dihedral
 from mitobench.methods.freeze import freeze_stages
 from mitobench.methods.mixup import mixup
-from mitobench.progress import progress_bar
-
-log = logging.getLogger(__name__)
+from mitobench.progress import progress_bar, say
 
 
 class Classifier(nn.Module):
@@ -202,7 +199,7 @@ class TrainMethod:
             gen.set_state(saved["gen_rng"])
             torch.set_rng_state(saved["torch_rng"])
             state = json.loads(saved["state"])
-            log.info("fold %d: resumed after epoch %d", fold, state["epoch"])
+            say(f"fold {fold}: resumed after epoch {state['epoch']}")
 
         weights = torch.as_tensor(1.0 / np.bincount(y_tr, minlength=2)[y_tr], dtype=torch.double)
         amp = self.device.type == "cuda"
@@ -252,7 +249,8 @@ class TrainMethod:
                 auc = float(roc_auc_score(y_val, p_val))
                 state["history"].append({"epoch": state["epoch"], "val_ba": ba, "val_auroc": auc,
                                          "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
-                log.info("fold %d epoch %d: val BA %.4f AUROC %.4f", fold, state["epoch"], ba, auc)
+                say(f"fold {fold} epoch {state['epoch']}/{cfg.epochs}: validation BA {ba:.4f}, AUROC {auc:.4f} "
+                    f"({time.perf_counter() - t0:.0f} s)")
                 if plateau is not None:
                     plateau.step(ba)
                 better = ba > state["best"] or (ba == state["best"] and auc > state["best_auc"])
