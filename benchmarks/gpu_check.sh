@@ -10,5 +10,5 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, timm, peft; print('torch', torch.__version__, 'timm', timm.__version__, 'peft', peft.__version__)"
 timeout 240 $PY benchmarks/gpu_embed.py --append --variants virchow2,hoptimus0 || echo "gpu_embed.py failed: $?"
-timeout 240 $PY benchmarks/gpu_train.py --variants virchow2 || echo "gpu_train.py failed: $?"
+timeout 300 $PY benchmarks/gpu_train.py --variants virchow2 || echo "gpu_train.py failed: $?"
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_engine.py || echo "engine tests on CUDA failed: $?"

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -43,6 +45,23 @@ def build(key: str, method: str, device: torch.device, smoke: bool):
     model = Classifier(Backbone(build_model(card), card, "random-init", "benchmark"))
     cfg = RunConfig(model=key, method=method)
     return (lora if method == "lora" else finetune).prepare(model, cfg).to(device).train()
+
+
+@contextmanager
+def without_lora_dropout(model: torch.nn.Module) -> Iterator[int]:
+    """Within the block peft's LoRA dropout layers are identities (as ``train.lora_dropout=0``); yield how many."""
+    saved = []
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name in dropouts:
+                saved.append((dropouts, name, dropouts[name]))
+                dropouts[name] = torch.nn.Identity()
+    try:
+        yield len(saved)
+    finally:
+        for dropouts, name, layer in saved:
+            dropouts[name] = layer
 
 
 def sync(device: torch.device) -> None:
@@ -88,7 +107,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="depth-reduced replicas, tiny counts (script check only)")
-    parser.add_argument("--variants", default="", help="comma-separated keys also timed with frozen bf16 weights and torch.compile")
+    parser.add_argument("--variants", default="", help="comma-separated keys also timed with frozen bf16 weights and "
+                        "torch.compile (and, for LoRA, batch x2 and lora_dropout 0)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -119,6 +139,11 @@ def main() -> None:
                 print(f"| {key} {method} frozen bf16 + torch.compile, batch {args.batch * 2} | {v:.1f} | {v_mem:.1f} |", flush=True)
             except torch.OutOfMemoryError:
                 print(f"| {key} {method} frozen bf16 + torch.compile, batch {args.batch * 2} | out of memory | |", flush=True)
+            if method == "lora":  # LoRA dropout masks every adapted layer's input: memory-bound work, timed here
+                with without_lora_dropout(model) as n_dropouts:
+                    if n_dropouts:
+                        v, v_mem = measure(torch.compile(model), device, args.batch, args.steps, fast=True)
+                        print(f"| {key} {method} frozen bf16 + torch.compile, lora_dropout 0 | {v:.1f} | {v_mem:.1f} |", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             for p in model.parameters():
