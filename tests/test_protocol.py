@@ -283,6 +283,35 @@ def test_sigkilled_finetune_run_resumes_to_the_same_numbers(fixture_root, tmp_pa
     pd.testing.assert_frame_equal(pd.read_csv(run / "predictions.csv"), pd.read_csv(reference / "predictions.csv"))
 
 
+def test_sigterm_marks_the_run_interrupted_and_says_how_to_resume(fixture_root, tmp_path):
+    """A scheduler's stop (SIGTERM) mid-fold: exit 143, status 'interrupted', the resume command printed."""
+    cfg_path = tmp_path / "ft.yaml"
+    cfg_path.write_text(yaml.safe_dump({**FINETUNE_YAML, "data_root": str(fixture_root),
+                                        "cache_dir": str(tmp_path / "cache")}))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "MITOBENCH_QUIET": "1", "MITOBENCH_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "mitobench.cli", "run", "--config", str(cfg_path),
+                             "--runs-dir", str(runs)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(runs.glob("*/folds/fold_1/last.pt")):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no epoch finished in 300 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (run,) = list(runs.iterdir())
+    assert proc.returncode == 128 + signal.SIGTERM, stderr.decode()
+    assert RunDir(run).status()["state"] == "interrupted"
+    assert f"run folder: {run}\n" in stderr.decode()  # whole paths on one line, whatever the width
+    assert f"continue with `mitobench run --resume {run}`" in stderr.decode()
+    assert not (run / "metrics.csv").exists()
+
+
 @pytest.mark.slow
 def test_real_data_default_run(real_data, tmp_path):
     """The main job on the real data: the default probe, cold cache. Minutes; run once per test session."""

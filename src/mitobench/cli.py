@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -67,7 +69,7 @@ def run(
                 raise MitobenchError(f"--set {item!r}: write it as key=value, e.g. train.lr=3e-4")
             overrides[key.strip()] = yaml.safe_load(value)
         path = run_benchmark(load_config(config, overrides))
-    console.print(f"results: {path}")
+    console.print(f"results: {path}", soft_wrap=True)
 
 
 @app.command()
@@ -129,7 +131,7 @@ def predict(
     if table["label"].notna().all() and table["label"].nunique() == 2:
         m = binary_metrics(table["label"].astype(int), table["p_ensemble"], float(table["threshold"].iloc[0]))
         console.print("ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
-    console.print(f"predictions: {path}")
+    console.print(f"predictions: {path}", soft_wrap=True)
 
 
 @app.command()
@@ -167,7 +169,7 @@ def data_fetch(data_root: Optional[str] = DataRoot,
     from mitobench.data.records import resolve_data_root
 
     path = fetch(resolve_data_root(data_root), force=force)
-    console.print(f"data ready in {path}")
+    console.print(f"data ready in {path}", soft_wrap=True)
 
 
 @data_app.command("check")
@@ -200,13 +202,34 @@ def models_check(key: str, weights: Optional[str] = typer.Option(None, help="Wei
         console.print(f"{k}: {v}")
 
 
+_signalled: list[int] = []
+
+
+def _stop_on_sigterm(main_pid: int) -> None:
+    """Take SIGTERM (a scheduler's or `kill`'s stop) like Ctrl-C, so a run folder is marked interrupted."""
+
+    def handler(signum, frame) -> None:
+        if os.getpid() != main_pid:  # a forked worker: die as usual, its parent handles the rest
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        _signalled.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _stop_on_sigterm(os.getpid())
     try:
         app()
     except MitobenchError as exc:
         err.print(f"[bold red]error:[/] {exc}")
         sys.exit(exc.exit_code)
+    except SystemExit:
+        if _signalled:  # click turned the interrupt into "Aborted!", exit 1; say which signal stopped us
+            sys.exit(128 + _signalled[0])
+        raise
 
 
 if __name__ == "__main__":

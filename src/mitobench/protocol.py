@@ -128,9 +128,9 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         run = RunDir(new_run_dir(config.runs_dir, config.model, config.method))
         save_config(config, run.path / "config.yaml")
         atomic_write_json(run.path / "environment.json", environment())
-        console.print(f"run folder: {run.path}")
+        console.print(f"run folder: {run.path}", soft_wrap=True)  # one line: a path to copy
     else:
-        console.print(f"resuming {run.path}")
+        console.print(f"resuming {run.path}", soft_wrap=True)
     run.set_status("running")
     try:
         fold_table = train[["image", "group", "domain", "label"]].assign(fold=folds)
@@ -175,7 +175,11 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
             raise MitobenchError("every fold failed; no results. See the messages above.")
         _finalise(run, config, ctx, results, absent, method, console, failed)
     except BaseException as exc:
-        run.set_status("failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", error=str(exc))
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        run.set_status("interrupted" if interrupted else "failed", error=str(exc))
+        if interrupted:
+            console.print(f"interrupted: finished folds and each fold's last epoch are kept; continue with "
+                          f"`mitobench run --resume {run.path}`", soft_wrap=True)
         raise
     complete_environment(run.path / "environment.json")
     ctx.timings["total_s"] = time.perf_counter() - t_start
