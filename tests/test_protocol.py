@@ -283,8 +283,10 @@ def test_sigkilled_finetune_run_resumes_to_the_same_numbers(fixture_root, tmp_pa
     pd.testing.assert_frame_equal(pd.read_csv(run / "predictions.csv"), pd.read_csv(reference / "predictions.csv"))
 
 
-def test_sigterm_marks_the_run_interrupted_and_says_how_to_resume(fixture_root, tmp_path):
-    """A scheduler's stop (SIGTERM) mid-fold: exit 143, status 'interrupted', the resume command printed."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_marks_the_run_interrupted_and_says_how_to_resume(fixture_root, tmp_path, sig):
+    """A scheduler's stop (SIGTERM) or Ctrl-C mid-fold: exit 128 + signal, status 'interrupted', the resume
+    command printed."""
     cfg_path = tmp_path / "ft.yaml"
     cfg_path.write_text(yaml.safe_dump({**FINETUNE_YAML, "data_root": str(fixture_root),
                                         "cache_dir": str(tmp_path / "cache")}))
@@ -298,14 +300,14 @@ def test_sigterm_marks_the_run_interrupted_and_says_how_to_resume(fixture_root, 
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no epoch finished in 300 s"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     (run,) = list(runs.iterdir())
-    assert proc.returncode == 128 + signal.SIGTERM, stderr.decode()
+    assert proc.returncode == 128 + sig, stderr.decode()
     assert RunDir(run).status()["state"] == "interrupted"
     assert f"run folder: {run}\n" in stderr.decode()  # whole paths on one line, whatever the width
     assert f"continue with `mitobench run --resume {run}`" in stderr.decode()

@@ -205,22 +205,25 @@ def models_check(key: str, weights: Optional[str] = typer.Option(None, help="Wei
 _signalled: list[int] = []
 
 
-def _stop_on_sigterm(main_pid: int) -> None:
-    """Take SIGTERM (a scheduler's or `kill`'s stop) like Ctrl-C, so a run folder is marked interrupted."""
+def _stop_on_signals(main_pid: int) -> None:
+    """Take SIGTERM (a scheduler's or `kill`'s stop) like Ctrl-C, so a run folder is marked interrupted,
+    and exit 128 + the signal's number as shells expect."""
 
     def handler(signum, frame) -> None:
         if os.getpid() != main_pid:  # a forked worker: die as usual, its parent handles the rest
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         _signalled.append(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        signal.signal(signal.SIGINT, handler)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _stop_on_sigterm(os.getpid())
+    _stop_on_signals(os.getpid())
     try:
         app()
     except MitobenchError as exc:
