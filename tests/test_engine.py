@@ -24,6 +24,7 @@ from mitobench.methods.mixup import mixup
 from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
 from mitobench.methods.presets import apply_preset
 from mitobench.models import cards as registry
+from mitobench.models.cards import VIT_LORA
 from mitobench.models.registry import ModelCard
 from mitobench.protocol import Context, load_sets, run_benchmark
 from mitobench.runs import RunDir
@@ -71,7 +72,7 @@ def tiny_vit_card(monkeypatch):
     registry.list_cards()
     card = ModelCard(key=TINY_VIT, family="test", arch="vit_tiny_patch16_224",
                      build_kwargs={"num_classes": 0, "img_size": 32}, input_size=32, embedding="pooled",
-                     lora_target=r".*\.(qkv|proj|fc1|fc2)$")
+                     lora_target=VIT_LORA)
     monkeypatch.setitem(registry._REGISTRY, TINY_VIT, card)
     return card
 
@@ -354,7 +355,7 @@ def test_lora_changes_only_adapters_and_head(fixture_root, tmp_path, tiny_vit_ca
 
 def test_lora_without_regex_is_a_clear_error(fixture_root, tmp_path):
     config = make_config(fixture_root, tmp_path, method="lora", model="timm/resnet10t")
-    with pytest.raises(MitobenchError, match="LoRA"):
+    with pytest.raises(MitobenchError, match="no LoRA target regex.*train.lora_targets"):
         TrainMethod(config)
     with pytest.raises(MitobenchError, match="LoRA"):
         run_benchmark(config, console=Console(file=io.StringIO()))
@@ -502,3 +503,27 @@ def test_apply_preset_keeps_explicit_options():
     assert apply_preset(load_config(None, {"method": "finetune"}), "paper").train.patience == 15
     with pytest.raises(MitobenchError, match="unknown preset"):
         apply_preset(load_config(None, {}), "turbo")
+
+
+def test_gpu_benchmark_lora_dropout_switch_restores_the_layers(fixture_root, tmp_path, tiny_vit_card):
+    """benchmarks/gpu_train.py times LoRA without dropout, then the reference with it: the switch must undo."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train.py"
+    spec = importlib.util.spec_from_file_location("gpu_train", path)
+    gpu_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_train)
+    method = TrainMethod(make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT, train={"img_size": 32}))
+    method.device = torch.device("cpu")
+    model = method._build()
+
+    def dropouts():
+        return [layer for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+                for layer in m.lora_dropout.values()]
+
+    before = dropouts()
+    assert len(before) == 4 * 12 and all(isinstance(d, torch.nn.Dropout) and d.p == 0.3 for d in before)
+    with gpu_train.without_lora_dropout(model) as n:
+        assert n == len(before) and all(isinstance(d, torch.nn.Identity) for d in dropouts())
+    assert all(a is b for a, b in zip(dropouts(), before))

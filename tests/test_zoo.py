@@ -108,14 +108,16 @@ def _intended(model: nn.Module, swin: bool) -> set[str]:
     return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and rx.fullmatch(n)}
 
 
-@pytest.mark.parametrize("key", [k for k in MY_KEYS if get_card(k).lora_target and "efficientnet" not in k])
+@pytest.mark.parametrize("key", [k for k in MY_KEYS if get_card(k).lora_target and "efficientnet" not in k]
+                         + ["timm/vit_small_patch16_224", "timm/swin_tiny_patch4_window7_224"])  # any timm ViT / Swin
 def test_lora_regex_matches_exactly_the_block_linears(key):
     card = get_card(key)
     model = meta_model(card)
     regex = re.compile(card.lora_target)
     hit = {n for n, _ in model.named_modules() if regex.fullmatch(n)}
-    intended = _intended(model, swin=key.startswith("swin"))
-    depth = sum(len(s.blocks) for s in model.layers) if key.startswith("swin") else len(model.blocks)
+    swin = "swin" in key
+    intended = _intended(model, swin=swin)
+    depth = sum(len(s.blocks) for s in model.layers) if swin else len(model.blocks)
     assert len(intended) == 4 * depth
     assert hit == intended
     assert "patch_embed.proj" not in hit

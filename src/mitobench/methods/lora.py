@@ -18,8 +18,9 @@ def prepare(model: nn.Module, config) -> nn.Module:
     card = model.backbone.card
     target = config.train.lora_targets or card.lora_target
     if not target:
-        raise MitobenchError(f"model {card.key!r} has no LoRA target regex in its card. Pass --lora-targets "
-                             "(a regex over module names, e.g. '.*\\.(qkv|proj|fc1|fc2)$') or use --method finetune.")
+        raise MitobenchError(f"model {card.key!r} has no LoRA target regex in its card. Set train.lora_targets, a regex "
+                             "over module names (e.g. --set 'train.lora_targets=.*blocks\\.\\d+\\.attn\\.qkv$'), "
+                             "or use --method finetune.")
     lora = LoraConfig(r=config.train.lora_r, lora_alpha=config.train.lora_alpha, lora_dropout=config.train.lora_dropout,
                       target_modules=target, bias="none")
     try:

