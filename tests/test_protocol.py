@@ -242,31 +242,43 @@ FINETUNE_YAML = {"method": "finetune", "n_boot": 200,
                  "train": {"epochs": 3, "img_size": 64, "batch_size": 8, "tta": False, "num_threads": 1}}
 
 
-@pytest.mark.slow
-def test_sigkilled_finetune_run_resumes_to_the_same_numbers(fixture_root, tmp_path, cli):
+def finetune_config_file(fixture_root, tmp_path) -> Path:
     cfg_path = tmp_path / "ft.yaml"
     cfg_path.write_text(yaml.safe_dump({**FINETUNE_YAML, "data_root": str(fixture_root),
                                         "cache_dir": str(tmp_path / "cache")}))
-    # uninterrupted reference, in this process
-    reference = run_benchmark(load_config(cfg_path, {"runs_dir": str(tmp_path / "ref")}), console=quiet())
+    return cfg_path
 
-    runs = tmp_path / "killed"
+
+def signal_run_once(cfg_path, runs: Path, tmp_path, ready: str, sig: int) -> tuple[int, str]:
+    """Start `mitobench run` in a subprocess, send ``sig`` once a file matching ``ready`` (under ``runs``)
+    exists; return the exit code and stderr."""
     env = {**os.environ, "MITOBENCH_QUIET": "1", "MITOBENCH_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "mitobench.cli", "run", "--config", str(cfg_path),
                              "--runs-dir", str(runs)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
-        while not list(runs.glob("*/folds/fold_*.npz")):
+        while not list(runs.glob(ready)):
             assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no fold finished in 300 s"
+            assert time.monotonic() < deadline, f"no {ready} in 300 s"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    return proc.returncode, stderr.decode()
+
+
+@pytest.mark.slow
+def test_sigkilled_finetune_run_resumes_to_the_same_numbers(fixture_root, tmp_path, cli):
+    cfg_path = finetune_config_file(fixture_root, tmp_path)
+    # uninterrupted reference, in this process
+    reference = run_benchmark(load_config(cfg_path, {"runs_dir": str(tmp_path / "ref")}), console=quiet())
+
+    runs = tmp_path / "killed"
+    returncode, _ = signal_run_once(cfg_path, runs, tmp_path, "*/folds/fold_*.npz", signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
     (run,) = list(runs.iterdir())
     done = sorted(p.name for p in (run / "folds").glob("fold_*.npz"))
     assert done and "fold_5.npz" not in done
@@ -287,30 +299,14 @@ def test_sigkilled_finetune_run_resumes_to_the_same_numbers(fixture_root, tmp_pa
 def test_stop_signal_marks_the_run_interrupted_and_says_how_to_resume(fixture_root, tmp_path, sig):
     """A scheduler's stop (SIGTERM) or Ctrl-C mid-fold: exit 128 + signal, status 'interrupted', the resume
     command printed."""
-    cfg_path = tmp_path / "ft.yaml"
-    cfg_path.write_text(yaml.safe_dump({**FINETUNE_YAML, "data_root": str(fixture_root),
-                                        "cache_dir": str(tmp_path / "cache")}))
     runs = tmp_path / "runs"
-    env = {**os.environ, "MITOBENCH_QUIET": "1", "MITOBENCH_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "mitobench.cli", "run", "--config", str(cfg_path),
-                             "--runs-dir", str(runs)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not list(runs.glob("*/folds/fold_1/last.pt")):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no epoch finished in 300 s"
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    returncode, stderr = signal_run_once(finetune_config_file(fixture_root, tmp_path), runs, tmp_path,
+                                         "*/folds/fold_1/last.pt", sig)
     (run,) = list(runs.iterdir())
-    assert proc.returncode == 128 + sig, stderr.decode()
+    assert returncode == 128 + sig, stderr
     assert RunDir(run).status()["state"] == "interrupted"
-    assert f"run folder: {run}\n" in stderr.decode()  # whole paths on one line, whatever the width
-    assert f"continue with `mitobench run --resume {run}`" in stderr.decode()
+    assert f"run folder: {run}\n" in stderr  # whole paths on one line, whatever the width
+    assert f"continue with `mitobench run --resume {run}`" in stderr
     assert not (run / "metrics.csv").exists()
 
 
