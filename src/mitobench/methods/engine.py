@@ -250,7 +250,7 @@ class TrainMethod:
                 state["history"].append({"epoch": state["epoch"], "val_ba": ba, "val_auroc": auc,
                                          "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
                 say(f"fold {fold} epoch {state['epoch']}/{cfg.epochs}: validation BA {ba:.4f}, AUROC {auc:.4f} "
-                    f"({time.perf_counter() - t0:.0f} s)")
+                    f"({state['history'][-1]['seconds']:.0f} s)")
                 if plateau is not None:
                     plateau.step(ba)
                 better = ba > state["best"] or (ba == state["best"] and auc > state["best_auc"])
