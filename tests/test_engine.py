@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from safetensors.torch import load_file
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 import mitobench.methods.losses as losses_mod
 from mitobench.config import load_config
 from mitobench.data.cache import PatchCache
 from mitobench.errors import MitobenchError
 from mitobench.methods.augment import PRESETS, AugmentConfig, BatchAugment, dihedral, geometric, hed_jitter
-from mitobench.methods.engine import TrainMethod
+from mitobench.methods.engine import TrainMethod, improves
 from mitobench.methods.losses import make_loss
 from mitobench.methods.mixup import mixup
 from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
@@ -86,8 +87,14 @@ def test_finetune_fold(fixture_root, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().err
     for h in result.info["history"]:
         assert f"fold 1 epoch {h['epoch']}/2: validation BA {h['val_ba']:.4f}, AUROC {h['val_auroc']:.4f}" in printed
-    assert set(result.probs) == {"validation", *ctx.holdouts}
+    assert set(result.probs) == {"validation", "validation_by_epoch", *ctx.holdouts}
     assert len(result.probs["validation"]) == len(va)
+    by_epoch = result.probs["validation_by_epoch"]  # one row per evaluated epoch, for analyses of the selection rule
+    assert by_epoch.shape == (2, len(va))
+    y_val = ctx.sets["AMi-Br-train"]["label"].to_numpy()[va]
+    for row, h in zip(by_epoch, result.info["history"]):
+        assert balanced_accuracy_score(y_val, row >= 0.5) == pytest.approx(h["val_ba"])
+        assert roc_auc_score(y_val, row) == pytest.approx(h["val_auroc"])
     for name in ctx.holdouts:
         p = result.probs[name]
         assert p.shape == (len(ctx.sets[name]),)
@@ -99,6 +106,43 @@ def test_finetune_fold(fixture_root, tmp_path, monkeypatch, capsys):
     assert len(weights) == len(method._build().state_dict())
     assert (scratch / "last.pt").is_file() and (scratch / "best.pt").is_file()
     assert not list(scratch.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("rule", ["auroc", "last"])
+def test_select_rule_keeps_its_epoch(fixture_root, tmp_path, rule):
+    """``train.select``: the kept weights are those of the best-AUROC epoch, or of the last epoch."""
+    scratch = tmp_path / "fold_1"
+    config = make_config(fixture_root, tmp_path, train={"epochs": 3, "select": rule})
+    method, ctx, va, result = fit_fold(config, scratch)
+    history = result.info["history"]
+    # best AUROC, ties broken by BA, the first of full ties
+    ranked = max(history, key=lambda h: (h["val_auroc"], h["val_ba"], -h["epoch"]))
+    expected = 3 if rule == "last" else ranked["epoch"]
+    assert result.info["best_epoch"] == expected
+    kept = history[expected - 1]
+    model = method._build()
+    model.load_state_dict(torch.load(scratch / "best.pt", weights_only=True))
+    p_val = method.predict(model, method.images["AMi-Br-train"][va], tta=False)
+    np.testing.assert_allclose(p_val, result.probs["validation_by_epoch"][expected - 1], rtol=0, atol=1e-6)
+    y_val = ctx.sets["AMi-Br-train"]["label"].to_numpy()[va]
+    assert roc_auc_score(y_val, p_val) == pytest.approx(kept["val_auroc"])
+    if rule == "last":
+        last = torch.load(scratch / "last.pt", weights_only=True)["model"]
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, last[key], rtol=0, atol=0, msg=key)
+
+
+def test_improves_follows_each_rule():
+    assert improves("ba", 0.8, 0.7, 0.79, 0.9) and not improves("ba", 0.79, 0.95, 0.8, 0.9)
+    assert improves("ba", 0.8, 0.91, 0.8, 0.9) and not improves("ba", 0.8, 0.9, 0.8, 0.9)
+    assert improves("auroc", 0.7, 0.91, 0.8, 0.9) and not improves("auroc", 0.9, 0.89, 0.8, 0.9)
+    assert improves("auroc", 0.81, 0.9, 0.8, 0.9) and not improves("auroc", 0.8, 0.9, 0.8, 0.9)
+    assert improves("last", 0.1, 0.1, 0.9, 0.9)
+
+
+def test_unknown_select_rule_is_a_clear_error(fixture_root, tmp_path):
+    with pytest.raises(MitobenchError, match="train.select 'best'.*ba, auroc, last"):
+        make_config(fixture_root, tmp_path, train={"select": "best"})
 
 
 def test_ema_averages_batchnorm_statistics(fixture_root, tmp_path):

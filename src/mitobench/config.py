@@ -50,6 +50,9 @@ class TrainConfig:
     freeze_norm_stats: bool = True  # ... and their BatchNorm statistics (False: batch statistics, as in training)
     patience: int = 15
     min_epochs: int = 0
+    # which epoch's weights a fold keeps, judged on the validation fold: ba (best BA, ties by AUROC; the paper's),
+    # auroc (best AUROC, ties by BA), last (the last epoch: no selection, no early stopping)
+    select: str = "ba"
     sampler: str = "weighted"  # weighted | shuffle
     loss: str = "bce"  # bce | weighted_bce | focal
     focal_gamma: float = 2.0
@@ -99,6 +102,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+SELECT_RULES = ("ba", "auroc", "last")
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
                                        "None": (type(None),), "list[float]": (list,), "list[str]": (list,)}
@@ -169,6 +174,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise MitobenchError(f"unknown method {config.method!r}: use probe, finetune or lora")
     if config.threshold not in ("fixed", "validation"):
         raise MitobenchError(f"unknown threshold mode {config.threshold!r}: use fixed or validation")
+    if config.train.select not in SELECT_RULES:
+        raise MitobenchError(f"unknown train.select {config.train.select!r}: use one of {', '.join(SELECT_RULES)}")
     if config.train.mixup is not None and not config.train.mixup > 0:
         raise MitobenchError(f"train.mixup={config.train.mixup!r}: mixup needs a Beta concentration above 0 "
                              "(0.2-0.4 is usual); leave it unset (null) for no mixup.")

@@ -79,6 +79,15 @@ def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay:
     return list(groups.values())
 
 
+def improves(rule: str, ba: float, auc: float, best_ba: float, best_auc: float) -> bool:
+    """Does this epoch replace the kept one under the ``train.select`` rule?"""
+    if rule == "last":
+        return True
+    if rule == "auroc":
+        return auc > best_auc or (auc == best_auc and ba > best_ba)
+    return ba > best_ba or (ba == best_ba and auc > best_auc)
+
+
 class TrainMethod:
     """``--method finetune`` or ``--method lora`` with any registry backbone."""
 
@@ -183,6 +192,7 @@ class TrainMethod:
                                                   use_buffers=True) if cfg.ema else None
 
         state = {"epoch": 0, "best": -1.0, "best_auc": -1.0, "best_epoch": 0, "since": 0, "history": []}
+        val_by_epoch: list[np.ndarray] = []  # every evaluated epoch's validation probabilities (selection analyses)
         ckpt = scratch / "last.pt"
         best_path = scratch / "best.pt"
         if ckpt.is_file():  # resume inside the fold
@@ -199,6 +209,7 @@ class TrainMethod:
             gen.set_state(saved["gen_rng"])
             torch.set_rng_state(saved["torch_rng"])
             state = json.loads(saved["state"])
+            val_by_epoch = list(saved["val_by_epoch"].numpy()) if "val_by_epoch" in saved else []
             say(f"fold {fold}: resumed after epoch {state['epoch']}")
 
         weights = torch.as_tensor(1.0 / np.bincount(y_tr, minlength=2)[y_tr], dtype=torch.double)
@@ -247,14 +258,14 @@ class TrainMethod:
                 p_val = self.predict(eval_model, x_val, tta=False)
                 ba = float(balanced_accuracy_score(y_val, p_val >= 0.5))
                 auc = float(roc_auc_score(y_val, p_val))
+                val_by_epoch.append(p_val.astype(np.float32))
                 state["history"].append({"epoch": state["epoch"], "val_ba": ba, "val_auroc": auc,
                                          "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
                 say(f"fold {fold} epoch {state['epoch']}/{cfg.epochs}: validation BA {ba:.4f}, AUROC {auc:.4f} "
                     f"({state['history'][-1]['seconds']:.0f} s)")
                 if plateau is not None:
                     plateau.step(ba)
-                better = ba > state["best"] or (ba == state["best"] and auc > state["best_auc"])
-                if better and state["epoch"] >= cfg.min_epochs:
+                if improves(cfg.select, ba, auc, state["best"], state["best_auc"]) and state["epoch"] >= cfg.min_epochs:
                     state.update(best=ba, best_auc=auc, best_epoch=state["epoch"], since=0)
                     self._atomic_torch_save({k: v.detach().cpu() for k, v in eval_model.state_dict().items()}, best_path)
                 elif state["epoch"] >= cfg.min_epochs:
@@ -264,12 +275,16 @@ class TrainMethod:
                                      "plateau": plateau.state_dict() if plateau is not None else {},
                                      **({"ema": ema.state_dict()} if ema is not None else {}),
                                      "aug_rng": augment.state(), "gen_rng": gen.get_state(),
-                                     "torch_rng": torch.get_rng_state(), "state": json.dumps(state)}, ckpt)
+                                     "torch_rng": torch.get_rng_state(), "state": json.dumps(state),
+                                     **({"val_by_epoch": torch.from_numpy(np.stack(val_by_epoch))} if val_by_epoch else {})},
+                                    ckpt)
 
         final = ema.module if ema is not None else model
         final.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
         self.module.save(final, scratch)
         probs = {"validation": self.predict(final, x_val, cfg.tta)}
+        if val_by_epoch:  # rows follow info["history"]; no TTA
+            probs["validation_by_epoch"] = np.stack(val_by_epoch)
         for name in ctx.holdouts:
             probs[name] = self.predict(final, self.images[name], cfg.tta)
         info = {"best_epoch": state["best_epoch"], "best_val_ba": state["best"], "epochs_run": state["epoch"],
