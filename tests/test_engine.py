@@ -140,6 +140,47 @@ def test_improves_follows_each_rule():
     assert improves("last", 0.1, 0.1, 0.9, 0.9)
 
 
+def load_benchmark_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_selection_rule_check_reads_a_run_and_agrees_with_the_engine(fixture_root, tmp_path, capsys):
+    """benchmarks/selection_rules.py: picks epochs with the engine's rules and tie-breaks, on validation only."""
+    rules = load_benchmark_script("selection_rules")
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # coarse values, so ties happen
+        ba, auc = rng.integers(0, 4, 6) / 4, rng.integers(0, 4, 6) / 4
+        for rule in ("ba", "auroc", "last"):
+            kept, best_ba, best_auc = 0, -1.0, -1.0
+            for i in range(6):
+                if improves(rule, ba[i], auc[i], best_ba, best_auc):
+                    kept, best_ba, best_auc = i, ba[i], auc[i]
+            assert rules.pick(rule, ba, auc) == kept, (rule, ba, auc)
+
+    run = run_benchmark(make_config(fixture_root, tmp_path, train={"epochs": 3, "img_size": 32}),
+                        console=Console(file=io.StringIO()))
+    rules.main([str(run), "--splits", "5", "--min-per-class", "1"])
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in table.splitlines() if line.startswith("| ")}
+    assert {"ba", "auroc", "last"} <= set(rows)
+    for rule in ("ba", "auroc", "last"):
+        mean_ba = float(rows[rule][0].split("+-")[0])
+        assert 0 <= mean_ba <= 1 and 1 <= float(rows[rule][2]) <= 3
+    assert float(rows["last"][2]) == 3.0
+
+    (run / "folds" / "fold_2.npz").unlink()
+    RunDir(run).save_fold(2, {"validation": np.zeros(3)}, {"history": []})  # a fold without per-epoch probabilities
+    with pytest.raises(SystemExit, match="fold_2.npz has no per-epoch validation probabilities"):
+        rules.main([str(run), "--splits", "5", "--min-per-class", "1"])
+
+
 def test_unknown_select_rule_is_a_clear_error(fixture_root, tmp_path):
     with pytest.raises(MitobenchError, match="train.select 'best'.*ba, auroc, last"):
         make_config(fixture_root, tmp_path, train={"select": "best"})
@@ -551,13 +592,7 @@ def test_apply_preset_keeps_explicit_options():
 
 def test_gpu_benchmark_lora_dropout_switch_restores_the_layers(fixture_root, tmp_path, tiny_vit_card):
     """benchmarks/gpu_train.py times LoRA without dropout, then the reference with it: the switch must undo."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train.py"
-    spec = importlib.util.spec_from_file_location("gpu_train", path)
-    gpu_train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_train)
+    gpu_train = load_benchmark_script("gpu_train")
     method = TrainMethod(make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT, train={"img_size": 32}))
     method.device = torch.device("cpu")
     model = method._build()
