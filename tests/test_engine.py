@@ -197,6 +197,44 @@ def test_ema_averages_batchnorm_statistics(fixture_root, tmp_path):
     assert all(torch.isfinite(v.float()).all() for v in kept.values())
 
 
+def test_dropout_and_stochastic_depth_reach_the_model(fixture_root, tmp_path):
+    """train.dropout sits before the head; train.drop_path is timm's per-block stochastic depth (0 at the stem,
+    rising to the rate at the last block); both act in training only."""
+    method = TrainMethod(make_config(fixture_root, tmp_path, train={"dropout": 0.2, "drop_path": 0.1}))
+    method.device = torch.device("cpu")
+    model = method._build()
+    assert model.dropout.p == 0.2
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and 0 < max(rates) <= 0.1
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not torch.equal(model.train()(x), model.train()(x))
+        assert torch.equal(model.eval()(x), model.eval()(x))
+    plain = TrainMethod(make_config(fixture_root, tmp_path))
+    plain.device = torch.device("cpu")
+    plain_model = plain._build()
+    assert plain_model.dropout.p == 0
+    assert not [m for m in plain_model.modules() if type(m).__name__ == "DropPath"]
+
+
+@pytest.mark.parametrize("option,rate", [("dropout", 1.0), ("drop_path", -0.1)])
+def test_drop_rates_must_be_probabilities(fixture_root, tmp_path, option, rate):
+    with pytest.raises(MitobenchError, match=f"train.{option}"):
+        make_config(fixture_root, tmp_path, train={option: rate})
+
+
+def test_model_without_stochastic_depth_is_a_clear_error(monkeypatch):
+    from mitobench.models.registry import create_backbone
+
+    registry.list_cards()
+    card = ModelCard(key="test/no-drop-path", family="test", arch="plain", builder=lambda: torch.nn.Flatten(),
+                     input_size=32, embedding="pooled")
+    monkeypatch.setitem(registry._REGISTRY, card.key, card)
+    with pytest.raises(MitobenchError, match="test/no-drop-path.*train.drop_path"):
+        create_backbone(card.key, pretrained=False, drop_path=0.1)
+
+
 def test_finetune_trains_every_weight(fixture_root, tmp_path):
     method = TrainMethod(make_config(fixture_root, tmp_path))
     method.device = torch.device("cpu")

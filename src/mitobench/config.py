@@ -72,6 +72,8 @@ class TrainConfig:
     num_threads: int | None = None
     ema: float | None = None  # exponential moving average of weights, selected on the validation fold
     mixup: float | None = None  # Beta(alpha, alpha) mixup of images and targets (methods/mixup.py); None: off
+    dropout: float = 0.0  # dropout before the classification head
+    drop_path: float = 0.0  # stochastic depth of the backbone's residual blocks (timm's drop_path_rate)
 
 
 @dataclass
@@ -179,6 +181,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if config.train.mixup is not None and not config.train.mixup > 0:
         raise MitobenchError(f"train.mixup={config.train.mixup!r}: mixup needs a Beta concentration above 0 "
                              "(0.2-0.4 is usual); leave it unset (null) for no mixup.")
+    for name in ("dropout", "drop_path"):
+        rate = getattr(config.train, name)
+        if not 0 <= rate < 1:
+            raise MitobenchError(f"train.{name}={rate!r}: a drop rate is a probability in [0, 1) (0.1-0.2 is usual; 0: off)")
     return config
 
 

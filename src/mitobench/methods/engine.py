@@ -114,10 +114,11 @@ class TrainMethod:
     def _build(self) -> Classifier:
         from mitobench.models.registry import create_backbone
 
-        backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download)
+        backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download,
+                                   drop_path=self.config.train.drop_path)
         self.pretrained = backbone.pretrained
         match_input_size(backbone, self.config.train.img_size)
-        model = Classifier(backbone)
+        model = Classifier(backbone, dropout=self.config.train.dropout)
         if self.config.train.grad_checkpointing and hasattr(backbone.model, "set_grad_checkpointing"):
             backbone.model.set_grad_checkpointing(True)
         model = self.module.prepare(model, self.config)

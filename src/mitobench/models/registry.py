@@ -92,9 +92,11 @@ class Backbone(nn.Module):
         return self.forward_features(x)
 
 
-def build_model(card: ModelCard, num_classes: int = 0) -> nn.Module:
-    """The card's architecture with random weights, offline."""
+def build_model(card: ModelCard, num_classes: int = 0, drop_path: float = 0.0) -> nn.Module:
+    """The card's architecture with random weights, offline. ``drop_path``: stochastic depth (training)."""
     kwargs = {k: resolve_lazy(v) for k, v in card.build_kwargs.items()}
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
     if card.builder is not None:
         return card.builder(**kwargs)
     import timm
@@ -104,7 +106,7 @@ def build_model(card: ModelCard, num_classes: int = 0) -> nn.Module:
 
 
 def create_backbone(key: str, weights: str | Path | None = None, pretrained: bool = True,
-                    allow_download: bool = False) -> Backbone:
+                    allow_download: bool = False, drop_path: float = 0.0) -> Backbone:
     """Build ``key`` and load its weights.
 
     Order: ``weights`` (a file or a Hugging Face snapshot folder) -> weights shipped by a package ->
@@ -112,7 +114,13 @@ def create_backbone(key: str, weights: str | Path | None = None, pretrained: boo
     is random init, and ``Backbone.pretrained`` says so.
     """
     card = get_card(key)
-    model = build_model(card)
+    try:
+        model = build_model(card, drop_path=drop_path)
+    except TypeError as exc:
+        if not drop_path:
+            raise
+        raise MitobenchError(f"model {key!r} does not take a stochastic-depth rate (train.drop_path={drop_path}): "
+                             "set train.drop_path to 0 for this model") from exc
     weights_id, source = "random-init", "random init (no weights file given)"
     if weights is not None:
         from mitobench.models.weights import load_weights_strict
