@@ -181,6 +181,30 @@ def test_selection_rule_check_reads_a_run_and_agrees_with_the_engine(fixture_roo
         rules.main([str(run), "--splits", "5", "--min-per-class", "1"])
 
 
+def test_threshold_check_reads_a_run_and_scores_on_the_other_half(fixture_root, tmp_path, capsys):
+    """benchmarks/threshold_rules.py: a threshold chosen on one half of the validation slides, scored on the other."""
+    thresholds = load_benchmark_script("threshold_rules")
+    run = run_benchmark(make_config(fixture_root, tmp_path, method="probe"), console=Console(file=io.StringIO()))
+    thresholds.main([str(run), "--splits", "5", "--min-per-class", "1"])
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith("| `")}
+    assert {"fixed", "validation"} <= set(rows)
+    assert float(rows["fixed"][1]) == 0.5
+    assert all(0 <= float(rows[mode][0].split("+-")[0]) <= 1 for mode in ("fixed", "validation"))
+
+    # perfectly ranked but all above 0.5: the fixed threshold calls everything atypical, a chosen one separates
+    folds = pd.read_csv(run / "folds.csv")
+    labels = folds.loc[folds["fold"] == 1, "label"].to_numpy()
+    (run / "folds" / "fold_1.npz").unlink()
+    RunDir(run).save_fold(1, {"validation": 0.6 + 0.3 * labels}, {"history": []})
+    scores = thresholds.fold_scores(run, 1, folds, n_splits=5, seed=0, min_per_class=1)
+    assert scores["fixed"]["ba"] == 0.5 and scores["validation"]["ba"] == 1.0
+
+    RunDir(run).save_fold(1, {"validation": np.zeros(3)}, {"history": []})
+    with pytest.raises(SystemExit, match="fold 1: 3 validation probabilities"):
+        thresholds.main([str(run), "--splits", "5", "--min-per-class", "1"])
+
+
 def test_unknown_select_rule_is_a_clear_error(fixture_root, tmp_path):
     with pytest.raises(MitobenchError, match="train.select 'best'.*ba, auroc, last"):
         make_config(fixture_root, tmp_path, train={"select": "best"})
