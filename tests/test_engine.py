@@ -19,7 +19,7 @@ from mitobench.config import load_config
 from mitobench.data.cache import PatchCache
 from mitobench.errors import MitobenchError
 from mitobench.methods.augment import PRESETS, AugmentConfig, BatchAugment, dihedral, geometric, hed_jitter
-from mitobench.methods.engine import TrainMethod, improves
+from mitobench.methods.engine import TrainMethod, centre_crop, improves
 from mitobench.methods.losses import make_loss
 from mitobench.methods.mixup import mixup
 from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
@@ -130,6 +130,53 @@ def test_select_rule_keeps_its_epoch(fixture_root, tmp_path, rule):
         last = torch.load(scratch / "last.pt", weights_only=True)["model"]
         for key, value in model.state_dict().items():
             torch.testing.assert_close(value, last[key], rtol=0, atol=0, msg=key)
+
+
+def test_centre_crop_keeps_the_middle():
+    images = torch.arange(8 * 8, dtype=torch.uint8).view(1, 8, 8, 1).expand(2, 8, 8, 3)
+    assert centre_crop(images, 1.0) is images
+    middle = centre_crop(images, 0.5)
+    assert middle.shape == (2, 4, 4, 3)
+    assert torch.equal(middle[0, :, :, 0], images[0, 2:6, 2:6, 0])
+
+
+def test_tta_crops_average_every_view(fixture_root, tmp_path):
+    """With tta_crops, the probability is the mean over 8 dihedral views of each centre crop, resized."""
+    method = TrainMethod(make_config(fixture_root, tmp_path, train={"img_size": 32}))
+    method.device = torch.device("cpu")
+    method.prepare(make_context(method.config))
+    model = method._build()
+    images = method.images["AMi-Br-train"][:6]
+    per_crop = []
+    for crops in ([1.0], [0.5]):
+        method.config.train.tta_crops = crops
+        per_crop.append(method.predict(model, images, tta=True))
+    method.config.train.tta_crops = [1.0, 0.5]
+    both = method.predict(model, images, tta=True)
+    np.testing.assert_allclose(both, np.mean(per_crop, axis=0), rtol=0, atol=1e-6)
+    assert not np.allclose(per_crop[0], per_crop[1])
+    without_tta = method.predict(model, images, tta=False)  # crops [1.0, 0.5] set, but TTA off: the whole patch only
+    method.config.train.tta_crops = [1.0]
+    assert np.array_equal(without_tta, method.predict(model, images, tta=False))
+
+
+@pytest.mark.parametrize("crops", [[], [1.2], [0.0, 1.0]])
+def test_tta_crops_must_be_fractions(fixture_root, tmp_path, crops):
+    with pytest.raises(MitobenchError, match="train.tta_crops"):
+        make_config(fixture_root, tmp_path, train={"tta_crops": crops})
+
+
+def test_tta_view_check_reproduces_a_run_and_adds_views(fixture_root, tmp_path, capsys):
+    """benchmarks/tta_views.py: --crops 1.0 re-predicts the run's own validation probabilities; more crops change them."""
+    views = load_benchmark_script("tta_views")
+    config = make_config(fixture_root, tmp_path, train={"epochs": 1, "img_size": 32, "tta": True})
+    run = run_benchmark(config, console=Console(file=io.StringIO()))
+    for fold in views.validation_predictions(run, [1.0]).values():
+        np.testing.assert_allclose(fold["new"], fold["recorded"], rtol=0, atol=1e-6)
+    views.main([str(run), "--crops", "1.0", "0.75"])
+    table = capsys.readouterr().out
+    assert "8 dihedral x crops [1.0, 0.75]" in table
+    assert float(table.split("recorded and a re-predicted probability: ")[1].rstrip().rstrip(".")) > 0
 
 
 def test_improves_follows_each_rule():

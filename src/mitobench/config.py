@@ -64,6 +64,8 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = True
     tta: bool = False  # 8 dihedral views at evaluation
+    # with tta: each view also of the patch's central fraction (1.0: the whole patch), resized to the input size
+    tta_crops: list[float] = field(default_factory=lambda: [1.0])
     eval_every: int = 1
     lora_r: int = 8
     lora_alpha: int = 16
@@ -181,6 +183,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if config.train.mixup is not None and not config.train.mixup > 0:
         raise MitobenchError(f"train.mixup={config.train.mixup!r}: mixup needs a Beta concentration above 0 "
                              "(0.2-0.4 is usual); leave it unset (null) for no mixup.")
+    if not config.train.tta_crops or not all(0 < c <= 1 for c in config.train.tta_crops):
+        raise MitobenchError(f"train.tta_crops={config.train.tta_crops!r}: give fractions of the patch side in (0, 1] "
+                             "kept around the centre, e.g. [1.0, 0.875]; [1.0] is the whole patch only.")
     for name in ("dropout", "drop_path"):
         rate = getattr(config.train, name)
         if not 0 <= rate < 1:

@@ -53,6 +53,16 @@ def match_input_size(backbone, size: int) -> None:
         model.set_input_size(img_size=(size, size))
 
 
+def centre_crop(images: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The central ``fraction`` of each side of uint8 ``(B, H, W, 3)`` patches (the mitotic figure is centred)."""
+    if fraction >= 1:
+        return images
+    h, w = images.shape[1:3]
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return images[:, top:top + ch, left:left + cw]
+
+
 def _method_module(name: str):
     from mitobench.methods import finetune, lora
 
@@ -133,17 +143,20 @@ class TrainMethod:
         model.eval()
         size = self.config.train.img_size
         views = range(8) if tta else range(1)
+        crops = self.config.train.tta_crops if tta else [1.0]
         out = []
         amp = self.device.type == "cuda"
         for start in range(0, len(images), batch_size):
-            x = model.backbone.preprocess(images[start:start + batch_size].to(self.device), size)
-            if self.config.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits = 0
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                for k in views:
-                    logits = logits + torch.sigmoid(model(dihedral(x, k)).float())
-            out.append((logits / len(views)).cpu().numpy())
+            raw = images[start:start + batch_size].to(self.device)
+            probs = 0
+            for crop in crops:
+                x = model.backbone.preprocess(centre_crop(raw, crop), size)
+                if self.config.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                    for k in views:
+                        probs = probs + torch.sigmoid(model(dihedral(x, k)).float())
+            out.append((probs / (len(views) * len(crops))).cpu().numpy())
         return np.concatenate(out)
 
     # -- training ----------------------------------------------------------------------------------
