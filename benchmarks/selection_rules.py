@@ -84,8 +84,10 @@ def fold_table(run: Path, fold: int, frame: pd.DataFrame, min_epochs: int, n_spl
     return {rule: {k: float(np.mean(v)) for k, v in values.items()} for rule, values in out.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def split_half_run(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, dict, pd.DataFrame, list[int]]:
+    """The command line of a split-half check (RUN_DIR, --splits, --min-per-class, --append) and the run it names:
+    its config, its fold table and its finished folds."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
     parser.add_argument("--splits", type=int, default=200, help="random slide-grouped halvings per fold")
     parser.add_argument("--min-per-class", type=int, default=10, help="atypical and normal figures on each half, at least")
@@ -95,7 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     frame = pd.read_csv(args.run / "folds.csv")
     folds = sorted(int(p.stem.split("_")[1]) for p in (args.run / "folds").glob("fold_*.npz"))
     if not folds:
-        raise SystemExit(f"{args.run}: no finished folds (folds/fold_k.npz); is this a fine-tuning run folder?")
+        raise SystemExit(f"{args.run}: no finished folds (folds/fold_k.npz); is this a run folder?")
+    return args, config, frame, folds
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, config, frame, folds = split_half_run(__doc__, argv)
     min_epochs = config["train"]["min_epochs"]
     per_fold = {f: fold_table(args.run, f, frame, min_epochs, args.splits, config["seed"], args.min_per_class) for f in folds}
     rows = ["| rule (`train.select`) | BA on the other half, fold mean +- SD | AUROC on the other half | mean kept epoch | BA per fold |",

@@ -13,18 +13,16 @@ Usage: .venv/bin/python benchmarks/threshold_rules.py RUN_DIR [--splits 200] [--
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from sklearn.metrics import balanced_accuracy_score
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results  # noqa: E402
-from selection_rules import split_halves  # noqa: E402
+from selection_rules import split_half_run, split_halves  # noqa: E402
 
 from mitobench.protocol import best_threshold  # noqa: E402
 
@@ -56,17 +54,7 @@ def fold_scores(run: Path, fold: int, frame: pd.DataFrame, n_splits: int, seed: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--splits", type=int, default=200, help="random slide-grouped halvings per fold")
-    parser.add_argument("--min-per-class", type=int, default=10, help="atypical and normal figures on each half, at least")
-    parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
-    args = parser.parse_args(argv)
-    config = yaml.safe_load((args.run / "config.yaml").read_text())
-    frame = pd.read_csv(args.run / "folds.csv")
-    folds = sorted(int(p.stem.split("_")[1]) for p in (args.run / "folds").glob("fold_*.npz"))
-    if not folds:
-        raise SystemExit(f"{args.run}: no finished folds (folds/fold_k.npz); is this a run folder?")
+    args, config, frame, folds = split_half_run(__doc__, argv)
     per_fold = {f: fold_scores(args.run, f, frame, args.splits, config["seed"], args.min_per_class) for f in folds}
     rows = ["| `threshold` | BA on the other half, fold mean +- SD | mean threshold | BA per fold |", "|---|---|---|---|"]
     for mode in MODES:
