@@ -1,7 +1,8 @@
 """Do more test-time views help a finished fine-tuning run? Re-predict each validation fold with the run's own
 fold models and ``train.tta_crops`` set to ``--crops``, and compare with the run's recorded validation
 predictions (its own TTA). Only the validation folds are predicted, never a hold-out set, so the result may
-choose a recipe. With ``--crops 1.0`` it reproduces the run's validation probabilities (a self-check).
+choose a recipe. With ``--crops 1.0`` it reproduces the run's validation probabilities (a self-check): exactly
+for a CPU run; for a run made on CUDA (bf16 autocast) within bf16 rounding, as this script predicts in fp32 on the CPU.
 
 Usage: MITOBENCH_DATA=../shared/data .venv/bin/python benchmarks/tta_views.py RUN_DIR [--crops 1.0 0.875] [--append]
 """

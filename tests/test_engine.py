@@ -171,8 +171,10 @@ def test_tta_view_check_reproduces_a_run_and_adds_views(fixture_root, tmp_path, 
     views = load_benchmark_script("tta_views")
     config = make_config(fixture_root, tmp_path, train={"epochs": 1, "img_size": 32, "tta": True})
     run = run_benchmark(config, console=Console(file=io.StringIO()))
+    # the script re-predicts in fp32 on the CPU; a run made on CUDA predicted under bf16 autocast (rounding ~1e-3)
+    atol = 5e-3 if torch.cuda.is_available() else 1e-6
     for fold in views.validation_predictions(run, [1.0]).values():
-        np.testing.assert_allclose(fold["new"], fold["recorded"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(fold["new"], fold["recorded"], rtol=0, atol=atol)
     views.main([str(run), "--crops", "1.0", "0.75"])
     table = capsys.readouterr().out
     rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "views" not in line]
@@ -266,7 +268,7 @@ def test_ema_averages_batchnorm_statistics(fixture_root, tmp_path):
     start = method._build().state_dict()
     kept = load_file(str(scratch / "model.safetensors"))
     means = [k for k in kept if k.endswith("running_mean")]
-    assert means and any(not torch.equal(kept[k], start[k]) for k in means)
+    assert means and any(not torch.equal(kept[k], start[k].cpu()) for k in means)  # built on CUDA where there is one
     assert all(torch.isfinite(v.float()).all() for v in kept.values())
 
 
