@@ -46,6 +46,8 @@ def run(
     dtype: Optional[str] = typer.Option(None, help="Embedding dtype: auto (card's on GPU, float32 on CPU) | float32 | bfloat16 | float16."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="8-view dihedral test-time augmentation (training methods)."),
     allow_download: Optional[bool] = typer.Option(None, "--allow-download/--offline", help="Allow Hugging Face downloads."),
+    fold_workers: Optional[int] = typer.Option(None, "--fold-workers", help="finetune/lora: train this many folds at "
+                                               "once in worker processes sharing the CPU cores (default 1)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume an interrupted run folder."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any option as key=value (YAML value), e.g. "
                                              "--set train.lr=3e-4 --set train.lora_targets='.*qkv$'. Repeatable."),
@@ -60,7 +62,8 @@ def run(
         overrides = {"data_root": data_root, "model": model, "weights": weights, "method": method,
                      "train.preset": preset, "train.epochs": epochs, "probe.head": probe_head, "threshold": threshold,
                      "datasets": list(dataset) if dataset else None, "dedup": dedup, "runs_dir": runs_dir,
-                     "cache_dir": cache_dir, "device": device, "dtype": dtype, "train.tta": tta, "allow_download": allow_download}
+                     "cache_dir": cache_dir, "device": device, "dtype": dtype, "train.tta": tta, "allow_download": allow_download,
+                     "fold_workers": fold_workers}
         for item in set_ or []:
             import yaml
 

@@ -94,6 +94,9 @@ class RunConfig:
     # CPU embedding in this many single-threaded worker processes (faster than threads on a small CPU);
     # None: one per CPU core, 1: in this process
     embed_workers: int | None = None
+    # finetune/lora: train this many folds at once, each in its own process with a share of the CPU cores
+    # (small CNNs train faster as k one-thread processes than as one k-thread process); 1: one fold at a time
+    fold_workers: int = 1
     device: str = "auto"
     dtype: str = "auto"  # auto: the card's dtype on CUDA, float32 on CPU
     datasets: list[str] = field(default_factory=list)  # extra hold-out sets: class folders or CSVs
@@ -186,6 +189,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if not config.train.tta_crops or not all(0 < c <= 1 for c in config.train.tta_crops):
         raise MitobenchError(f"train.tta_crops={config.train.tta_crops!r}: give fractions of the patch side in (0, 1] "
                              "kept around the centre, e.g. [1.0, 0.875]; [1.0] is the whole patch only.")
+    if config.fold_workers < 1:
+        raise MitobenchError(f"fold_workers={config.fold_workers!r}: give how many folds train at once (1: one at a time)")
+    if config.fold_workers > 1 and config.method == "probe":
+        raise MitobenchError("fold_workers is for --method finetune or lora; the probe already fits its folds in "
+                             "parallel (probe.workers).")
     for name in ("dropout", "drop_path"):
         rate = getattr(config.train, name)
         if not 0 <= rate < 1:

@@ -107,6 +107,41 @@ def load_sets(config: RunConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
     return sets, absent
 
 
+def build_context(config: RunConfig, sets: dict[str, pd.DataFrame], folds: np.ndarray) -> Context:
+    """The decoded patches of every set (from the patch cache) and the folds: what a method sees."""
+    t0 = time.perf_counter()
+    cache = PatchCache(default_cache_dir(config), config.patch_size)
+    patches, keys = {}, {}
+    for name, frame in sets.items():
+        patches[name], keys[name] = cache.load(frame, name)
+    holdouts = [n for n in sets if n != "AMi-Br-train"]
+    ctx = Context(config, sets, patches, keys, folds, default_cache_dir(config), holdouts)
+    ctx.timings["decode_s"] = time.perf_counter() - t0
+    return ctx
+
+
+def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Console) -> tuple[FoldResult | None, str]:
+    """Train and predict one fold and save it in the run folder; a failed fold (e.g. a NaN loss) is saved as
+    failed, said so, and returned as ``(None, why)`` so the other folds go on."""
+    config, folds = ctx.config, ctx.folds
+    val_idx, train_idx = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
+    t_fold = time.perf_counter()
+    try:
+        result = method.fit_predict(fold, train_idx, val_idx, ctx, run.scratch(fold))
+    except FoldFailedError as exc:
+        console.print(f"[bold red]fold {fold} FAILED:[/] {exc}")
+        run.save_fold(fold, {}, {"failed": str(exc)})
+        (run.scratch(fold) / "last.pt").unlink(missing_ok=True)  # a resume retries it from scratch
+        return None, str(exc)
+    val_labels = ctx.sets["AMi-Br-train"]["label"].to_numpy()[val_idx]
+    result.info["threshold"] = (best_threshold(val_labels, result.probs["validation"])
+                                if config.threshold == "validation" else 0.5)
+    result.info["seconds"] = time.perf_counter() - t_fold
+    run.save_fold(fold, result.probs, result.info)
+    console.print(f"fold {fold}/{config.n_folds} done in {result.info['seconds']:.1f}s")
+    return result, ""
+
+
 def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = None,
                   console: Console | None = None) -> Path:
     """Run (or resume) the protocol; return the run folder."""
@@ -138,39 +173,37 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         for name in absent:
             console.print(f"[yellow]hold-out set {name} is ABSENT under the data root: it will not be evaluated[/]")
 
-        t0 = time.perf_counter()
-        cache = PatchCache(default_cache_dir(config), config.patch_size)
-        patches, keys = {}, {}
-        for name, frame in sets.items():
-            patches[name], keys[name] = cache.load(frame, name)
-        holdouts = [n for n in sets if n != "AMi-Br-train"]
-        ctx = Context(config, sets, patches, keys, folds, default_cache_dir(config), holdouts)
-        ctx.timings["decode_s"] = time.perf_counter() - t0
+        ctx = build_context(config, sets, folds)
         method.prepare(ctx)
         results: dict[int, FoldResult] = {}
         failed: dict[int, str] = {}
+        pending = []
         for fold in range(1, config.n_folds + 1):
             saved = run.load_fold(fold)
             if saved is not None and not saved[1].get("failed"):
                 results[fold] = FoldResult(*saved)
-                continue
-            val_idx, train_idx = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
-            t_fold = time.perf_counter()
-            try:
-                result = method.fit_predict(fold, train_idx, val_idx, ctx, run.scratch(fold))
-            except FoldFailedError as exc:  # e.g. a NaN loss: say so, keep the other folds
-                console.print(f"[bold red]fold {fold} FAILED:[/] {exc}")
-                run.save_fold(fold, {}, {"failed": str(exc)})
-                (run.scratch(fold) / "last.pt").unlink(missing_ok=True)  # a resume retries it from scratch
-                failed[fold] = str(exc)
-                continue
-            val_labels = train["label"].to_numpy()[val_idx]
-            result.info["threshold"] = (best_threshold(val_labels, result.probs["validation"])
-                                        if config.threshold == "validation" else 0.5)
-            result.info["seconds"] = time.perf_counter() - t_fold
-            run.save_fold(fold, result.probs, result.info)
-            results[fold] = result
-            console.print(f"fold {fold}/{config.n_folds} done in {result.info['seconds']:.1f}s")
+            else:
+                pending.append(fold)
+        if config.fold_workers > 1 and len(pending) > 1:
+            from mitobench.fold_workers import run_folds
+
+            run_folds(run, pending, config.fold_workers, config.train.num_threads, console)
+            for fold in pending:
+                probs, info = run.load_fold(fold) or ({}, {"failed": "its worker saved no result"})
+                if info.get("failed"):
+                    failed[fold] = info["failed"]
+                else:
+                    results[fold] = FoldResult(probs, info)
+        else:
+            for fold in pending:
+                result, error = fit_fold(method, ctx, run, fold, console)
+                if result is None:
+                    failed[fold] = error
+                else:
+                    results[fold] = result
+        results = dict(sorted(results.items()))
+        if any("pretrained" in r.info for r in results.values()):  # the fold models' own record, also when resumed
+            method.pretrained = all(r.info.get("pretrained", True) for r in results.values())
         if not results:
             raise MitobenchError("every fold failed; no results. See the messages above.")
         _finalise(run, config, ctx, results, absent, method, console, failed)

@@ -1,0 +1,93 @@
+"""fold_workers: folds trained side by side in worker processes give the serial run's results, and a worker
+that fails is reported with its log, finished folds kept."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from mitobench.config import load_config
+from mitobench.errors import MitobenchError
+from mitobench.fold_workers import run_folds, thread_shares
+from mitobench.protocol import run_benchmark
+from mitobench.runs import RunDir
+
+
+def make_config(root, tmp_path, name, **train):
+    values = {"data_root": str(root), "cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / name),
+              "method": "finetune", "n_boot": 50, "train.epochs": 1, "train.img_size": 32, "train.batch_size": 8,
+              "train.num_threads": 1, **{f"train.{k}": v for k, v in train.items()}}
+    return load_config(None, values)
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+def test_thread_shares_split_the_cores():
+    assert thread_shares(2, 2) == [1, 1]
+    assert thread_shares(2, 1) == [2]
+    assert thread_shares(8, 5) == [2, 2, 2, 1, 1]
+    assert thread_shares(2, 5) == [1, 1, 1, 1, 1]
+
+
+def test_parallel_folds_give_the_serial_results_and_resume(fixture_root, tmp_path):
+    serial = run_benchmark(make_config(fixture_root, tmp_path, "serial"), console=quiet())
+    config = make_config(fixture_root, tmp_path, "parallel")
+    config.fold_workers = 2
+    console = quiet()
+    parallel = run_benchmark(config, console=console)
+    out = console.file.getvalue()
+    assert "folds 1, 2 training at once" in out and "folds 5 training at once" in out
+    for fold in range(1, 6):
+        log = (parallel / "folds" / f"fold_{fold}.log").read_text()
+        assert f"fold {fold}/5 done in" in log  # the worker's own output (epoch lines too, unless MITOBENCH_QUIET)
+    a, b = (pd.read_csv(run / "predictions.csv") for run in (serial, parallel))
+    assert len(a) == len(b) and (a["image"] == b["image"]).all()
+    # one thread per fold in both runs: the same arithmetic, so the same probabilities
+    np.testing.assert_allclose(b["probability"], a["probability"], rtol=0, atol=1e-6)
+    assert RunDir(parallel).status()["state"] == "complete"
+    assert (parallel / "report.txt").read_text().splitlines()[0] == (serial / "report.txt").read_text().splitlines()[0]
+
+    # an interrupted run: folds 2 and 4 missing; a resume trains only those, in workers again
+    run = RunDir(parallel)
+    kept = run.fold_file(1).stat().st_mtime_ns
+    for fold in (2, 4):
+        run.fold_file(fold).unlink()
+    run.set_status("interrupted")
+    console = quiet()
+    assert run_benchmark(resume=parallel, console=console) == parallel
+    assert "folds 2, 4 training at once" in console.file.getvalue()
+    assert run.fold_file(1).stat().st_mtime_ns == kept
+    np.testing.assert_allclose(pd.read_csv(parallel / "predictions.csv")["probability"], a["probability"], rtol=0, atol=1e-6)
+
+
+def test_a_nan_fold_in_a_worker_is_failed_not_lost(fixture_root, tmp_path):
+    config = make_config(fixture_root, tmp_path, "nan", epochs=2, lr=1e30, warmup_epochs=0)
+    config.fold_workers = 2
+    console = quiet()
+    with pytest.raises(MitobenchError, match="every fold failed"):
+        run_benchmark(config, console=console)
+    assert "fold 1 FAILED" in console.file.getvalue() and "nan" in console.file.getvalue().lower()
+
+
+def test_a_dead_worker_is_reported_with_its_log(tmp_path):
+    run = RunDir(tmp_path / "dead-run")
+    run.path.mkdir()
+    (run.path / "config.yaml").write_text("model: [this is not a config\n")  # damaged: the worker cannot start
+    with pytest.raises(MitobenchError, match=r"(?s)fold 3: its worker exited with code [1-9].*config\.yaml") as err:
+        run_folds(run, [3, 4], 2, 1, quiet())
+    assert "--resume" in str(err.value) and "cannot read this YAML config" in str(err.value)
+    assert "Traceback" not in str(err.value)
+    assert run.load_fold(3) is None
+
+
+@pytest.mark.parametrize("values, message", [({"fold_workers": 0}, "fold_workers=0"),
+                                              ({"fold_workers": 2, "method": "probe"}, "probe.workers")])
+def test_fold_workers_are_checked(values, message):
+    with pytest.raises(MitobenchError, match=message):
+        load_config(None, values)
