@@ -1,12 +1,13 @@
 """Issue 4 benchmark: CPU training images/s of EfficientNet-Lite0 with mitobench's pipeline against
 the reference code's pipeline, same model, same machine, one run.
 
-Usage: .venv/bin/python benchmarks/bench_train_speed.py [--data-root ../shared/data] [--steps 12] [--freeze 3]
+Usage: .venv/bin/python benchmarks/bench_train_speed.py [--data-root ../shared/data] [--steps 12] [--freeze 3] [--workers N]
 
 - mitobench: decoded uint8 patches held in memory, batched tensor augmentation (dihedral, rotation,
   centre-keeping crop, colour and HED jitter, blur, resize in one grid_sample), channels-last,
   AdamW, the batch size of ``--preset cpu``; once as the preset trains (every weight), once with
-  ``train.freeze_stages`` (the stem and first stages frozen, ``--freeze``, default 3).
+  ``train.freeze_stages`` (the stem and first stages frozen, ``--freeze``, default 3), and once as
+  ``--fold-workers N`` trains: N one-thread processes side by side (default: one per core), images/s summed.
 - reference: PIL transforms per image in a torch DataLoader (RandomResizedCrop, flips, rotation,
   ColorJitter, ToTensor, Normalize), batch 8, Adam, as the reference code.
 Both at 128 px and 224 px. Full training steps (forward, backward, optimiser).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +47,7 @@ def in_memory(frame) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(frame["label"].to_numpy(), dtype=torch.float32)
 
 
-def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, freeze: int) -> float:
+def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, freeze: int, ready=None) -> float:
     """Training steps as the engine takes them with ``--preset cpu`` (batch, augmentation, memory format)."""
     from mitobench.methods.augment import PRESETS, BatchAugment
     from mitobench.methods.engine import Classifier
@@ -71,10 +73,42 @@ def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, free
         opt.step()
 
     step()
+    if ready is not None:  # a fold worker: wait until every worker is warm, so that they are timed side by side
+        ready()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     return steps * batch / (time.perf_counter() - t0)
+
+
+def fold_workers(size: int, steps: int, data_root: str, workers: int) -> float:
+    """``fold_workers``: ``workers`` one-thread processes training side by side (as the folds of a run do);
+    the sum of their images/s, timed from a common start."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(size), "--steps", str(steps), "--data-root",
+                               data_root], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(workers)]
+    for proc in procs:
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit(f"a worker failed to start (exit code {proc.wait()})")
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    rates = [float(proc.stdout.readline()) for proc in procs]
+    for proc in procs:
+        proc.wait()
+    return sum(rates)
+
+
+def worker(size: int, steps: int, data_root: str) -> None:
+    torch.set_num_threads(1)
+    images, labels = in_memory(records(data_root, 512))
+
+    def ready() -> None:
+        print("ready", flush=True)
+        sys.stdin.readline()
+
+    print(ours(images, labels, size, steps, freeze=0, ready=ready), flush=True)
 
 
 def reference(frame, size: int, steps: int, batch: int = 8) -> float:
@@ -129,19 +163,29 @@ def main() -> None:
     parser.add_argument("--data-root", default=os.environ.get("MITOBENCH_DATA", str(ROOT.parent / "shared/data")))
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--freeze", type=int, default=3, help="train.freeze_stages for the second column")
+    parser.add_argument("--workers", type=int, default=None, help="processes for the fold_workers column (default: the cores)")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # internal: one fold worker at this size
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.steps, args.data_root)
+    from mitobench.fold_workers import cpu_cores
+
+    workers = args.workers or cpu_cores()
     frame = records(args.data_root, 512)
     images, labels = in_memory(frame)
     freeze = args.freeze
     rows = ["| input | mitobench, `--preset cpu` (img/s) | mitobench + `train.freeze_stages="
-            f"{freeze}` (img/s) | reference pipeline (img/s) | ratio preset / with frozen stages | target |",
-            "|---|---|---|---|---|---|"]
+            f"{freeze}` (img/s) | `--preset cpu --fold-workers {workers}` (img/s, summed) | reference pipeline (img/s) | "
+            "ratio preset / frozen stages / fold workers | target |",
+            "|---|---|---|---|---|---|---|"]
     for size in (128, 224):
         preset = ours(images, labels, size, args.steps, freeze=TRAIN_PRESETS["cpu"].get("freeze_stages", 0))
         frozen = ours(images, labels, size, args.steps, freeze=freeze)
+        parallel = fold_workers(size, args.steps, args.data_root, workers)
         ref = reference(frame, size, args.steps)
-        rows.append(f"| {size} px | {preset:.1f} | {frozen:.1f} | {ref:.1f} | {preset / ref:.1f}x / {frozen / ref:.1f}x | >= 3x |")
+        rows.append(f"| {size} px | {preset:.1f} | {frozen:.1f} | {parallel:.1f} | {ref:.1f} | "
+                    f"{preset / ref:.1f}x / {frozen / ref:.1f}x / {parallel / ref:.1f}x | >= 3x |")
         print(rows[-1], flush=True)
     body = "\n".join(rows)
     print(body)

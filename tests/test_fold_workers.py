@@ -42,7 +42,7 @@ def test_parallel_folds_give_the_serial_results_and_resume(fixture_root, tmp_pat
     console = quiet()
     parallel = run_benchmark(config, console=console)
     out = console.file.getvalue()
-    assert "folds 1, 2 training at once" in out and "folds 5 training at once" in out
+    assert "folds 1, 2 training at once (threads: 1/1)" in out and "fold 5 training (threads: 1)" in out
     for fold in range(1, 6):
         log = (parallel / "folds" / f"fold_{fold}.log").read_text()
         assert f"fold {fold}/5 done in" in log  # the worker's own output (epoch lines too, unless MITOBENCH_QUIET)
@@ -61,7 +61,7 @@ def test_parallel_folds_give_the_serial_results_and_resume(fixture_root, tmp_pat
     run.set_status("interrupted")
     console = quiet()
     assert run_benchmark(resume=parallel, console=console) == parallel
-    assert "folds 2, 4 training at once" in console.file.getvalue()
+    assert "folds 2, 4 training at once (threads: 1/1)" in console.file.getvalue()
     assert run.fold_file(1).stat().st_mtime_ns == kept
     np.testing.assert_allclose(pd.read_csv(parallel / "predictions.csv")["probability"], a["probability"], rtol=0, atol=1e-6)
 

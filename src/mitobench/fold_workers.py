@@ -56,8 +56,9 @@ def run_folds(run: RunDir, folds: list[int], workers: int, num_threads: int | No
             shares = [num_threads] * len(batch) if num_threads else thread_shares(cpu_cores(), len(batch))
             for fold, threads in zip(batch, shares):
                 running.append((fold, *_launch(run, fold, threads)))
-            console.print(f"folds {', '.join(map(str, batch))} training at once ({'/'.join(map(str, shares))} threads); "
-                          f"progress in {run.path / 'folds'}/fold_N.log", soft_wrap=True)
+            what = f"folds {', '.join(map(str, batch))} training at once" if len(batch) > 1 else f"fold {batch[0]} training"
+            console.print(f"{what} (threads: {'/'.join(map(str, shares))}); progress in {run.path / 'folds'}/fold_N.log",
+                          soft_wrap=True)
             for fold, proc, log in running:
                 code = proc.wait()
                 saved = run.load_fold(fold)
