@@ -16,7 +16,6 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 import mitobench.methods.losses as losses_mod
 from mitobench.config import load_config
-from mitobench.data.cache import PatchCache
 from mitobench.errors import MitobenchError
 from mitobench.methods.augment import PRESETS, AugmentConfig, BatchAugment, dihedral, geometric, hed_jitter
 from mitobench.methods.engine import TrainMethod, centre_crop, improves
@@ -27,7 +26,7 @@ from mitobench.methods.presets import apply_preset
 from mitobench.models import cards as registry
 from mitobench.models.cards import VIT_LORA
 from mitobench.models.registry import ModelCard
-from mitobench.protocol import Context, load_sets, run_benchmark
+from mitobench.protocol import build_context, load_sets, run_benchmark
 from mitobench.runs import RunDir
 from mitobench.splits import paper_folds
 
@@ -45,12 +44,7 @@ def make_config(root, tmp_path, **overrides):
 
 def make_context(config):
     sets, _ = load_sets(config)
-    cache = PatchCache(config.cache_dir, config.patch_size)
-    patches, keys = {}, {}
-    for name, frame in sets.items():
-        patches[name], keys[name] = cache.load(frame, name)
-    folds = paper_folds(sets["AMi-Br-train"], config.n_folds, config.seed)
-    return Context(config, sets, patches, keys, folds, cache.root.parent, [n for n in sets if n != "AMi-Br-train"])
+    return build_context(config, sets, paper_folds(sets["AMi-Br-train"], config.n_folds, config.seed))
 
 
 def fold_indices(ctx, fold=1):

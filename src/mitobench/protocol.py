@@ -174,7 +174,6 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
             console.print(f"[yellow]hold-out set {name} is ABSENT under the data root: it will not be evaluated[/]")
 
         ctx = build_context(config, sets, folds)
-        method.prepare(ctx)
         results: dict[int, FoldResult] = {}
         failed: dict[int, str] = {}
         pending = []
@@ -184,7 +183,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
                 results[fold] = FoldResult(*saved)
             else:
                 pending.append(fold)
-        if config.fold_workers > 1 and len(pending) > 1:
+        if config.fold_workers > 1 and len(pending) > 1:  # the workers prepare the method themselves
             from mitobench.fold_workers import run_folds
 
             run_folds(run, pending, config.fold_workers, config.train.num_threads, console)
@@ -195,6 +194,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
                 else:
                     results[fold] = FoldResult(probs, info)
         else:
+            method.prepare(ctx)
             for fold in pending:
                 result, error = fit_fold(method, ctx, run, fold, console)
                 if result is None:
