@@ -3,6 +3,9 @@ the reference code's pipeline, same model, same machine, one run.
 
 Usage: .venv/bin/python benchmarks/bench_train_speed.py [--data-root ../shared/data] [--steps 12] [--freeze 3] [--workers N]
 
+Every mitobench column runs in float32 and in ``train.precision=bf16`` (bf16 autocast, depthwise convolutions in
+float32; methods/precision.py), except the frozen-stages one, which runs in the preset's precision.
+
 - mitobench: decoded uint8 patches held in memory, batched tensor augmentation (dihedral, rotation,
   centre-keeping crop, colour and HED jitter, blur, resize in one grid_sample), channels-last,
   AdamW, the batch size of ``--preset cpu``; once as the preset trains (every weight), once with
@@ -47,11 +50,14 @@ def in_memory(frame) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(frame["label"].to_numpy(), dtype=torch.float32)
 
 
-def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, freeze: int, ready=None) -> float:
-    """Training steps as the engine takes them with ``--preset cpu`` (batch, augmentation, memory format)."""
+def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, freeze: int, precision: str,
+         ready=None) -> float:
+    """Training steps as the engine takes them with ``--preset cpu`` (batch, augmentation, memory format), in
+    ``precision`` (``train.precision``)."""
     from mitobench.methods.augment import PRESETS, BatchAugment
     from mitobench.methods.engine import Classifier
     from mitobench.methods.freeze import freeze_stages
+    from mitobench.methods.precision import autocast_dtype, prepare_model
     from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
     from mitobench.models.registry import create_backbone
 
@@ -60,6 +66,8 @@ def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, free
     model = Classifier(create_backbone("efficientnet_lite0"))
     freeze_stages(model, freeze)
     model = model.to(memory_format=torch.channels_last).train()
+    prepare_model(model, precision, torch.device("cpu"))
+    amp_dtype = autocast_dtype(precision, torch.device("cpu"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
     aug = BatchAugment(PRESETS[preset["augment"]], size, seed=0)
     gen = torch.Generator().manual_seed(0)
@@ -67,7 +75,9 @@ def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, free
     def step() -> None:
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x = (aug(images[idx]) - model.backbone._mean) / model.backbone._std
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x.contiguous(memory_format=torch.channels_last)), labels[idx])
+        with torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -81,12 +91,12 @@ def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, free
     return steps * batch / (time.perf_counter() - t0)
 
 
-def fold_workers(size: int, steps: int, data_root: str, workers: int) -> float:
+def fold_workers(size: int, steps: int, data_root: str, workers: int, precision: str) -> float:
     """``fold_workers``: ``workers`` one-thread processes training side by side (as the folds of a run do);
     the sum of their images/s, timed from a common start."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(size), "--steps", str(steps), "--data-root",
-                               data_root], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                               data_root, "--precision", precision], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
              for _ in range(workers)]
     for proc in procs:
         if proc.stdout.readline().strip() != "ready":
@@ -100,7 +110,7 @@ def fold_workers(size: int, steps: int, data_root: str, workers: int) -> float:
     return sum(rates)
 
 
-def worker(size: int, steps: int, data_root: str) -> None:
+def worker(size: int, steps: int, data_root: str, precision: str) -> None:
     torch.set_num_threads(1)
     images, labels = in_memory(records(data_root, 512))
 
@@ -108,7 +118,7 @@ def worker(size: int, steps: int, data_root: str) -> None:
         print("ready", flush=True)
         sys.stdin.readline()
 
-    print(ours(images, labels, size, steps, freeze=0, ready=ready), flush=True)
+    print(ours(images, labels, size, steps, freeze=0, precision=precision, ready=ready), flush=True)
 
 
 def reference(frame, size: int, steps: int, batch: int = 8) -> float:
@@ -165,28 +175,35 @@ def main() -> None:
     parser.add_argument("--freeze", type=int, default=3, help="train.freeze_stages for the second column")
     parser.add_argument("--workers", type=int, default=None, help="processes for the fold_workers column (default: the cores)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # internal: one fold worker at this size
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)  # internal: the worker's train.precision
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.steps, args.data_root)
+        return worker(args.worker, args.steps, args.data_root, args.precision)
     from mitobench.fold_workers import cpu_cores
 
     workers = args.workers or cpu_cores()
     frame = records(args.data_root, 512)
     images, labels = in_memory(frame)
     freeze = args.freeze
-    rows = ["| input | mitobench, `--preset cpu` (img/s) | mitobench + `train.freeze_stages="
-            f"{freeze}` (img/s) | `--preset cpu --fold-workers {workers}` (img/s, summed) | reference pipeline (img/s) | "
-            "ratio preset / frozen stages / fold workers | target |",
-            "|---|---|---|---|---|---|---|"]
+    preset_precision = TRAIN_PRESETS["cpu"].get("precision", "auto")
+    preset_freeze = TRAIN_PRESETS["cpu"].get("freeze_stages", 0)
+    rows = ["| input | `--preset cpu`, fp32 | `--preset cpu`, bf16 | + `train.freeze_stages="
+            f"{freeze}` ({preset_precision}) | `--fold-workers {workers}`, fp32 (summed) | `--fold-workers {workers}`, "
+            "bf16 (summed) | reference pipeline | ratios, in this order | target |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for size in (128, 224):
-        preset = ours(images, labels, size, args.steps, freeze=TRAIN_PRESETS["cpu"].get("freeze_stages", 0))
-        frozen = ours(images, labels, size, args.steps, freeze=freeze)
-        parallel = fold_workers(size, args.steps, args.data_root, workers)
+        rates = [ours(images, labels, size, args.steps, freeze=preset_freeze, precision="fp32"),
+                 ours(images, labels, size, args.steps, freeze=preset_freeze, precision="bf16"),
+                 ours(images, labels, size, args.steps, freeze=freeze, precision=preset_precision),
+                 fold_workers(size, args.steps, args.data_root, workers, "fp32"),
+                 fold_workers(size, args.steps, args.data_root, workers, "bf16")]
         ref = reference(frame, size, args.steps)
-        rows.append(f"| {size} px | {preset:.1f} | {frozen:.1f} | {parallel:.1f} | {ref:.1f} | "
-                    f"{preset / ref:.1f}x / {frozen / ref:.1f}x / {parallel / ref:.1f}x | >= 3x |")
+        rows.append(f"| {size} px | " + " | ".join(f"{r:.1f}" for r in rates) + f" | {ref:.1f} | "
+                    + " / ".join(f"{r / ref:.1f}x" for r in rates) + " | >= 3x |")
         print(rows[-1], flush=True)
+    rows.append(f"\nimages/s of full training steps (forward, backward, optimiser); `--preset cpu` trains in "
+                f"`train.precision={preset_precision}`.")
     body = "\n".join(rows)
     print(body)
     if not args.no_append:

@@ -62,6 +62,9 @@ class TrainConfig:
     grad_accum: int = 1
     grad_checkpointing: bool = False
     compile: bool = False
+    # auto: bf16 autocast on CUDA, float32 on the CPU; fp32; bf16 (on the CPU with depthwise convolutions kept in
+    # float32: ~1.5x faster CNN training where the CPU has native bf16; methods/precision.py)
+    precision: str = "auto"
     channels_last: bool = True
     tta: bool = False  # 8 dihedral views at evaluation
     # with tta: each view also of the patch's central fraction (1.0: the whole patch), resized to the input size
@@ -189,6 +192,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if not config.train.tta_crops or not all(0 < c <= 1 for c in config.train.tta_crops):
         raise MitobenchError(f"train.tta_crops={config.train.tta_crops!r}: give fractions of the patch side in (0, 1] "
                              "kept around the centre, e.g. [1.0, 0.875]; [1.0] is the whole patch only.")
+    from mitobench.methods.precision import check_precision
+
+    check_precision(config.train.precision)
     if config.fold_workers < 1:
         raise MitobenchError(f"fold_workers={config.fold_workers!r}: give how many folds train at once (1: one at a time)")
     if config.fold_workers > 1 and config.method == "probe":

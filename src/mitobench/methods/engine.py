@@ -23,6 +23,7 @@ from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, BatchAugment, dihedral
 from mitobench.methods.freeze import freeze_stages
 from mitobench.methods.mixup import mixup
+from mitobench.methods.precision import autocast_dtype, cpu_has_native_bf16, prepare_model
 from mitobench.progress import progress_bar, say
 
 
@@ -115,6 +116,9 @@ class TrainMethod:
         from mitobench.device import pick_device
 
         self.device = pick_device(self.config.device)
+        if autocast_dtype(self.config.train.precision, self.device) and self.device.type == "cpu" and not cpu_has_native_bf16():
+            say("warning: train.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN emulates it, "
+                "slower than float32. Use --set train.precision=fp32 here.")
         if self.config.train.num_threads:
             torch.set_num_threads(self.config.train.num_threads)
         # held in RAM (AMi-Br is ~180 MB decoded), not read through the memory map at every step
@@ -135,7 +139,7 @@ class TrainMethod:
         freeze_stages(model, self.config.train.freeze_stages, self.config.train.freeze_norm_stats)
         if self.config.train.channels_last:
             model = model.to(memory_format=torch.channels_last)  # 2-6x faster CNN training on CPU (oneDNN)
-        return model.to(self.device)
+        return prepare_model(model, self.config.train.precision, self.device).to(self.device)
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -145,7 +149,8 @@ class TrainMethod:
         views = range(8) if tta else range(1)
         crops = self.config.train.tta_crops if tta else [1.0]
         out = []
-        amp = self.device.type == "cuda"
+        prepare_model(model, self.config.train.precision, self.device)
+        amp_dtype = autocast_dtype(self.config.train.precision, self.device)
         for start in range(0, len(images), batch_size):
             raw = images[start:start + batch_size].to(self.device)
             probs = 0
@@ -153,7 +158,7 @@ class TrainMethod:
                 x = model.backbone.preprocess(centre_crop(raw, crop), size)
                 if self.config.train.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                with torch.autocast(self.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                     for k in views:
                         probs = probs + torch.sigmoid(model(dihedral(x, k)).float())
             out.append((probs / (len(views) * len(crops))).cpu().numpy())
@@ -227,7 +232,7 @@ class TrainMethod:
             say(f"fold {fold}: resumed after epoch {state['epoch']}")
 
         weights = torch.as_tensor(1.0 / np.bincount(y_tr, minlength=2)[y_tr], dtype=torch.double)
-        amp = self.device.type == "cuda"
+        amp_dtype = autocast_dtype(cfg.precision, self.device)
         t_train, n_seen = 0.0, 0
         while state["epoch"] < cfg.epochs and state["since"] < cfg.patience:
             model.train()
@@ -248,12 +253,12 @@ class TrainMethod:
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     try:
-                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                        with torch.autocast(self.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                             loss = loss_fn(model(x).float(), y) / cfg.grad_accum
                         if not torch.isfinite(loss):
                             raise FoldFailedError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}; "
                                                   "this fold was stopped, the other folds go on. Lower the learning rate "
-                                                  "(train.lr) or train in float32.")
+                                                  "(train.lr) or train in float32 (train.precision=fp32).")
                         loss.backward()
                     except torch.OutOfMemoryError as exc:
                         raise MitobenchError(self._oom_message(exc)) from exc

@@ -1,0 +1,82 @@
+"""Training and evaluation precision (``train.precision``).
+
+``auto`` keeps what the engine always did: bf16 autocast on CUDA, float32 on the CPU. ``bf16`` asks for bf16
+autocast on the CPU too. oneDNN runs 1x1 convolutions and matrix products about twice as fast in bf16 on a CPU
+with native bf16 (AVX512-BF16 or AMX), but its bf16 depthwise-convolution backward is several times slower
+than the float32 one, so on the CPU depthwise convolutions stay in float32 (their output is cast back to bf16
+for the BatchNorm that follows). Net effect for EfficientNet-Lite0 on this project's 2-core CPU: about 1.5x
+the training images/s (benchmarks/bench_train_speed.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mitobench.errors import MitobenchError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def check_precision(name: str) -> None:
+    if name not in PRECISIONS:
+        raise MitobenchError(f"unknown train.precision {name!r}: use auto (bf16 on CUDA, float32 on the CPU), fp32 or bf16")
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``device``, or None for plain float32."""
+    check_precision(name)
+    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels here (without them bf16 is emulated and slow)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+class _Float32Forward:
+    """Mixed into a depthwise convolution's class: run it outside autocast, in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled("cpu"):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(x.float()).to(dtype)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def keep_depthwise_float32(model: nn.Module) -> int:
+    """Make every depthwise convolution of ``model`` run in float32 under CPU autocast; returns how many.
+
+    The class of each such module is swapped for a subclass, so parameter names, state dicts, deep copies
+    and checkpoints are unchanged. Idempotent.
+    """
+    count = 0
+    for module in model.modules():
+        if _is_depthwise(module):
+            cls = type(module)
+            if not issubclass(cls, _Float32Forward):
+                if cls not in _CLASSES:
+                    _CLASSES[cls] = type(f"Float32{cls.__name__}", (_Float32Forward, cls), {})
+                module.__class__ = _CLASSES[cls]
+            count += 1
+    return count
+
+
+def prepare_model(model: nn.Module, name: str, device: torch.device) -> nn.Module:
+    """Apply the precision policy to a model that will train or predict on ``device``."""
+    if autocast_dtype(name, device) is not None and device.type == "cpu":
+        keep_depthwise_float32(model)
+    return model

@@ -1,0 +1,75 @@
+"""train.precision: bf16 autocast on the CPU with depthwise convolutions kept in float32."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mitobench.errors import MitobenchError
+from mitobench.methods.engine import Classifier
+from mitobench.methods.precision import autocast_dtype, keep_depthwise_float32, prepare_model
+from mitobench.models.registry import create_backbone
+from test_engine import fit_fold, make_config
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("name,device,expected", [("auto", CPU, None), ("auto", CUDA, torch.bfloat16), ("fp32", CPU, None),
+                                                  ("fp32", CUDA, None), ("bf16", CPU, torch.bfloat16),
+                                                  ("bf16", CUDA, torch.bfloat16)])
+def test_autocast_dtype_follows_the_setting(name, device, expected):
+    assert autocast_dtype(name, device) == expected
+
+
+def test_unknown_precision_is_a_clear_error(fixture_root, tmp_path):
+    with pytest.raises(MitobenchError, match="train.precision 'fp16'.*auto.*fp32.*bf16"):
+        make_config(fixture_root, tmp_path, train={"precision": "fp16"})
+
+
+def test_depthwise_convolutions_run_in_float32_under_cpu_autocast():
+    model = Classifier(create_backbone("efficientnet_lite0")).eval()
+    names = list(model.state_dict())
+    depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert keep_depthwise_float32(model) == len(depthwise) == 16
+    assert keep_depthwise_float32(model) == 16  # idempotent
+    assert list(model.state_dict()) == names  # checkpoints are unchanged
+    conv = depthwise[3]
+    x = torch.randn(2, conv.in_channels, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.bfloat16  # handed on in bf16 to the BatchNorm after it
+    expected = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    torch.testing.assert_close(out, expected.to(torch.bfloat16), rtol=0, atol=0)  # computed in float32, rounded once
+    plain = conv.forward(x)  # outside autocast: the ordinary float32 convolution
+    assert plain.dtype == torch.float32 and torch.equal(plain, expected)
+    twin = copy.deepcopy(model)  # EMA copies the model: the copy keeps the policy
+    assert all(type(a) is type(b) for a, b in zip(model.modules(), twin.modules()))
+
+
+def test_policy_applies_only_to_cpu_autocast():
+    model = Classifier(create_backbone("efficientnet_lite0"))
+    classes = [type(m) for m in model.modules()]
+    prepare_model(model, "auto", CPU)
+    prepare_model(model, "fp32", CPU)
+    assert [type(m) for m in model.modules()] == classes
+    prepare_model(model, "bf16", CPU)
+    assert [type(m) for m in model.modules()] != classes
+
+
+def test_bf16_fold_trains_and_predicts_close_to_float32(fixture_root, tmp_path):
+    """A bf16 fold follows the float32 one closely (same seed): same shapes, finite, probabilities within bf16 noise."""
+    results = {}
+    for precision in ("fp32", "bf16"):
+        scratch = tmp_path / precision
+        config = make_config(fixture_root, tmp_path, train={"epochs": 1, "img_size": 32, "precision": precision})
+        method, ctx, va, result = fit_fold(config, scratch)
+        results[precision] = result
+    for name, p32 in results["fp32"].probs.items():
+        p16 = results["bf16"].probs[name]
+        assert p16.shape == p32.shape and np.isfinite(p16).all()
+        assert np.abs(p16 - p32).max() < 0.1  # one epoch of bf16 arithmetic, not another model
+        assert not np.array_equal(p16, p32)  # bf16 really ran
