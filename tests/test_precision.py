@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from mitobench.errors import MitobenchError
 from mitobench.methods.engine import Classifier
-from mitobench.methods.precision import autocast_dtype, keep_depthwise_float32, prepare_model
+from mitobench.methods import precision as precision_mod
+from mitobench.methods.precision import autocast_dtype, keep_depthwise_float32, prepare_model, resolve_precision
 from mitobench.models.registry import create_backbone
 from test_engine import fit_fold, make_config
 
@@ -23,6 +24,15 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
                                                   ("bf16", CUDA, torch.bfloat16)])
 def test_autocast_dtype_follows_the_setting(name, device, expected):
     assert autocast_dtype(name, device) == expected
+
+
+@pytest.mark.parametrize("native_cpu", [True, False])
+def test_native_is_bf16_only_where_the_device_has_it(monkeypatch, native_cpu):
+    monkeypatch.setattr(precision_mod, "cpu_has_native_bf16", lambda: native_cpu)
+    assert resolve_precision("native", CUDA) == "bf16"
+    assert resolve_precision("native", CPU) == ("bf16" if native_cpu else "fp32")
+    assert autocast_dtype("native", CPU) == (torch.bfloat16 if native_cpu else None)
+    assert [resolve_precision(name, CPU) for name in ("auto", "fp32", "bf16")] == ["auto", "fp32", "bf16"]
 
 
 def test_unknown_precision_is_a_clear_error(fixture_root, tmp_path):

@@ -81,11 +81,15 @@ def test_predict_refuses_an_incomplete_run(probe_run, tmp_path, fixture_root):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,atol", [("auto", 1e-4), ("bf16", 1e-2)])
-def test_finetune_predict_matches_the_runs_own_probabilities(fixture_root, tmp_path, precision, atol):
-    """bf16: predict applies the run's precision (depthwise convolutions in float32); batches differ, so bf16 rounding."""
+@pytest.mark.parametrize("precision,atol", [("auto", 1e-4), ("native", 1e-2)])
+def test_finetune_predict_matches_the_runs_own_probabilities(fixture_root, tmp_path, monkeypatch, precision, atol):
+    """native: the run saves the precision it resolved (bf16 on a CPU with native bf16) and predict applies it
+    (depthwise convolutions in float32); predict's batches differ from the run's, hence bf16 rounding."""
+    monkeypatch.setattr("mitobench.methods.precision.cpu_has_native_bf16", lambda: True)
     run_dir = _run(fixture_root, tmp_path, method="finetune",
                    train={"epochs": 1, "img_size": 64, "batch_size": 8, "tta": True, "precision": precision})
+    saved = load_config(run_dir / "config.yaml").train.precision
+    assert saved == {"auto": "auto", "native": "bf16"}[precision]
     _, table = predict(run_dir, fixture_root / "AtNorM-MD", tmp_path / "p.csv", cache_dir=str(tmp_path / "cache"))
     expected = _ensemble(run_dir, "AtNorM-MD")
     np.testing.assert_allclose(table.set_index("image")["p_ensemble"].loc[expected.index].to_numpy(),

@@ -160,6 +160,11 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
     train = sets["AMi-Br-train"]
     folds = paper_folds(train, config.n_folds, config.seed)
     if resume is None:
+        if config.method != "probe" and config.train.precision == "native":  # saved resolved: resume/predict match
+            from mitobench.device import pick_device
+            from mitobench.methods.precision import resolve_precision
+
+            config.train.precision = resolve_precision("native", pick_device(config.device))
         run = RunDir(new_run_dir(config.runs_dir, config.model, config.method))
         save_config(config, run.path / "config.yaml")
         atomic_write_json(run.path / "environment.json", environment())

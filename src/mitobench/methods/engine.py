@@ -116,7 +116,7 @@ class TrainMethod:
         from mitobench.device import pick_device
 
         self.device = pick_device(self.config.device)
-        if autocast_dtype(self.config.train.precision, self.device) and self.device.type == "cpu" and not cpu_has_native_bf16():
+        if self.config.train.precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
             say("warning: train.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): oneDNN emulates it, "
                 "slower than float32. Use --set train.precision=fp32 here.")
         if self.config.train.num_threads:

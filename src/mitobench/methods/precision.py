@@ -1,7 +1,9 @@
 """Training and evaluation precision (``train.precision``).
 
 ``auto`` keeps what the engine always did: bf16 autocast on CUDA, float32 on the CPU. ``bf16`` asks for bf16
-autocast on the CPU too. oneDNN runs 1x1 convolutions and matrix products about twice as fast in bf16 on a CPU
+autocast on the CPU too. ``native`` is bf16 where the device computes it natively (CUDA, or a CPU with
+AVX512-BF16 or AMX) and float32 elsewhere; a new run resolves it to ``bf16`` or ``fp32`` and saves that in its
+``config.yaml``, so a resume or ``mitobench predict`` uses the precision the run trained in. oneDNN runs 1x1 convolutions and matrix products about twice as fast in bf16 on a CPU
 with native bf16 (AVX512-BF16 or AMX), but its bf16 depthwise-convolution backward is several times slower
 than the float32 one, so on the CPU depthwise convolutions stay in float32 (their output is cast back to bf16
 for the BatchNorm that follows). Net effect for EfficientNet-Lite0 on this project's 2-core CPU: about 1.5x
@@ -15,17 +17,26 @@ from torch import nn
 
 from mitobench.errors import MitobenchError
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "native", "fp32", "bf16")
 
 
 def check_precision(name: str) -> None:
     if name not in PRECISIONS:
-        raise MitobenchError(f"unknown train.precision {name!r}: use auto (bf16 on CUDA, float32 on the CPU), fp32 or bf16")
+        raise MitobenchError(f"unknown train.precision {name!r}: use auto (bf16 on CUDA, float32 on the CPU), native "
+                             "(bf16 where the device has it natively, else float32), fp32 or bf16")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``native`` -> ``bf16`` or ``fp32`` for ``device``; any other value unchanged."""
+    check_precision(name)
+    if name != "native":
+        return name
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``device``, or None for plain float32."""
-    check_precision(name)
+    name = resolve_precision(name, device)
     if name == "fp32" or (name == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
