@@ -57,7 +57,7 @@ def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, free
     from mitobench.methods.augment import PRESETS, BatchAugment
     from mitobench.methods.engine import Classifier
     from mitobench.methods.freeze import freeze_stages
-    from mitobench.methods.precision import autocast_dtype, prepare_model
+    from mitobench.methods.precision import autocast, prepare_model
     from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
     from mitobench.models.registry import create_backbone
 
@@ -67,7 +67,6 @@ def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, free
     freeze_stages(model, freeze)
     model = model.to(memory_format=torch.channels_last).train()
     prepare_model(model, precision, torch.device("cpu"))
-    amp_dtype = autocast_dtype(precision, torch.device("cpu"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
     aug = BatchAugment(PRESETS[preset["augment"]], size, seed=0)
     gen = torch.Generator().manual_seed(0)
@@ -75,7 +74,7 @@ def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, free
     def step() -> None:
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x = (aug(images[idx]) - model.backbone._mean) / model.backbone._std
-        with torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        with autocast(precision, torch.device("cpu")):
             logits = model(x.contiguous(memory_format=torch.channels_last)).float()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels[idx])
         opt.zero_grad()

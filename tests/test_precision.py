@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mitobench.errors import MitobenchError
 from mitobench.methods.engine import Classifier
 from mitobench.methods import precision as precision_mod
-from mitobench.methods.precision import autocast_dtype, keep_depthwise_float32, prepare_model, resolve_precision
+from mitobench.methods.precision import autocast, autocast_dtype, keep_depthwise_float32, prepare_model, resolve_precision
 from mitobench.models.registry import create_backbone
 from test_engine import fit_fold, make_config
 
@@ -24,6 +24,13 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
                                                   ("bf16", CUDA, torch.bfloat16)])
 def test_autocast_dtype_follows_the_setting(name, device, expected):
     assert autocast_dtype(name, device) == expected
+
+
+@pytest.mark.parametrize("name,enabled", [("auto", False), ("fp32", False), ("bf16", True)])
+def test_autocast_context_on_the_cpu(name, enabled):
+    with autocast(name, CPU):
+        assert torch.is_autocast_enabled("cpu") is enabled
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if enabled else torch.float32)
 
 
 @pytest.mark.parametrize("native_cpu", [True, False])

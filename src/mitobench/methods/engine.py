@@ -23,7 +23,7 @@ from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, BatchAugment, dihedral
 from mitobench.methods.freeze import freeze_stages
 from mitobench.methods.mixup import mixup
-from mitobench.methods.precision import autocast_dtype, cpu_has_native_bf16, prepare_model
+from mitobench.methods.precision import autocast, cpu_has_native_bf16, prepare_model
 from mitobench.progress import progress_bar, say
 
 
@@ -150,7 +150,6 @@ class TrainMethod:
         crops = self.config.train.tta_crops if tta else [1.0]
         out = []
         prepare_model(model, self.config.train.precision, self.device)
-        amp_dtype = autocast_dtype(self.config.train.precision, self.device)
         for start in range(0, len(images), batch_size):
             raw = images[start:start + batch_size].to(self.device)
             probs = 0
@@ -158,7 +157,7 @@ class TrainMethod:
                 x = model.backbone.preprocess(centre_crop(raw, crop), size)
                 if self.config.train.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(self.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                with autocast(self.config.train.precision, self.device):
                     for k in views:
                         probs = probs + torch.sigmoid(model(dihedral(x, k)).float())
             out.append((probs / (len(views) * len(crops))).cpu().numpy())
@@ -232,7 +231,6 @@ class TrainMethod:
             say(f"fold {fold}: resumed after epoch {state['epoch']}")
 
         weights = torch.as_tensor(1.0 / np.bincount(y_tr, minlength=2)[y_tr], dtype=torch.double)
-        amp_dtype = autocast_dtype(cfg.precision, self.device)
         t_train, n_seen = 0.0, 0
         while state["epoch"] < cfg.epochs and state["since"] < cfg.patience:
             model.train()
@@ -253,7 +251,7 @@ class TrainMethod:
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     try:
-                        with torch.autocast(self.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                        with autocast(cfg.precision, self.device):
                             loss = loss_fn(model(x).float(), y) / cfg.grad_accum
                         if not torch.isfinite(loss):
                             raise FoldFailedError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}; "

@@ -3,14 +3,17 @@
 ``auto`` keeps what the engine always did: bf16 autocast on CUDA, float32 on the CPU. ``bf16`` asks for bf16
 autocast on the CPU too. ``native`` is bf16 where the device computes it natively (CUDA, or a CPU with
 AVX512-BF16 or AMX) and float32 elsewhere; a new run resolves it to ``bf16`` or ``fp32`` and saves that in its
-``config.yaml``, so a resume or ``mitobench predict`` uses the precision the run trained in. oneDNN runs 1x1 convolutions and matrix products about twice as fast in bf16 on a CPU
-with native bf16 (AVX512-BF16 or AMX), but its bf16 depthwise-convolution backward is several times slower
-than the float32 one, so on the CPU depthwise convolutions stay in float32 (their output is cast back to bf16
+``config.yaml``, so a resume or ``mitobench predict`` uses the precision the run trained in.
+
+oneDNN runs 1x1 convolutions and matrix products about twice as fast in bf16 on a CPU with native bf16, but
+its bf16 depthwise-convolution backward is several times slower than the float32 one, so on the CPU depthwise convolutions stay in float32 (their output is cast back to bf16
 for the BatchNorm that follows). Net effect for EfficientNet-Lite0 on this project's 2-core CPU: about 1.5x
 the training images/s (benchmarks/bench_train_speed.py).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -40,6 +43,12 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "fp32" or (name == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
+
+
+def autocast(name: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context for ``train.precision`` ``name`` on ``device`` (a no-op for float32)."""
+    dtype = autocast_dtype(name, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def cpu_has_native_bf16() -> bool:
