@@ -178,8 +178,10 @@ def test_tidy_metrics_and_report():
                            preds.query("dataset == 'A' and fold == '2'")["probability"])
     assert ba["2"] == pytest.approx(point["balanced_accuracy"])
 
-    text = render_report(metrics, "efficientnet_lite0", "probe", ["A", "B"], absent=["AtNorM-MD"],
-                         console=__import__("rich.console", fromlist=["Console"]).Console(file=__import__("io").StringIO()))
+    text = render_report(metrics, "efficientnet_lite0", "finetune", ["A", "B"], absent=["AtNorM-MD"],
+                         console=__import__("rich.console", fromlist=["Console"]).Console(file=__import__("io").StringIO()),
+                         recipe="preset cpu, bf16, 128 px, 17 epochs")
+    assert "efficientnet_lite0 / finetune (preset cpu, bf16, 128 px, 17 epochs)" in text
     assert "AtNorM-MD" in text and "ABSENT" in text
     assert "atypical" in text
     assert "Banerjee" in text

@@ -142,6 +142,20 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
     return result, ""
 
 
+def recipe(config: RunConfig) -> str:
+    """How a finetune/LoRA run trained, in a few words for its report: preset, precision, input size, epochs."""
+    if config.method == "probe":
+        return ""
+    from mitobench.device import pick_device
+    from mitobench.methods.precision import autocast_dtype
+
+    train = config.train
+    dtype = autocast_dtype(train.precision, pick_device(config.device))
+    parts = [f"preset {train.preset}"] if train.preset else []
+    parts += ["bf16" if dtype is not None else "float32", f"{train.img_size} px", f"{train.epochs} epoch" + ("s" if train.epochs != 1 else "")]
+    return ", ".join(parts)
+
+
 def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = None,
                   console: Console | None = None) -> Path:
     """Run (or resume) the protocol; return the run folder."""
@@ -249,7 +263,7 @@ def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, F
     atomic_write_csv(run.path / "predictions.csv", predictions)
     atomic_write_csv(run.path / "metrics.csv", metrics)
     text = render_report(metrics, config.model, config.method, [VALIDATION, *ctx.holdouts], absent,
-                         getattr(method, "pretrained", True))
+                         getattr(method, "pretrained", True), recipe=recipe(config))
     if failed:
         note = (f"WARNING: fold(s) {sorted(failed)} FAILED and are excluded: the mean, SD and ensemble use "
                 f"{len(results)} fold models. Rerun them with `mitobench run --resume {run.path}`.")

@@ -43,10 +43,12 @@ def _get(metrics: pd.DataFrame, dataset: str, fold: str, metric: str) -> pd.Seri
 
 
 def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list[str], absent: list[str],
-                  pretrained: bool = True, console: Console | None = None) -> str:
-    """Print the paper-form table; return it as plain text for ``report.txt``."""
+                  pretrained: bool = True, console: Console | None = None, recipe: str = "") -> str:
+    """Print the paper-form table; return it as plain text for ``report.txt``. ``recipe``: a few words on how the
+    models were trained (preset, precision, input size), shown in the title."""
     console = console or Console(width=max(Console().width, 160))
-    title = f"{model} / {method}" + ("" if pretrained else "  [RANDOM INIT: no pretrained weights]")
+    title = (f"{model} / {method}" + (f" ({recipe})" if recipe else "")
+             + ("" if pretrained else "  [RANDOM INIT: no pretrained weights]"))
     table = Table(title=title, caption="positive class = atypical; fold models: mean +- population SD over 5; "
                   "ensemble: mean probability of the 5 fold models, 95% stratified bootstrap CI")
     for col in ("set", "n (atyp.)", "BA fold mean+-SD", "AUROC fold mean+-SD", "BA ensemble [95% CI]",
