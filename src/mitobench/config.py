@@ -148,6 +148,16 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> None:
             setattr(obj, key, value)
 
 
+PRECISIONS = ("auto", "native", "fp32", "bf16")  # train.precision; methods/precision.py says what each does
+
+
+def check_precision(name: str) -> None:
+    """Here, not in methods/precision.py, so that reading a config never imports torch (warm probe runs)."""
+    if name not in PRECISIONS:
+        raise MitobenchError(f"unknown train.precision {name!r}: use auto (bf16 on CUDA, float32 on the CPU), native "
+                             "(bf16 where the device has it natively, else float32), fp32 or bf16")
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Defaults <- training preset (if one is named) <- YAML file <- overrides (``None`` values ignored)."""
     config = RunConfig()
@@ -193,8 +203,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if not config.train.tta_crops or not all(0 < c <= 1 for c in config.train.tta_crops):
         raise MitobenchError(f"train.tta_crops={config.train.tta_crops!r}: give fractions of the patch side in (0, 1] "
                              "kept around the centre, e.g. [1.0, 0.875]; [1.0] is the whole patch only.")
-    from mitobench.methods.precision import check_precision
-
     check_precision(config.train.precision)
     if config.fold_workers < 1:
         raise MitobenchError(f"fold_workers={config.fold_workers!r}: give how many folds train at once (1: one at a time)")

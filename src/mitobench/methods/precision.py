@@ -18,15 +18,7 @@ import contextlib
 import torch
 from torch import nn
 
-from mitobench.errors import MitobenchError
-
-PRECISIONS = ("auto", "native", "fp32", "bf16")
-
-
-def check_precision(name: str) -> None:
-    if name not in PRECISIONS:
-        raise MitobenchError(f"unknown train.precision {name!r}: use auto (bf16 on CUDA, float32 on the CPU), native "
-                             "(bf16 where the device has it natively, else float32), fp32 or bf16")
+from mitobench.config import check_precision
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
