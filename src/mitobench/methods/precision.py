@@ -55,13 +55,20 @@ def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The CPU autocast dtype in force, or None (torch >= 2.4 has the device-type API; 2.2-2.3 the CPU one)."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
 class _Float32Forward:
     """Mixed into a depthwise convolution's class: run it outside autocast, in float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled("cpu"):
+        dtype = _cpu_autocast_dtype()
+        if dtype is None:
             return super().forward(x)
-        dtype = torch.get_autocast_dtype("cpu")
         with torch.autocast("cpu", enabled=False):
             return super().forward(x.float()).to(dtype)
 
