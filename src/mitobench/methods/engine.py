@@ -23,7 +23,7 @@ from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, BatchAugment, dihedral
 from mitobench.methods.freeze import freeze_stages
 from mitobench.methods.mixup import mixup
-from mitobench.methods.precision import autocast, cpu_has_native_bf16, prepare_model
+from mitobench.methods.precision import autocast, cpu_has_native_bf16, prepare_model, resolve_precision
 from mitobench.progress import progress_bar, say
 
 
@@ -231,6 +231,7 @@ class TrainMethod:
             say(f"fold {fold}: resumed after epoch {state['epoch']}")
 
         weights = torch.as_tensor(1.0 / np.bincount(y_tr, minlength=2)[y_tr], dtype=torch.double)
+        precision = resolve_precision(cfg.precision, self.device)  # once, not at every step
         t_train, n_seen = 0.0, 0
         while state["epoch"] < cfg.epochs and state["since"] < cfg.patience:
             model.train()
@@ -251,7 +252,7 @@ class TrainMethod:
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     try:
-                        with autocast(cfg.precision, self.device):
+                        with autocast(precision, self.device):
                             loss = loss_fn(model(x).float(), y) / cfg.grad_accum
                         if not torch.isfinite(loss):
                             raise FoldFailedError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}; "

@@ -6,8 +6,8 @@ AVX512-BF16 or AMX) and float32 elsewhere; a new run resolves it to ``bf16`` or 
 ``config.yaml``, so a resume or ``mitobench predict`` uses the precision the run trained in.
 
 oneDNN runs 1x1 convolutions and matrix products about twice as fast in bf16 on a CPU with native bf16, but
-its bf16 depthwise-convolution backward is several times slower than the float32 one, so on the CPU depthwise convolutions stay in float32 (their output is cast back to bf16
-for the BatchNorm that follows). Net effect for EfficientNet-Lite0 on this project's 2-core CPU: about 1.5x
+its bf16 depthwise-convolution backward is several times slower than the float32 one, so on the CPU depthwise
+convolutions stay in float32 (their output is cast back to bf16 for the BatchNorm that follows). Net effect for EfficientNet-Lite0 on this project's 2-core CPU: about 1.5x
 the training images/s (benchmarks/bench_train_speed.py).
 """
 
