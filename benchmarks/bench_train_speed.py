@@ -1,19 +1,25 @@
 """Issue 4 benchmark: CPU training images/s of EfficientNet-Lite0 with mitobench's pipeline against
 the reference code's pipeline, same model, same machine, one run.
 
-Usage: .venv/bin/python benchmarks/bench_train_speed.py [--data-root ../shared/data] [--steps 12] [--freeze 3] [--workers N]
+Usage: .venv/bin/python benchmarks/bench_train_speed.py [--data-root ../shared/data] [--rounds 4]
+       [--images-per-round 96] [--steps 12] [--freeze 3] [--workers N] [--no-append]
 
-Every mitobench column runs in float32 and in ``train.precision=bf16`` (bf16 autocast, depthwise convolutions in
-float32; methods/precision.py), except the frozen-stages one, which runs in the preset's precision.
+Every mitobench column runs in float32 and in ``train.precision=bf16`` (bf16 autocast with the depthwise
+convolutions' fast backward pass; methods/precision.py, methods/depthwise.py), except the frozen-stages one,
+which runs in the preset's precision.
 
 - mitobench: decoded uint8 patches held in memory, batched tensor augmentation (dihedral, rotation,
-  centre-keeping crop, colour and HED jitter, blur, resize in one grid_sample), channels-last,
-  AdamW, the batch size of ``--preset cpu``; once as the preset trains (every weight), once with
-  ``train.freeze_stages`` (the stem and first stages frozen, ``--freeze``, default 3), and once as
-  ``--fold-workers N`` trains: N one-thread processes side by side (default: one per core), images/s summed.
+  centre-keeping crop, colour and HED jitter, blur, resize in one grid_sample), channels-last, fused AdamW, glibc
+  keeping freed memory (methods/cpu_memory.py), the batch size of ``--preset cpu``: as the engine trains; once
+  as the preset trains (every weight), once with ``train.freeze_stages`` (the stem and first stages frozen,
+  ``--freeze``, default 3), and once as ``--fold-workers N`` trains: N one-thread processes side by side
+  (default: one per core), images/s summed.
 - reference: PIL transforms per image in a torch DataLoader (RandomResizedCrop, flips, rotation,
-  ColorJitter, ToTensor, Normalize), batch 8, Adam, as the reference code.
-Both at 128 px and 224 px. Full training steps (forward, backward, optimiser).
+  ColorJitter, ToTensor, Normalize), batch 8, Adam, the C library's default allocator, as the reference code.
+
+The in-process columns and the reference are timed in alternating rounds (``interleaved``), so that a slow
+spell of a shared machine does not fall on one of them only. Both at 128 px and 224 px. Full training steps
+(forward, backward, optimiser).
 """
 
 from __future__ import annotations
@@ -50,12 +56,11 @@ def in_memory(frame) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(frame["label"].to_numpy(), dtype=torch.float32)
 
 
-def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, freeze: int, precision: str,
-         ready=None) -> float:
-    """Training steps as the engine takes them with ``--preset cpu`` (batch, augmentation, memory format), in
-    ``precision`` (``train.precision``)."""
+def ours(images: torch.Tensor, labels: torch.Tensor, size: int, freeze: int, precision: str):
+    """One training step as the engine takes it with ``--preset cpu`` (batch, augmentation, memory format, fused
+    AdamW), in ``precision`` (``train.precision``); returns (step, images per step)."""
     from mitobench.methods.augment import PRESETS, BatchAugment
-    from mitobench.methods.engine import Classifier
+    from mitobench.methods.engine import Classifier, make_optimizer
     from mitobench.methods.freeze import freeze_stages
     from mitobench.methods.precision import autocast, prepare_model
     from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
@@ -67,7 +72,7 @@ def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, free
     freeze_stages(model, freeze)
     model = model.to(memory_format=torch.channels_last).train()
     prepare_model(model, precision, torch.device("cpu"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
+    opt = make_optimizer(torch.optim.AdamW, [p for p in model.parameters() if p.requires_grad], 1e-3)
     aug = BatchAugment(PRESETS[preset["augment"]], size, seed=0)
     gen = torch.Generator().manual_seed(0)
 
@@ -81,13 +86,34 @@ def ours(images: torch.Tensor, labels: torch.Tensor, size: int, steps: int, free
         loss.backward()
         opt.step()
 
-    step()
-    if ready is not None:  # a fold worker: wait until every worker is warm, so that they are timed side by side
-        ready()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch / (time.perf_counter() - t0)
+    return step, batch
+
+
+def interleaved(pipelines: dict[str, tuple], images_per_round: int, rounds: int) -> dict[str, float]:
+    """images/s of each in-process pipeline, timed in ``rounds`` alternating rounds of ``images_per_round`` images
+    each (after one untimed step), so that a slow spell of a shared machine falls on all of them alike.
+
+    A pipeline is (step, images per step, keeps freed memory): the engine's pipelines train with glibc keeping
+    freed memory (methods/cpu_memory.py), the reference with the C library's defaults, as each runs on its own.
+    """
+    from mitobench.methods.cpu_memory import keep_freed_memory
+
+    seconds = dict.fromkeys(pipelines, 0.0)
+    done = dict.fromkeys(pipelines, 0)
+    names = list(pipelines)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            step, per_step, keep = pipelines[name]
+            keep_freed_memory(keep)
+            step()
+            n_steps = max(1, images_per_round // per_step)
+            t0 = time.perf_counter()
+            for _ in range(n_steps):
+                step()
+            seconds[name] += time.perf_counter() - t0
+            done[name] += n_steps * per_step
+    keep_freed_memory(False)
+    return {name: done[name] / seconds[name] for name in names}
 
 
 def fold_workers(size: int, steps: int, data_root: str, workers: int, precision: str) -> float:
@@ -110,17 +136,24 @@ def fold_workers(size: int, steps: int, data_root: str, workers: int, precision:
 
 
 def worker(size: int, steps: int, data_root: str, precision: str) -> None:
+    from mitobench.methods.cpu_memory import keep_freed_memory
+
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the engine does in each fold worker
     images, labels = in_memory(records(data_root, 512))
+    step, batch = ours(images, labels, size, freeze=0, precision=precision)
+    step()
+    step()
+    print("ready", flush=True)  # wait until every worker is warm, so that they are timed side by side
+    sys.stdin.readline()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    print(steps * batch / (time.perf_counter() - t0), flush=True)
 
-    def ready() -> None:
-        print("ready", flush=True)
-        sys.stdin.readline()
 
-    print(ours(images, labels, size, steps, freeze=0, precision=precision, ready=ready), flush=True)
-
-
-def reference(frame, size: int, steps: int, batch: int = 8) -> float:
+def reference(frame, size: int, batch: int = 8):
+    """One training step of the reference code's pipeline; returns (step, images per step)."""
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
@@ -157,12 +190,7 @@ def reference(frame, size: int, steps: int, batch: int = 8) -> float:
         loss.backward()
         opt.step()
 
-    step()
-    n_steps = steps * 4  # as many images as mitobench's steps at batch 32
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    return n_steps * batch / (time.perf_counter() - t0)
+    return step, batch
 
 
 def main() -> None:
@@ -170,7 +198,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=os.environ.get("MITOBENCH_DATA", str(ROOT.parent / "shared/data")))
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=4, help="alternating timed rounds of the in-process pipelines")
+    parser.add_argument("--images-per-round", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps of each fold worker")
     parser.add_argument("--freeze", type=int, default=3, help="train.freeze_stages for the second column")
     parser.add_argument("--workers", type=int, default=None, help="processes for the fold_workers column (default: the cores)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # internal: one fold worker at this size
@@ -192,17 +222,22 @@ def main() -> None:
             "bf16 (summed) | reference pipeline | ratios, in this order | target |",
             "|---|---|---|---|---|---|---|---|---|"]
     for size in (128, 224):
-        rates = [ours(images, labels, size, args.steps, freeze=preset_freeze, precision="fp32"),
-                 ours(images, labels, size, args.steps, freeze=preset_freeze, precision="bf16"),
-                 ours(images, labels, size, args.steps, freeze=freeze, precision=preset_precision),
+        pipelines = {"fp32": (*ours(images, labels, size, freeze=preset_freeze, precision="fp32"), True),
+                     "bf16": (*ours(images, labels, size, freeze=preset_freeze, precision="bf16"), True),
+                     "frozen": (*ours(images, labels, size, freeze=freeze, precision=preset_precision), True),
+                     "reference": (*reference(frame, size), False)}
+        timed = interleaved(pipelines, args.images_per_round, args.rounds)
+        del pipelines
+        rates = [timed["fp32"], timed["bf16"], timed["frozen"],
                  fold_workers(size, args.steps, args.data_root, workers, "fp32"),
                  fold_workers(size, args.steps, args.data_root, workers, "bf16")]
-        ref = reference(frame, size, args.steps)
+        ref = timed["reference"]
         rows.append(f"| {size} px | " + " | ".join(f"{r:.1f}" for r in rates) + f" | {ref:.1f} | "
                     + " / ".join(f"{r / ref:.1f}x" for r in rates) + " | >= 3x |")
         print(rows[-1], flush=True)
     rows.append(f"\nimages/s of full training steps (forward, backward, optimiser); `--preset cpu` trains in "
-                f"`train.precision={preset_precision}`.")
+                f"`train.precision={preset_precision}`. The in-process columns and the reference are timed in "
+                f"{args.rounds} alternating rounds of {args.images_per_round} images each.")
     body = "\n".join(rows)
     print(body)
     if not args.no_append:

@@ -17,7 +17,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 import mitobench.methods.losses as losses_mod
 from mitobench.config import load_config
 from mitobench.errors import MitobenchError
-from mitobench.methods.augment import PRESETS, AugmentConfig, BatchAugment, dihedral, geometric, hed_jitter
+from mitobench.methods.augment import PRESETS, AugmentConfig, BatchAugment, colour_jitter, dihedral, geometric, hed_jitter
 from mitobench.methods.engine import TrainMethod, centre_crop, improves
 from mitobench.methods.losses import make_loss
 from mitobench.methods.mixup import mixup
@@ -612,6 +612,48 @@ def test_hed_jitter_zero_is_identity():
     torch.testing.assert_close(hed_jitter(x, 0.0, 0.0, gen), x, atol=1e-4, rtol=0)
     y = hed_jitter(x, 0.3, 0.1, gen)
     assert y.shape == x.shape and (y - x).abs().max() > 1e-3 and y.min() >= 0 and y.max() <= 1
+
+
+def _draws(gen: torch.Generator, n: int, amount: float) -> torch.Tensor:
+    return torch.rand(n, generator=gen) * 2 * amount - amount
+
+
+def test_hed_jitter_is_the_stain_space_recipe():
+    """One affine map per image equals the recipe step by step: OD -> HED, scale and shift, -> OD -> RGB."""
+    from mitobench.methods.augment import _HED_FROM_RGB, _RGB_FROM_HED
+
+    x = (torch.rand(4, 3, 16, 16) * 0.98 + 0.01).contiguous(memory_format=torch.channels_last)
+    out = hed_jitter(x, 0.3, 0.1, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    alpha, beta = 1 + _draws(gen, 12, 0.3).view(4, 3, 1, 1), _draws(gen, 12, 0.1).view(4, 3, 1, 1)
+    hed = torch.einsum("bchw,cd->bdhw", -torch.log(x), _HED_FROM_RGB) * alpha + beta
+    expected = torch.exp(-torch.einsum("bdhw,dc->bchw", hed, _RGB_FROM_HED)).clamp(0, 1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_colour_jitter_is_brightness_contrast_saturation_hue_in_turn():
+    """The composed per-image colour map equals the four operations applied one after another."""
+    cfg = AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.4, hue=0.05)
+    x = torch.rand(5, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    out = colour_jitter(x, cfg, torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    b, c, s, hue = (1 + _draws(gen, 5, 0.3), 1 + _draws(gen, 5, 0.3), 1 + _draws(gen, 5, 0.4), _draws(gen, 5, 0.05))
+    y = x * b.view(5, 1, 1, 1)
+    mean = y.mean(dim=(1, 2, 3), keepdim=True)
+    y = (y - mean) * c.view(5, 1, 1, 1) + mean
+    grey = 0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3]
+    y = (y - grey) * s.view(5, 1, 1, 1) + grey
+    theta = hue * 2 * math.pi
+    k = 1 / math.sqrt(3)
+    cross = torch.tensor([[0, -k, k], [k, 0, -k], [-k, k, 0]])
+    for i in range(5):  # Rodrigues' rotation about the grey axis (1, 1, 1) / sqrt(3)
+        rot = math.cos(theta[i]) * torch.eye(3) + math.sin(theta[i]) * cross + (1 - math.cos(theta[i])) / 3
+        y[i] = torch.einsum("ij,jhw->ihw", rot, y[i])
+    torch.testing.assert_close(out, y.clamp(0, 1), rtol=0, atol=1e-5)
+    assert ((out > 0) & (out < 1)).float().mean() > 0.5  # not just clamped to the bounds
+    grey_pixels = torch.full((2, 3, 4, 4), 0.5)
+    torch.testing.assert_close(colour_jitter(grey_pixels, AugmentConfig(saturation=0.5, hue=0.1),
+                                             torch.Generator().manual_seed(0)), grey_pixels)  # grey stays grey
 
 
 def _mark_centroid(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

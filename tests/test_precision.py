@@ -1,4 +1,4 @@
-"""train.precision: bf16 autocast on the CPU with depthwise convolutions kept in float32."""
+"""train.precision: bf16 autocast on the CPU, with depthwise convolutions on the fast backward path."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mitobench.errors import MitobenchError
 from mitobench.methods.engine import Classifier
 from mitobench.methods import precision as precision_mod
-from mitobench.methods.precision import autocast, autocast_dtype, keep_depthwise_float32, prepare_model, resolve_precision
+from mitobench.methods.precision import autocast, autocast_dtype, fast_depthwise, prepare_model, resolve_precision
 from mitobench.models.registry import create_backbone
 from test_engine import fit_fold, make_config
 
@@ -47,24 +47,47 @@ def test_unknown_precision_is_a_clear_error(fixture_root, tmp_path):
         make_config(fixture_root, tmp_path, train={"precision": "fp16"})
 
 
-def test_depthwise_convolutions_run_in_float32_under_cpu_autocast():
+def test_depthwise_convolutions_take_the_fast_path_under_cpu_autocast():
     model = Classifier(create_backbone("efficientnet_lite0")).eval()
     names = list(model.state_dict())
     depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
-    assert keep_depthwise_float32(model) == len(depthwise) == 16
-    assert keep_depthwise_float32(model) == 16  # idempotent
+    assert fast_depthwise(model) == len(depthwise) == 16
+    assert fast_depthwise(model) == 16  # idempotent
     assert list(model.state_dict()) == names  # checkpoints are unchanged
     conv = depthwise[3]
-    x = torch.randn(2, conv.in_channels, 16, 16)
+    x = torch.randn(2, conv.in_channels, 16, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = conv(x)
-    assert out.dtype == torch.bfloat16  # handed on in bf16 to the BatchNorm after it
-    expected = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    torch.testing.assert_close(out, expected.to(torch.bfloat16), rtol=0, atol=0)  # computed in float32, rounded once
+    assert out.dtype == torch.bfloat16
+    expected = F.conv2d(x.bfloat16(), conv.weight.bfloat16(), None, conv.stride, conv.padding, 1, conv.groups)
+    assert torch.equal(out, expected)  # the same bf16 convolution autocast would run
+    assert out.grad_fn.name().endswith("_DepthwiseConv2dBackward")
+    out.float().sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None and conv.weight.grad.dtype == torch.float32
     plain = conv.forward(x)  # outside autocast: the ordinary float32 convolution
-    assert plain.dtype == torch.float32 and torch.equal(plain, expected)
+    assert plain.dtype == torch.float32
+    assert torch.equal(plain, F.conv2d(x, conv.weight, None, conv.stride, conv.padding, 1, conv.groups))
     twin = copy.deepcopy(model)  # EMA copies the model: the copy keeps the policy
     assert all(type(a) is type(b) for a, b in zip(model.modules(), twin.modules()))
+
+
+def test_dynamic_padding_convolutions_are_left_alone():
+    """A Conv2d subclass with its own forward (timm's "same" padding) keeps it."""
+    from timm.layers import Conv2dSame
+
+    model = torch.nn.Sequential(Conv2dSame(8, 8, 5, stride=2, groups=8), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    assert fast_depthwise(model) == 1
+    assert type(model[0]) is Conv2dSame
+
+
+def test_activations_become_out_of_place_under_bf16_only():
+    model = Classifier(create_backbone("efficientnet_lite0"))
+    acts = [m for m in model.modules() if isinstance(m, torch.nn.ReLU6)]
+    assert acts and all(a.inplace for a in acts)
+    prepare_model(model, "fp32", CPU)
+    assert all(a.inplace for a in acts)
+    prepare_model(model, "bf16", CPU)
+    assert not any(a.inplace for a in acts)
 
 
 def test_policy_applies_only_to_cpu_autocast():

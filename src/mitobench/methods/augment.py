@@ -65,39 +65,60 @@ def _rand(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torch.T
     return (torch.rand(n, generator=gen) * (hi - lo) + lo).to(device)
 
 
-def hed_jitter(x: torch.Tensor, sigma: float, bias: float, gen: torch.Generator) -> torch.Tensor:
-    """Scale and shift each stain's optical density (Tellez et al. 2018), batched."""
+def _per_image_affine(x: torch.Tensor, matrix: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``out[b, :, y, x] = matrix[b] @ x[b, :, y, x] + offset[b]`` for a ``(B, 3, H, W)`` batch, in one pass
+    over the pixels (a batched matrix product with an inner dimension of 3 is slower)."""
     b = x.shape[0]
-    od = -torch.log(x.clamp(min=1e-6))  # (B, 3, H, W) optical density
-    hed = torch.einsum("bchw,cd->bdhw", od, _HED_FROM_RGB.to(x))
-    alpha = 1 + _rand(b * 3, -sigma, sigma, gen, x.device).view(b, 3, 1, 1)
-    beta = _rand(b * 3, -bias, bias, gen, x.device).view(b, 3, 1, 1)
-    hed = hed * alpha + beta
-    od = torch.einsum("bdhw,dc->bchw", hed, _RGB_FROM_HED.to(x))
-    return torch.exp(-od).clamp(0, 1)
+    pixels = x.permute(0, 2, 3, 1)  # (B, H, W, 3); a view when x is channels-last
+    out = pixels[..., 0:1] * matrix[:, None, None, :, 0] + offset.view(b, 1, 1, 3)
+    out.addcmul_(pixels[..., 1:2], matrix[:, None, None, :, 1])
+    out.addcmul_(pixels[..., 2:3], matrix[:, None, None, :, 2])
+    return out.permute(0, 3, 1, 2)
+
+
+def hed_jitter(x: torch.Tensor, sigma: float, bias: float, gen: torch.Generator) -> torch.Tensor:
+    """Scale and shift each stain's optical density (Tellez et al. 2018), batched.
+
+    RGB optical density -> HED, ``hed * alpha + beta``, -> RGB optical density is one affine map per image.
+    """
+    b = x.shape[0]
+    od = x.clamp(min=1e-6).log_().neg_()  # (B, 3, H, W) optical density
+    alpha = 1 + _rand(b * 3, -sigma, sigma, gen, x.device).view(b, 3)
+    beta = _rand(b * 3, -bias, bias, gen, x.device).view(b, 3)
+    hed_from_rgb, rgb_from_hed = _HED_FROM_RGB.to(x), _RGB_FROM_HED.to(x)
+    matrix = torch.einsum("cd,bd,de->bec", hed_from_rgb, alpha, rgb_from_hed)  # (B, out, in)
+    return _per_image_affine(od, matrix, beta @ rgb_from_hed).neg_().exp_().clamp_(0, 1)
 
 
 def colour_jitter(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast, saturation and hue, composed into one affine colour map per image.
+
+    brightness scales; contrast scales about the image's mean; saturation mixes each pixel with its grey
+    value; hue rotates the chroma about the grey axis. The composition is ``M x + (1 - contrast) * mean``,
+    because saturation and hue leave grey pixels unchanged.
+    """
     b = x.shape[0]
-    if cfg.brightness:
-        x = x * (1 + _rand(b, -cfg.brightness, cfg.brightness, gen, x.device)).view(b, 1, 1, 1)
-    if cfg.contrast:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * (1 + _rand(b, -cfg.contrast, cfg.contrast, gen, x.device)).view(b, 1, 1, 1) + mean
-    if cfg.saturation:
-        grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = (x - grey) * (1 + _rand(b, -cfg.saturation, cfg.saturation, gen, x.device)).view(b, 1, 1, 1) + grey
+    ones = torch.ones(b)
+
+    def factor(amount: float) -> torch.Tensor:
+        return 1 + _rand(b, -amount, amount, gen, "cpu") if amount else ones
+
+    brightness, contrast, saturation = factor(cfg.brightness), factor(cfg.contrast), factor(cfg.saturation)
+    eye = torch.eye(3).expand(b, 3, 3)
+    grey = torch.tensor([0.299, 0.587, 0.114]).expand(b, 3, 3)
+    mix = saturation.view(b, 1, 1) * eye + (1 - saturation).view(b, 1, 1) * grey
     if cfg.hue:
-        # rotate chroma around the grey axis (a cheap, batched hue shift)
-        theta = _rand(b, -cfg.hue, cfg.hue, gen, x.device) * 2 * math.pi
+        theta = _rand(b, -cfg.hue, cfg.hue, gen, "cpu") * 2 * math.pi
         cos, sin = torch.cos(theta).view(b, 1, 1), torch.sin(theta).view(b, 1, 1)
         k = 1 / math.sqrt(3)
-        eye = torch.eye(3, device=x.device).expand(b, 3, 3)
-        cross = torch.tensor([[0, -k, k], [k, 0, -k], [-k, k, 0]], device=x.device).expand(b, 3, 3)
-        outer = torch.full((3, 3), 1 / 3, device=x.device).expand(b, 3, 3)
-        rot = cos * eye + sin * cross + (1 - cos) * outer
-        x = torch.einsum("bij,bjhw->bihw", rot, x)
-    return x.clamp(0, 1)
+        cross = torch.tensor([[0, -k, k], [k, 0, -k], [-k, k, 0]])
+        mix = (cos * eye + sin * cross + (1 - cos) * torch.full((3, 3), 1 / 3)) @ mix
+    matrix = (contrast * brightness).view(b, 1, 1) * mix
+    offset = torch.zeros(b, 3)
+    if cfg.contrast:
+        mean = x.mean(dim=(1, 2, 3)).cpu() * brightness
+        offset = torch.einsum("bij,bj->bi", mix, ((1 - contrast) * mean).view(b, 1).expand(b, 3))
+    return _per_image_affine(x, matrix.to(x), offset.to(x)).clamp_(0, 1)
 
 
 def gaussian_blur(x: torch.Tensor, p: float, sigma: tuple[float, float], gen: torch.Generator) -> torch.Tensor:

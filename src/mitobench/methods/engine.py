@@ -23,6 +23,7 @@ from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, BatchAugment, dihedral
 from mitobench.methods.freeze import freeze_stages
 from mitobench.methods.mixup import mixup
+from mitobench.methods.cpu_memory import keep_freed_memory
 from mitobench.methods.precision import autocast, cpu_has_native_bf16, prepare_model, resolve_precision
 from mitobench.progress import progress_bar, say
 
@@ -68,6 +69,15 @@ def _method_module(name: str):
     from mitobench.methods import finetune, lora
 
     return {"finetune": finetune, "lora": lora}[name]
+
+
+def make_optimizer(cls: type[torch.optim.Optimizer], groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """``cls`` in its fused form (one kernel updates every parameter) where this torch has it for the parameters'
+    device: the same update rule, ~3x faster steps on the CPU. Older torch releases fuse on CUDA only."""
+    try:
+        return cls(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(groups, lr=lr)
 
 
 def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
@@ -121,6 +131,8 @@ class TrainMethod:
                 "slower than float32. Use --set train.precision=fp32 here.")
         if self.config.train.num_threads:
             torch.set_num_threads(self.config.train.num_threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # large activations are reused step after step, not page-faulted anew (cpu_memory.py)
         # held in RAM (AMi-Br is ~180 MB decoded), not read through the memory map at every step
         self.images = {name: torch.from_numpy(np.array(p)) for name, p in ctx.patches.items()}
 
@@ -192,12 +204,12 @@ class TrainMethod:
         total_steps = steps_per_epoch * cfg.epochs
         warmup = int(cfg.warmup_epochs * steps_per_epoch)
         if cfg.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=cfg.lr)
+            opt = make_optimizer(torch.optim.AdamW, groups, cfg.lr)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) *
                                                       0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - warmup) / max(1, total_steps - warmup)))))
             plateau = None
         elif cfg.optimizer == "adam":
-            opt = torch.optim.Adam(groups, lr=cfg.lr)
+            opt = make_optimizer(torch.optim.Adam, groups, cfg.lr)
             sched = None
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3, min_lr=1e-7)
         else:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mitobench.config import check_precision
+from mitobench.methods.depthwise import depthwise_conv2d
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -62,34 +63,57 @@ def _cpu_autocast_dtype() -> torch.dtype | None:
     return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
-class _Float32Forward:
-    """Mixed into a depthwise convolution's class: run it outside autocast, in float32."""
+class _FastDepthwiseForward:
+    """Mixed into a depthwise convolution's class: under CPU autocast, run it in the autocast dtype with the
+    backward pass of methods/depthwise.py."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _cpu_autocast_dtype()
-        if dtype is None:
+        if dtype is None or x.device.type != "cpu":
             return super().forward(x)
         with torch.autocast("cpu", enabled=False):
-            return super().forward(x.float()).to(dtype)
+            out = depthwise_conv2d(x.to(dtype), self.weight.to(dtype), self.stride, self.padding)
+            return out if self.bias is None else out + self.bias.to(dtype).view(1, -1, 1, 1)
 
 
 _CLASSES: dict[type, type] = {}
 
 
-def keep_depthwise_float32(model: nn.Module) -> int:
-    """Make every depthwise convolution of ``model`` run in float32 under CPU autocast; returns how many.
+def _plain_depthwise(module: nn.Module) -> bool:
+    """A depthwise nn.Conv2d whose forward is nn.Conv2d's own, with zero padding given in pixels and no dilation
+    (a subclass with its own forward, e.g. timm's dynamic "same" padding, is left alone)."""
+    return (_is_depthwise(module) and type(module).forward in (nn.Conv2d.forward, _FastDepthwiseForward.forward)
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            and tuple(module.dilation) == (1, 1) and module.out_channels == module.in_channels)
+
+
+def fast_depthwise(model: nn.Module) -> int:
+    """Give every plain depthwise convolution of ``model`` the fast CPU autocast path; returns how many.
 
     The class of each such module is swapped for a subclass, so parameter names, state dicts, deep copies
-    and checkpoints are unchanged. Idempotent.
+    and checkpoints are unchanged. Idempotent; outside CPU autocast the modules behave as before.
     """
     count = 0
     for module in model.modules():
-        if _is_depthwise(module):
+        if _plain_depthwise(module):
             cls = type(module)
-            if not issubclass(cls, _Float32Forward):
+            if not issubclass(cls, _FastDepthwiseForward):
                 if cls not in _CLASSES:
-                    _CLASSES[cls] = type(f"Float32{cls.__name__}", (_Float32Forward, cls), {})
+                    _CLASSES[cls] = type(f"FastDepthwise{cls.__name__}", (_FastDepthwiseForward, cls), {})
                 module.__class__ = _CLASSES[cls]
+            count += 1
+    return count
+
+
+def out_of_place_activations(model: nn.Module) -> int:
+    """Make in-place ReLU/ReLU6/Hardtanh activations out of place; returns how many.
+
+    Same values; under CPU autocast an in-place activation on a bf16 tensor costs an extra copy of it.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (nn.ReLU, nn.Hardtanh)) and module.inplace:
+            module.inplace = False
             count += 1
     return count
 
@@ -97,5 +121,6 @@ def keep_depthwise_float32(model: nn.Module) -> int:
 def prepare_model(model: nn.Module, name: str, device: torch.device) -> nn.Module:
     """Apply the precision policy to a model that will train or predict on ``device``."""
     if autocast_dtype(name, device) is not None and device.type == "cpu":
-        keep_depthwise_float32(model)
+        fast_depthwise(model)
+        out_of_place_activations(model)
     return model
