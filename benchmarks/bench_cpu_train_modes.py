@@ -1,6 +1,7 @@
-"""Lite0 training steps on this CPU in float32 eager, bf16 autocast of every operation, bf16 autocast with the
-depthwise convolutions kept in float32 (``train.precision=bf16``, methods/precision.py) and torch.compile (same
-model, input size, batch; channels-last; random inputs).
+"""Lite0 training steps on this CPU in float32 eager, bf16 autocast of every operation with oneDNN's own
+kernels, bf16 autocast as ``train.precision=bf16`` trains (the depthwise convolutions' fast backward pass of
+methods/depthwise.py, out-of-place activations; methods/precision.py) and torch.compile (same model, input size,
+batch; channels-last; random inputs; plain AdamW in every mode).
 
 Usage: .venv/bin/python benchmarks/bench_cpu_train_modes.py [--size 128] [--batch 32] [--steps 8] [--no-append]
 """
@@ -20,13 +21,13 @@ from common import append_results  # noqa: E402
 
 def images_per_s(mode: str, size: int, batch: int, steps: int) -> tuple[float, float]:
     from mitobench.methods.engine import Classifier
-    from mitobench.methods.precision import keep_depthwise_float32
+    from mitobench.methods.precision import prepare_model
     from mitobench.models.registry import create_backbone
 
     torch.manual_seed(0)
     model = Classifier(create_backbone("efficientnet_lite0")).to(memory_format=torch.channels_last).train()
-    if mode == "bf16, depthwise fp32":
-        keep_depthwise_float32(model)
+    if mode == "bf16, train.precision=bf16":
+        prepare_model(model, "bf16", torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     forward = torch.compile(model) if mode == "compile" else model
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     rows = ["| mode | img/s | first 3 steps (s) |", "|---|---|---|"]
-    for mode in ("fp32", "bf16", "bf16, depthwise fp32", "compile"):
+    for mode in ("fp32", "bf16", "bf16, train.precision=bf16", "compile"):
         speed, warmup = images_per_s(mode, args.size, args.batch, args.steps)
         rows.append(f"| {mode} | {speed:.1f} | {warmup:.1f} |")
         print(rows[-1], flush=True)

@@ -15,10 +15,10 @@ which runs in the preset's precision.
   ``--freeze``, default 3), and once as ``--fold-workers N`` trains: N one-thread processes side by side
   (default: one per core), images/s summed.
 - reference: PIL transforms per image in a torch DataLoader (RandomResizedCrop, flips, rotation,
-  ColorJitter, ToTensor, Normalize), batch 8, Adam, the C library's default allocator, as the reference code.
+  ColorJitter, ToTensor, Normalize), batch 8, Adam, in a process of its own, as the reference code runs.
 
-The in-process columns and the reference are timed in alternating rounds (``interleaved``), so that a slow
-spell of a shared machine does not fall on one of them only. Both at 128 px and 224 px. Full training steps
+The in-process columns and the reference (in a process of its own, idle while the others run) are timed in
+alternating rounds (``interleaved``), so that a slow spell of a shared machine does not fall on one of them only. Both at 128 px and 224 px. Full training steps
 (forward, backward, optimiser).
 """
 
@@ -89,30 +89,62 @@ def ours(images: torch.Tensor, labels: torch.Tensor, size: int, freeze: int, pre
     return step, batch
 
 
+def in_process(step, per_step: int):
+    """A pipeline of this process: (timed, images per step), ``timed(n)`` taking one untimed step then n timed."""
+    def timed(n_steps: int) -> float:
+        step()
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            step()
+        return time.perf_counter() - t0
+
+    return timed, per_step
+
+
+class ReferenceProcess:
+    """The reference pipeline in a process of its own, as the reference code runs (the C library's default
+    allocator, none of this process's settings), taking its steps when told to."""
+
+    def __init__(self, size: int, data_root: str):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--reference-worker", str(size), "--data-root", data_root],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        reply = self.proc.stdout.readline().split()
+        if not reply or reply[0] != "ready":
+            raise SystemExit(f"the reference process failed to start (exit code {self.proc.wait()})")
+        self.per_step = int(reply[1])
+
+    def timed(self, n_steps: int) -> float:
+        self.proc.stdin.write(f"{n_steps}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.write("0\n")
+        self.proc.stdin.flush()
+        self.proc.wait()
+
+
+def reference_worker(size: int, data_root: str) -> None:
+    step, batch = reference(records(data_root, 512), size)
+    step()
+    print("ready", batch, flush=True)
+    timed, _ = in_process(step, batch)
+    while (n_steps := int(sys.stdin.readline() or 0)) > 0:
+        print(timed(n_steps), flush=True)
+
+
 def interleaved(pipelines: dict[str, tuple], images_per_round: int, rounds: int) -> dict[str, float]:
-    """images/s of each in-process pipeline, timed in ``rounds`` alternating rounds of ``images_per_round`` images
-    each (after one untimed step), so that a slow spell of a shared machine falls on all of them alike.
-
-    A pipeline is (step, images per step, keeps freed memory): the engine's pipelines train with glibc keeping
-    freed memory (methods/cpu_memory.py), the reference with the C library's defaults, as each runs on its own.
-    """
-    from mitobench.methods.cpu_memory import keep_freed_memory
-
+    """images/s of each pipeline (``timed``, images per step), timed in ``rounds`` alternating rounds of
+    ``images_per_round`` images each, so that a slow spell of a shared machine falls on all of them alike."""
     seconds = dict.fromkeys(pipelines, 0.0)
     done = dict.fromkeys(pipelines, 0)
     names = list(pipelines)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            step, per_step, keep = pipelines[name]
-            keep_freed_memory(keep)
-            step()
+            timed, per_step = pipelines[name]
             n_steps = max(1, images_per_round // per_step)
-            t0 = time.perf_counter()
-            for _ in range(n_steps):
-                step()
-            seconds[name] += time.perf_counter() - t0
+            seconds[name] += timed(n_steps)
             done[name] += n_steps * per_step
-    keep_freed_memory(False)
     return {name: done[name] / seconds[name] for name in names}
 
 
@@ -204,11 +236,17 @@ def main() -> None:
     parser.add_argument("--freeze", type=int, default=3, help="train.freeze_stages for the second column")
     parser.add_argument("--workers", type=int, default=None, help="processes for the fold_workers column (default: the cores)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # internal: one fold worker at this size
+    parser.add_argument("--reference-worker", type=int, default=None, help=argparse.SUPPRESS)  # internal: the reference
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)  # internal: the worker's train.precision
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.steps, args.data_root, args.precision)
+    if args.reference_worker:
+        return reference_worker(args.reference_worker, args.data_root)
+    from mitobench.methods.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # as the engine trains; the reference runs in a process of its own
     from mitobench.fold_workers import cpu_cores
 
     workers = args.workers or cpu_cores()
@@ -222,11 +260,13 @@ def main() -> None:
             "bf16 (summed) | reference pipeline | ratios, in this order | target |",
             "|---|---|---|---|---|---|---|---|---|"]
     for size in (128, 224):
-        pipelines = {"fp32": (*ours(images, labels, size, freeze=preset_freeze, precision="fp32"), True),
-                     "bf16": (*ours(images, labels, size, freeze=preset_freeze, precision="bf16"), True),
-                     "frozen": (*ours(images, labels, size, freeze=freeze, precision=preset_precision), True),
-                     "reference": (*reference(frame, size), False)}
+        ref_proc = ReferenceProcess(size, args.data_root)
+        pipelines = {"fp32": in_process(*ours(images, labels, size, freeze=preset_freeze, precision="fp32")),
+                     "bf16": in_process(*ours(images, labels, size, freeze=preset_freeze, precision="bf16")),
+                     "frozen": in_process(*ours(images, labels, size, freeze=freeze, precision=preset_precision)),
+                     "reference": (ref_proc.timed, ref_proc.per_step)}
         timed = interleaved(pipelines, args.images_per_round, args.rounds)
+        ref_proc.close()
         del pipelines
         rates = [timed["fp32"], timed["bf16"], timed["frozen"],
                  fold_workers(size, args.steps, args.data_root, workers, "fp32"),

@@ -84,7 +84,7 @@ def test_predict_refuses_an_incomplete_run(probe_run, tmp_path, fixture_root):
 @pytest.mark.parametrize("precision,atol", [("auto", 1e-4), ("native", 1e-2)])
 def test_finetune_predict_matches_the_runs_own_probabilities(fixture_root, tmp_path, monkeypatch, precision, atol):
     """native: the run saves the precision it resolved (bf16 on a CPU with native bf16) and predict applies it
-    (depthwise convolutions in float32); predict's batches differ from the run's, hence bf16 rounding."""
+    (bf16 autocast with the fast depthwise path); predict's batches differ from the run's, hence bf16 rounding."""
     monkeypatch.setattr("mitobench.methods.precision.cpu_has_native_bf16", lambda: True)
     run_dir = _run(fixture_root, tmp_path, method="finetune",
                    train={"epochs": 1, "img_size": 64, "batch_size": 8, "tta": True, "precision": precision})

@@ -6,9 +6,12 @@ AVX512-BF16 or AMX) and float32 elsewhere; a new run resolves it to ``bf16`` or 
 ``config.yaml``, so a resume or ``mitobench predict`` uses the precision the run trained in.
 
 oneDNN runs 1x1 convolutions and matrix products about twice as fast in bf16 on a CPU with native bf16, but
-its bf16 depthwise-convolution backward is several times slower than the float32 one, so on the CPU depthwise
-convolutions stay in float32 (their output is cast back to bf16 for the BatchNorm that follows). Net effect for EfficientNet-Lite0 on this project's 2-core CPU: about 1.5x
-the training images/s (benchmarks/bench_train_speed.py).
+parts of its bf16 depthwise-convolution backward are tens of times slower than the forward pass, so under CPU
+autocast the depthwise convolutions take the exact-gradient backward of methods/depthwise.py, and in-place
+activations become out-of-place ones (an in-place one on a bf16 tensor costs a copy). Net effect for
+EfficientNet-Lite0 on this project's 2-core CPU, with the engine's other CPU settings (fused AdamW, glibc keeping
+freed memory): about 1.4x (128 px) and 1.6x (224 px) the training images/s of float32
+(benchmarks/bench_train_speed.py).
 """
 
 from __future__ import annotations

@@ -19,9 +19,11 @@ PRESETS: dict[str, dict] = {
     # AUROC 0.8888 vs 0.8810; benchmarks/selection_rules.py); 17 epochs instead of 15 (last-epoch validation BA
     # 0.8258 vs 0.8174, AUROC 0.9070 vs 0.9037); TTA also over the central 87.5 % of each patch (16 views; the 17-epoch
     # run's own fold models on their validation folds: BA 0.8273 vs 0.8258, AUROC 0.9129 vs 0.9070;
-    # benchmarks/tta_views.py); precision native, i.e. bf16 with depthwise convolutions in float32 on a CPU with
-    # native bf16 (validation BA 0.8343 vs 0.8273, AUROC 0.9136 vs 0.9129 against the float32 run; 67 instead of
-    # 83 min; the rule, fixed before the run: adopt unless BA or AUROC falls by more than 0.005), float32 elsewhere.
+    # benchmarks/tta_views.py); precision native, i.e. bf16 on a CPU with native bf16 (validation BA 0.8343 vs
+    # 0.8273, AUROC 0.9136 vs 0.9129 against the float32 run; the rule, fixed before the run: adopt unless BA or
+    # AUROC falls by more than 0.005), float32 elsewhere; its depthwise convolutions in bf16 with the backward pass
+    # of methods/depthwise.py instead of float32 (validation BA 0.8339, AUROC 0.9144: kept by the same rule; 34.6
+    # min with --fold-workers 2 on 2 cores).
     "cpu": {"img_size": 128, "epochs": 17, "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-2,
             "warmup_epochs": 1.0, "patience": 100, "min_epochs": 5, "sampler": "shuffle", "loss": "weighted_bce",
             "augment": "strong", "tta": True, "label_smoothing": 0.0, "soft_labels": True, "channels_last": True,
