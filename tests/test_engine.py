@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -18,7 +19,7 @@ import mitobench.methods.losses as losses_mod
 from mitobench.config import load_config
 from mitobench.errors import MitobenchError
 from mitobench.methods.augment import PRESETS, AugmentConfig, BatchAugment, colour_jitter, dihedral, geometric, hed_jitter
-from mitobench.methods.engine import TrainMethod, centre_crop, improves
+from mitobench.methods.engine import TrainMethod, centre_crop, improves, make_optimizer
 from mitobench.methods.losses import make_loss
 from mitobench.methods.mixup import mixup
 from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
@@ -560,6 +561,26 @@ def test_lora_targets_matching_nothing(fixture_root, tmp_path, tiny_vit_card):
     method.device = torch.device("cpu")
     with pytest.raises(MitobenchError, match="match no layer"):
         method._build()
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam])
+def test_optimizer_is_fused_and_updates_like_the_plain_one(cls):
+    """This torch fuses AdamW/Adam on the CPU; the fused update follows the plain one (float rounding apart)."""
+    gen = torch.Generator().manual_seed(0)
+    fused_model = torch.nn.Linear(8, 3)
+    plain_model = copy.deepcopy(fused_model)
+    fused = make_optimizer(cls, [{"params": list(fused_model.parameters()), "weight_decay": 0.01}], 1e-2)
+    plain = cls([{"params": list(plain_model.parameters()), "weight_decay": 0.01}], lr=1e-2)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for _ in range(5):
+        x = torch.randn(16, 8, generator=gen)
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(fused_model.parameters(), plain_model.parameters()):
+        assert not torch.equal(p, torch.zeros_like(p))
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 # -- augmentation ----------------------------------------------------------------------------------

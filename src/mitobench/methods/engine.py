@@ -21,9 +21,9 @@ from torch import nn
 from mitobench.config import RunConfig
 from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, BatchAugment, dihedral
+from mitobench.methods.cpu_memory import keep_freed_memory
 from mitobench.methods.freeze import freeze_stages
 from mitobench.methods.mixup import mixup
-from mitobench.methods.cpu_memory import keep_freed_memory
 from mitobench.methods.precision import autocast, cpu_has_native_bf16, prepare_model, resolve_precision
 from mitobench.progress import progress_bar, say
 
