@@ -253,8 +253,11 @@ def signal_run_once(cfg_path, runs: Path, tmp_path, ready: str, sig: int) -> tup
     """Start `mitobench run` in a subprocess, send ``sig`` once a file matching ``ready`` (under ``runs``)
     exists; return the exit code and stderr."""
     env = {**os.environ, "MITOBENCH_QUIET": "1", "MITOBENCH_CACHE": str(tmp_path / "cache")}
+    # a test runner started in the background of a non-interactive shell has SIGINT ignored, and the run (rightly)
+    # keeps it so; the run under test starts with the default disposition, as from a terminal
     proc = subprocess.Popen([sys.executable, "-m", "mitobench.cli", "run", "--config", str(cfg_path),
-                             "--runs-dir", str(runs)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--runs-dir", str(runs)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not list(runs.glob(ready)):
