@@ -175,13 +175,10 @@ def worker(size: int, steps: int, data_root: str, precision: str) -> None:
     images, labels = in_memory(records(data_root, 512))
     step, batch = ours(images, labels, size, freeze=0, precision=precision)
     step()
-    step()
     print("ready", flush=True)  # wait until every worker is warm, so that they are timed side by side
     sys.stdin.readline()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    print(steps * batch / (time.perf_counter() - t0), flush=True)
+    timed, _ = in_process(step, batch)
+    print(steps * batch / timed(steps), flush=True)
 
 
 def reference(frame, size: int, batch: int = 8):

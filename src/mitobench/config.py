@@ -62,9 +62,9 @@ class TrainConfig:
     grad_accum: int = 1
     grad_checkpointing: bool = False
     compile: bool = False
-    # auto: bf16 autocast on CUDA, float32 on the CPU; fp32; bf16 (on the CPU with depthwise convolutions kept in
-    # float32: ~1.5x faster CNN training where the CPU has native bf16); native: bf16 where the device has it
-    # natively, else fp32, resolved when a run starts (methods/precision.py)
+    # auto: bf16 autocast on CUDA, float32 on the CPU; fp32; bf16 (on the CPU with the fast depthwise backward of
+    # methods/depthwise.py: ~1.4-1.6x faster CNN training where the CPU has native bf16); native: bf16 where the
+    # device has it natively, else fp32, resolved when a run starts (methods/precision.py)
     precision: str = "auto"
     channels_last: bool = True
     tta: bool = False  # 8 dihedral views at evaluation

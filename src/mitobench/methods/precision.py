@@ -55,10 +55,6 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
-
-
 def _cpu_autocast_dtype() -> torch.dtype | None:
     """The CPU autocast dtype in force, or None (torch >= 2.4 has the device-type API; 2.2-2.3 the CPU one)."""
     if hasattr(torch, "get_autocast_dtype"):
@@ -85,7 +81,8 @@ _CLASSES: dict[type, type] = {}
 def _plain_depthwise(module: nn.Module) -> bool:
     """A depthwise nn.Conv2d whose forward is nn.Conv2d's own, with zero padding given in pixels and no dilation
     (a subclass with its own forward, e.g. timm's dynamic "same" padding, is left alone)."""
-    return (_is_depthwise(module) and type(module).forward in (nn.Conv2d.forward, _FastDepthwiseForward.forward)
+    return (isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+            and type(module).forward in (nn.Conv2d.forward, _FastDepthwiseForward.forward)
             and module.padding_mode == "zeros" and not isinstance(module.padding, str)
             and tuple(module.dilation) == (1, 1) and module.out_channels == module.in_channels)
 
