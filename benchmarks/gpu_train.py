@@ -8,7 +8,8 @@ default EfficientNet-Lite0 (224 px).
 - reference (the paper's code): fp32, batch 8, inputs already made (its per-image PIL pipeline is not
   even counted, which favours the reference).
 
-Usage: python benchmarks/gpu_train.py [--steps 10] [--batch 64] [--no-append] [--variants virchow2]
+Usage: python benchmarks/gpu_train.py [--steps 10] [--batch 64] [--no-append] [--only virchow2]
+                                     [--variants virchow2 [--profile] [--diagnostics] [--compile-mode MODE]]
        python benchmarks/gpu_train.py --smoke --device cpu   # depth-2 replicas: checks the script
 Prints images/s, peak GPU memory and the ratio, and appends them with the GPU's name to RESULTS.md.
 """
@@ -28,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results  # noqa: E402
 
 from mitobench.methods.augment import PRESETS, BatchAugment  # noqa: E402
+from mitobench.methods.compile import compile_model  # noqa: E402
+from mitobench.methods.engine import make_optimizer  # noqa: E402
+from mitobench.methods.precision import prepare_model  # noqa: E402
 
 WORKLOADS = (("virchow2", "lora"), ("swin_base_patch4_window7_224", "finetune"), ("efficientnet_lite0", "finetune"))
 
@@ -44,7 +48,9 @@ def build(key: str, method: str, device: torch.device, smoke: bool):
         card = replace_card(card, build_kwargs={**card.build_kwargs, **depth})
     model = Classifier(Backbone(build_model(card), card, "random-init", "benchmark"))
     cfg = RunConfig(model=key, method=method)
-    return (lora if method == "lora" else finetune).prepare(model, cfg).to(device).train()
+    model = (lora if method == "lora" else finetune).prepare(model, cfg)
+    # as the engine's TrainMethod.prepare: on CUDA the frozen weights are stored in bf16 (autocast's dtype)
+    return prepare_model(model, "auto", device).to(device).train()
 
 
 @contextmanager
@@ -69,9 +75,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model, device: torch.device, batch: int, steps: int, fast: bool, size: int = 224) -> tuple[float, float]:
+def measure(model, device: torch.device, batch: int, steps: int, fast: bool, size: int = 224,
+            input_grad: bool = False) -> tuple[float, float]:
+    """Images/s and peak GB of training steps. ``fast``: the engine's step (GPU augmentation, bf16 autocast, fused
+    AdamW, the non-finite-loss flag read every 16 steps); else the reference (fp32 inputs made beforehand).
+    ``input_grad``: the input requires a gradient, so the backward pass runs through every block even when
+    nothing in the backbone trains (the floor for LoRA: the backbone's own forward and input-gradient work)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, 1e-4)
+    opt = make_optimizer(torch.optim.AdamW, [{"params": params}], 1e-4) if fast else torch.optim.AdamW(params, 1e-4)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    counter = [0]
     y = torch.randint(0, 2, (batch,), device=device).float()
     if fast:
         patches = torch.randint(0, 256, (batch, 128, 128, 3), dtype=torch.uint8, device=device)
@@ -81,9 +94,17 @@ def measure(model, device: torch.device, batch: int, steps: int, fast: bool, siz
         x_ref = torch.randn(batch, 3, size, size, device=device)
 
     def step() -> None:
+        nonlocal nonfinite
         x = (augment(patches) - mean) / std if fast else x_ref
+        if input_grad:
+            x = x.detach().requires_grad_(True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
+        counter[0] += 1
+        if fast:
+            nonfinite |= ~torch.isfinite(loss)
+            if counter[0] % 16 == 0 and nonfinite:
+                raise RuntimeError("non-finite loss")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -103,28 +124,60 @@ def measure(model, device: torch.device, batch: int, steps: int, fast: bool, siz
 
 def time_variants(model, key: str, method: str, device: torch.device, args, reference: float) -> None:
     """The engine's options, printed as they finish (with the ratio to ``reference``, the fp32 batch-8 img/s):
-    frozen weights in bf16, then train.compile at the batch and at twice it, and for LoRA without its dropout."""
+    ``train.compile`` (regional, in place) at the batch and at twice it; for LoRA also, as diagnostics, without
+    its dropout and with nothing trainable in the backbone (the floor any adapter implementation stands on)."""
 
-    def show(label: str, batch: int, compiled: bool = True) -> None:
+    def show(label: str, batch: int, input_grad: bool = False) -> None:
         try:
-            v, v_mem = measure(torch.compile(model, dynamic=False) if compiled else model, device, batch, args.steps, fast=True)
+            v, v_mem = measure(model, device, batch, args.steps, fast=True, input_grad=input_grad)
             print(f"| {key} {method} {label} | {v:.1f} | {v_mem:.1f} | {v / reference:.1f}x |", flush=True)
         except torch.OutOfMemoryError:
             print(f"| {key} {method} {label} | out of memory | | |", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    for p in model.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(torch.bfloat16)
-    show("frozen weights bf16", args.batch, compiled=False)
-    show("frozen bf16 + torch.compile", args.batch)
-    if method == "lora":  # LoRA dropout masks every adapted layer's input: memory-bound work, timed here
+    t0 = time.perf_counter()
+    regions = compile_model(model, args.compile_mode)
+    mode = f" mode {args.compile_mode}" if args.compile_mode else ""
+    show(f"train.compile{mode} ({regions} regions), batch {args.batch}", args.batch)
+    print(f"(compiled and timed in {time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.profile:
+        profile(model, device, args.batch)
+    show(f"train.compile{mode}, batch {args.batch * 2}", args.batch * 2)
+    if method == "lora" and args.diagnostics:
         with without_lora_dropout(model) as n_dropouts:
             if n_dropouts:
-                show("frozen bf16 + torch.compile, lora_dropout 0", args.batch)
-                show(f"frozen bf16 + torch.compile, lora_dropout 0, batch {args.batch * 2}", args.batch * 2)
-    show(f"frozen bf16 + torch.compile, batch {args.batch * 2}", args.batch * 2)
+                show(f"train.compile, lora_dropout 0, batch {args.batch}", args.batch)
+        adapters = [p for name, p in model.named_parameters() if "lora_" in name]
+        for p in adapters:
+            p.requires_grad_(False)
+        show(f"train.compile, floor: no adapter (input gradient only), batch {args.batch}", args.batch, input_grad=True)
+        for p in adapters:
+            p.requires_grad_(True)
+
+
+def profile(model, device: torch.device, batch: int) -> None:
+    """Print where the GPU time of a few engine steps goes: kernel classes, then the top kernels."""
+    if device.type != "cuda":
+        print("(profile: CUDA only)")
+        return
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        measure(model, device, batch, 3, fast=True)
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    total = sum(e.self_device_time_total for e in events) or 1
+    classes = {"matmul": ("gemm", "sm90", "cutlass", "nvjet", "cublas", "matmul"), "attention": ("flash", "fmha", "attention"),
+               "triton (fused)": ("triton",)}
+    spent = {name: 0.0 for name in [*classes, "other"]}
+    for e in events:
+        cls = next((c for c, keys in classes.items() if any(k in e.key.lower() for k in keys)), "other")
+        spent[cls] += e.self_device_time_total
+    print("GPU time by kernel class (profiled steps, incl. warm-up): " +
+          ", ".join(f"{c} {t / total:.0%}" for c, t in spent.items()), flush=True)
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:20]:
+        print(f"  {e.self_device_time_total / total:6.1%} x{e.count:<5d} {e.key[:110]}", flush=True)
 
 
 def main() -> None:
@@ -135,6 +188,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="depth-reduced replicas, tiny counts (script check only)")
     parser.add_argument("--variants", default="", help="comma-separated keys also timed with frozen bf16 weights and "
                         "torch.compile (and, for LoRA, batch x2 and lora_dropout 0)")
+    parser.add_argument("--only", default="", help="comma-separated keys: time only these workloads")
+    parser.add_argument("--profile", action="store_true", help="with --variants: print where the compiled step's GPU time goes")
+    parser.add_argument("--diagnostics", action="store_true", help="with --variants: LoRA without dropout, and the floor")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the variants (train.compile_mode)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -147,11 +204,13 @@ def main() -> None:
     rows = ["| workload | mitobench (bf16, engine pipeline) img/s | peak GB | reference (fp32, batch 8) img/s | peak GB | ratio |",
             "|---|---|---|---|---|---|"]
     references = {}
-    for key, method in WORKLOADS:
+    workloads = [(k, m) for k, m in WORKLOADS if not args.only or k in args.only.split(",")]
+    for key, method in workloads:
         model = build(key, method, device, args.smoke)
         fast, fast_mem = measure(model, device, args.batch, args.steps, fast=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        model.float()  # the reference trains in float32 throughout (the engine stored frozen weights in bf16)
         slow, slow_mem = measure(model, device, 8 if not args.smoke else 1, args.steps * 2, fast=False)
         references[key] = slow
         rows.append(f"| {key} {method} (batch {args.batch}) | {fast:.1f} | {fast_mem:.1f} | {slow:.1f} | {slow_mem:.1f} | {fast / slow:.1f}x |")
@@ -164,7 +223,7 @@ def main() -> None:
     print(body)
     if not args.no_append:  # before the variants: their compilations are slow, and a time limit must not lose this table
         append_results("## Training engine: GPU LoRA / fine-tuning steps (issue 4)", body)
-    for key, method in WORKLOADS:
+    for key, method in workloads:
         if key in args.variants.split(","):
             time_variants(build(key, method, device, args.smoke), key, method, device, args, references[key])
 

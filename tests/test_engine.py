@@ -776,3 +776,23 @@ def test_gpu_benchmark_lora_dropout_switch_restores_the_layers(fixture_root, tmp
     with gpu_train.without_lora_dropout(model) as n:
         assert n == len(before) and all(isinstance(d, torch.nn.Identity) for d in dropouts())
     assert all(a is b for a, b in zip(dropouts(), before))
+
+
+def test_lora_layers_keep_the_autocast_input(fixture_root, tmp_path, tiny_vit_card):
+    """lora.prepare turns off peft's cast of each adapted layer's input to float32; under autocast the values
+    are the same either way."""
+    method = TrainMethod(make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT, train={"img_size": 32}))
+    method.device = torch.device("cpu")
+    model = method._build().eval()
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # peft starts B at zero, which would hide any difference
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        without_cast = model(x)
+        for m in layers:
+            m.cast_input_dtype_enabled = True
+        assert torch.equal(model(x), without_cast)

@@ -113,3 +113,35 @@ def test_bf16_fold_trains_and_predicts_close_to_float32(fixture_root, tmp_path):
         assert p16.shape == p32.shape and np.isfinite(p16).all()
         assert np.abs(p16 - p32).max() < 0.1  # one epoch of bf16 arithmetic, not another model
         assert not np.array_equal(p16, p32)  # bf16 really ran
+
+
+# -- frozen weights in the autocast dtype (CUDA training, e.g. LoRA) ----------------------------------
+
+def test_frozen_weights_in_bf16_give_the_same_autocast_outputs():
+    """Autocast casts a Linear's or a convolution's weight to bf16 at every use: storing the frozen ones in bf16
+    changes no value, while trainable layers and norms stay float32."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LayerNorm(8 * 6 * 6),
+                                torch.nn.Linear(8 * 6 * 6, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    for p in [*model[0].parameters(), *model[2].parameters(), *model[3].parameters()]:
+        p.requires_grad_(False)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(x)
+    assert precision_mod.cast_frozen_weights(model, torch.bfloat16) == 2
+    assert model[0].weight.dtype == model[3].bias.dtype == torch.bfloat16
+    assert model[2].weight.dtype == model[5].weight.dtype == torch.float32  # a norm; a trainable layer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(x)
+    assert torch.equal(before, after)
+    assert precision_mod.cast_frozen_weights(model, torch.bfloat16) == 0  # idempotent
+
+
+def test_prepare_model_casts_frozen_weights_only_for_cuda_autocast():
+    layer = torch.nn.Linear(4, 4).requires_grad_(False)
+    prepare_model(layer, "auto", CPU)
+    assert layer.weight.dtype == torch.float32
+    prepare_model(layer, "fp32", CUDA)
+    assert layer.weight.dtype == torch.float32
+    prepare_model(layer, "auto", CUDA)  # only casts; nothing is moved to the GPU here
+    assert layer.weight.dtype == torch.bfloat16

@@ -21,11 +21,15 @@ from torch import nn
 from mitobench.config import RunConfig
 from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, BatchAugment, dihedral
+from mitobench.methods.compile import compile_model
 from mitobench.methods.cpu_memory import keep_freed_memory
 from mitobench.methods.freeze import freeze_stages
 from mitobench.methods.mixup import mixup
 from mitobench.methods.precision import autocast, cpu_has_native_bf16, prepare_model, resolve_precision
 from mitobench.progress import progress_bar, say
+
+
+NONFINITE_CHECK_EVERY = 16  # steps between reads of the on-device non-finite-loss flag when training on CUDA
 
 
 class Classifier(nn.Module):
@@ -194,7 +198,9 @@ class TrainMethod:
 
         model = self._build()
         if cfg.compile:
-            model = torch.compile(model)
+            compile_model(model, cfg.compile_mode)
+        if self.device.type == "cuda":  # the uint8 cache lives on the GPU: no host copy or sync per batch
+            x_tr, targets = x_tr.to(self.device), targets.to(self.device)
         n_pos, n_neg = int(y_tr.sum()), int(len(y_tr) - y_tr.sum())
         from mitobench.methods import losses  # looked up per fold, so a loss can be swapped in
 
@@ -245,6 +251,9 @@ class TrainMethod:
         weights = torch.as_tensor(1.0 / np.bincount(y_tr, minlength=2)[y_tr], dtype=torch.double)
         precision = resolve_precision(cfg.precision, self.device)  # once, not at every step
         t_train, n_seen = 0.0, 0
+        # On CUDA, reading the loss (is it finite?) would wait for the GPU at every step, so the check is kept on
+        # the device and read every NONFINITE_CHECK_EVERY steps and at the end of each epoch.
+        check_every = 1 if self.device.type == "cpu" else NONFINITE_CHECK_EVERY
         while state["epoch"] < cfg.epochs and state["since"] < cfg.patience:
             model.train()
             t0 = time.perf_counter()
@@ -252,6 +261,9 @@ class TrainMethod:
                 order = torch.multinomial(weights, len(y_tr), replacement=True, generator=gen)
             else:
                 order = torch.randperm(len(y_tr), generator=gen)
+            order = order.to(x_tr.device)
+            nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+            n_steps = math.ceil(len(order) / cfg.batch_size)
             with progress_bar(f"fold {fold} epoch {state['epoch'] + 1}/{cfg.epochs}", len(order)) as advance:
                 for step, start in enumerate(range(0, len(order), cfg.batch_size)):
                     idx = order[start:start + cfg.batch_size]
@@ -266,7 +278,8 @@ class TrainMethod:
                     try:
                         with autocast(precision, self.device):
                             loss = loss_fn(model(x).float(), y) / cfg.grad_accum
-                        if not torch.isfinite(loss):
+                        nonfinite |= ~torch.isfinite(loss)
+                        if ((step + 1) % check_every == 0 or step + 1 == n_steps) and nonfinite:
                             raise FoldFailedError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}; "
                                                   "this fold was stopped, the other folds go on. Lower the learning rate "
                                                   "(train.lr) or train in float32 (train.precision=fp32).")

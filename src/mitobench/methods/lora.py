@@ -29,6 +29,12 @@ def prepare(model: nn.Module, config) -> nn.Module:
         raise MitobenchError(f"LoRA targets {target!r} match no layer of {card.key}: {exc}") from exc
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("head."))
+    for module in model.modules():
+        # peft casts each adapted layer's input to the adapter's float32 before the adapter's dropout and matrices;
+        # under autocast those matrices run in bf16 anyway, so the cast only costs a float32 copy of every adapted
+        # activation (and of its gradient). Outside autocast input and adapter are both float32: no cast either way.
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
     return model
 
 

@@ -118,9 +118,30 @@ def out_of_place_activations(model: nn.Module) -> int:
     return count
 
 
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen weights and biases of Linear and convolution layers in ``dtype``; returns how many layers.
+
+    Autocast casts these to its dtype at every use, so under autocast to ``dtype`` the arithmetic is unchanged,
+    while the copy per step (for LoRA on a ViT-H: 1.2 GB read, 0.6 GB written, forward and backward) is gone and
+    the model takes half the memory. Trainable parameters stay float32 for the optimiser.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            params = [p for p in (module.weight, module.bias) if p is not None]
+            if params and not any(p.requires_grad for p in params) and module.weight.dtype != dtype:
+                for p in params:
+                    p.data = p.data.to(dtype)
+                count += 1
+    return count
+
+
 def prepare_model(model: nn.Module, name: str, device: torch.device) -> nn.Module:
     """Apply the precision policy to a model that will train or predict on ``device``."""
-    if autocast_dtype(name, device) is not None and device.type == "cpu":
+    dtype = autocast_dtype(name, device)
+    if dtype is not None and device.type == "cpu":
         fast_depthwise(model)
         out_of_place_activations(model)
+    if dtype is not None and device.type == "cuda":
+        cast_frozen_weights(model, dtype)
     return model
