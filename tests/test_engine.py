@@ -15,9 +15,10 @@ from rich.console import Console
 from safetensors.torch import load_file
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+import mitobench.methods.engine as engine_mod
 import mitobench.methods.losses as losses_mod
 from mitobench.config import load_config
-from mitobench.errors import MitobenchError
+from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, AugmentConfig, BatchAugment, colour_jitter, dihedral, geometric, hed_jitter
 from mitobench.methods.engine import TrainMethod, centre_crop, improves, make_optimizer
 from mitobench.methods.losses import make_loss
@@ -495,6 +496,32 @@ def test_huge_lr_gives_nan_error(fixture_root, tmp_path):
     tr, va = fold_indices(ctx, 3)
     with pytest.raises(MitobenchError, match="fold 3"):
         method.fit_predict(3, tr, va, ctx, tmp_path)
+
+
+def test_one_nonfinite_step_stops_the_fold_when_the_flag_is_read_lazily(fixture_root, tmp_path, monkeypatch):
+    """As on CUDA, where the flag is read every 16 steps: one NaN loss early in an epoch shorter than that still
+    stops the fold by the epoch's end, before anything is selected or saved."""
+    monkeypatch.setattr(engine_mod, "nonfinite_check_every", lambda device: 16)
+    real = losses_mod.make_loss
+
+    def nan_at_third_step(*args, **kwargs):
+        loss, calls = real(*args, **kwargs), []
+
+        def maybe_nan(z, t):
+            calls.append(1)
+            return loss(z, t) * (float("nan") if len(calls) == 3 else 1.0)
+        return maybe_nan
+
+    monkeypatch.setattr(losses_mod, "make_loss", nan_at_third_step)
+    config = make_config(fixture_root, tmp_path, train={"epochs": 1, "img_size": 32, "batch_size": 8})
+    ctx = make_context(config)
+    method = TrainMethod(config)
+    method.prepare(ctx)
+    tr, va = fold_indices(ctx, 3)
+    assert 3 < len(tr) / 8 <= 16  # the NaN step exists, and the epoch ends before a 16-step read
+    with pytest.raises(FoldFailedError, match="fold 3"):
+        method.fit_predict(3, tr, va, ctx, tmp_path)
+    assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
 
 
 # -- LoRA ------------------------------------------------------------------------------------------
