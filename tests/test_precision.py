@@ -145,3 +145,17 @@ def test_prepare_model_casts_frozen_weights_only_for_cuda_autocast():
     assert layer.weight.dtype == torch.float32
     prepare_model(layer, "auto", CUDA)  # only casts; nothing is moved to the GPU here
     assert layer.weight.dtype == torch.bfloat16
+
+
+def test_finetune_checkpoint_is_float32_when_frozen_weights_were_bf16(tmp_path):
+    from safetensors.torch import load_file
+
+    from mitobench.methods import finetune
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    precision_mod.cast_frozen_weights(model, torch.bfloat16)
+    held = model[0].weight.detach().clone()
+    state = load_file(str(finetune.save(model, tmp_path)))
+    assert {v.dtype for v in state.values()} == {torch.float32}
+    assert torch.equal(state["0.weight"], held.float())

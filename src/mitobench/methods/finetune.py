@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 
@@ -19,6 +20,9 @@ def save(model: nn.Module, folder: Path) -> Path:
     from mitobench.io import atomic_write
 
     path = folder / "model.safetensors"
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # float32 throughout, as the model was built: frozen stages trained on CUDA are held in bf16 (exactly, so the
+    # widening is lossless), and a checkpoint should not depend on the device it was trained on
+    state = {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
     atomic_write(path, lambda p: save_file(state, str(p)))
     return path
