@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,7 @@ from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
 from mitobench.methods.presets import apply_preset
 from mitobench.models import cards as registry
 from mitobench.models.cards import VIT_LORA
-from mitobench.models.registry import ModelCard
+from mitobench.models.registry import ModelCard, create_backbone
 from mitobench.protocol import build_context, load_sets, run_benchmark
 from mitobench.runs import RunDir
 from mitobench.splits import paper_folds
@@ -555,6 +556,22 @@ def test_lora_trains_only_adapters_and_head(fixture_root, tmp_path, tiny_vit_car
     assert not (tmp_path / "model.safetensors").exists()
     for p in result.probs.values():
         assert ((p >= 0) & (p <= 1)).all()
+
+    # the same adapters in peft's layout load into a plain backbone with peft alone
+    from peft import PeftModel
+
+    saved = load_file(str(ckpt))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(create_backbone(TINY_VIT, pretrained=False).model, str(tmp_path / "adapter"))
+    assert not [w for w in caught if "missing" in str(w.message).lower()]  # peft only warns when keys are missing
+    loaded = {k.split("base_model.model.", 1)[1].replace(".default", ""): v
+              for k, v in peft_model.state_dict().items() if "lora_" in k}
+    ours = {k.removeprefix("backbone.model.").replace(".default", ""): v for k, v in saved.items() if "lora_" in k}
+    assert loaded and set(loaded) == set(ours)
+    for key, value in loaded.items():
+        assert torch.equal(value, ours[key]), key
+    assert peft_model.peft_config["default"].r == 8 and peft_model.peft_config["default"].lora_alpha == 16
 
 
 def test_lora_changes_only_adapters_and_head(fixture_root, tmp_path, tiny_vit_card):

@@ -1,6 +1,9 @@
 """LoRA (peft): low-rank adapters on the card's target Linear layers; the head trains too.
 
-The checkpoint is adapters + head only (``save_pretrained``): megabytes, not gigabytes.
+The checkpoint is adapters + head only: megabytes, not gigabytes. ``adapter_and_head.safetensors`` is what
+``mitobench predict`` loads; ``adapter/`` holds the same adapters in peft's own layout (``adapter_config.json`` +
+``adapter_model.safetensors``, as ``save_pretrained`` writes them), so ``PeftModel.from_pretrained(backbone, folder)``
+loads them into the card's backbone without mitobench.
 """
 
 from __future__ import annotations
@@ -47,4 +50,26 @@ def save(model: nn.Module, folder: Path) -> Path:
              if "lora_" in k or k.startswith("head.")}
     path = folder / "adapter_and_head.safetensors"
     atomic_write(path, lambda p: save_file(state, str(p)))
+    save_peft_adapter(model, folder / "adapter")
     return path
+
+
+def save_peft_adapter(model: nn.Module, folder: Path) -> Path:
+    """The adapters of the backbone (``model.backbone.model``) in the layout of peft's ``save_pretrained``."""
+    import json
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from mitobench.io import atomic_write, atomic_write_text
+
+    backbone = model.backbone.model
+    config = backbone.peft_config["default"].to_dict()
+    config["base_model_name_or_path"] = model.backbone.card.key
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}  # JSON has no sets
+    # keys as PeftModel.save_pretrained writes them: under the wrapper's "base_model.model." prefix
+    weights = {f"base_model.model.{k}": v.detach().float().contiguous().cpu()
+               for k, v in get_peft_model_state_dict(backbone).items()}
+    atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
