@@ -590,6 +590,41 @@ def test_lora_changes_only_adapters_and_head(fixture_root, tmp_path, tiny_vit_ca
     assert changed and all("lora_" in k or k.startswith("head.") for k in changed)
 
 
+def test_grad_checkpointing_gives_the_same_gradients(fixture_root, tmp_path, tiny_vit_card):
+    """Gradient checkpointing recomputes the blocks' activations in the backward pass: same loss, same gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        method = TrainMethod(make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT,
+                                         train={"img_size": 32, "lora_dropout": 0.0, "grad_checkpointing": checkpointing}))
+        method.device = torch.device("cpu")
+        model = method._build().train()
+        assert model.backbone.model.grad_checkpointing is checkpointing
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # B starts at zero: A's gradients would all be zero
+        calls = []
+        model.backbone.model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+        torch.manual_seed(1)
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any(g.abs().sum() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_grad_checkpointing_on_a_model_without_it_is_a_clear_error(fixture_root, tmp_path, tiny_vit_card, monkeypatch):
+    from timm.models.vision_transformer import VisionTransformer
+
+    monkeypatch.delattr(VisionTransformer, "set_grad_checkpointing")
+    method = TrainMethod(make_config(fixture_root, tmp_path, model=TINY_VIT,
+                                     train={"img_size": 32, "grad_checkpointing": True}))
+    method.device = torch.device("cpu")
+    with pytest.raises(MitobenchError, match="does not support gradient checkpointing.*train.grad_accum"):
+        method._build()
+
+
 def test_lora_without_regex_is_a_clear_error(fixture_root, tmp_path):
     config = make_config(fixture_root, tmp_path, method="lora", model="timm/resnet10t")
     with pytest.raises(MitobenchError, match="no LoRA target regex.*train.lora_targets"):

@@ -154,8 +154,16 @@ class TrainMethod:
         self.pretrained = backbone.pretrained
         match_input_size(backbone, self.config.train.img_size)
         model = Classifier(backbone, dropout=self.config.train.dropout)
-        if self.config.train.grad_checkpointing and hasattr(backbone.model, "set_grad_checkpointing"):
-            backbone.model.set_grad_checkpointing(True)
+        if self.config.train.grad_checkpointing:
+            enable = getattr(backbone.model, "set_grad_checkpointing", None)
+            try:
+                if enable is None:
+                    raise NotImplementedError
+                enable(True)
+            except (AssertionError, NotImplementedError) as exc:
+                raise MitobenchError(f"model {self.config.model!r} does not support gradient checkpointing "
+                                     "(train.grad_checkpointing). To save memory, lower train.batch_size and raise "
+                                     "train.grad_accum to keep the effective batch.") from exc
         model = self.module.prepare(model, self.config)
         freeze_stages(model, self.config.train.freeze_stages, self.config.train.freeze_norm_stats)
         if self.config.train.channels_last:
