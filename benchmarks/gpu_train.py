@@ -80,7 +80,8 @@ def measure(model, device: torch.device, batch: int, steps: int, fast: bool, siz
     """Images/s and peak GB of training steps. ``fast``: the engine's step (GPU augmentation, bf16 autocast, fused
     AdamW, the non-finite-loss flag read every 16 steps); else the reference (fp32 inputs made beforehand).
     ``input_grad``: the input requires a gradient, so the backward pass runs through every block even when
-    nothing in the backbone trains (the floor for LoRA: the backbone's own forward and input-gradient work)."""
+    nothing in the backbone trains (a diagnostic: the backbone's forward and input-gradient work without adapters;
+    on the H100 it was not faster than LoRA without dropout, so it does not bound the adapters' cost)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(torch.optim.AdamW, [{"params": params}], 1e-4) if fast else torch.optim.AdamW(params, 1e-4)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -125,7 +126,7 @@ def measure(model, device: torch.device, batch: int, steps: int, fast: bool, siz
 def time_variants(model, key: str, method: str, device: torch.device, args, reference: float) -> None:
     """The engine's options, printed as they finish (with the ratio to ``reference``, the fp32 batch-8 img/s):
     ``train.compile`` (regional, in place) at the batch and at twice it; for LoRA also, as diagnostics, without
-    its dropout and with nothing trainable in the backbone (the floor any adapter implementation stands on)."""
+    its dropout and with nothing trainable in the backbone (see ``measure``'s ``input_grad``)."""
 
     def show(label: str, batch: int, input_grad: bool = False) -> None:
         try:
@@ -151,7 +152,7 @@ def time_variants(model, key: str, method: str, device: torch.device, args, refe
         adapters = [p for name, p in model.named_parameters() if "lora_" in name]
         for p in adapters:
             p.requires_grad_(False)
-        show(f"train.compile, floor: no adapter (input gradient only), batch {args.batch}", args.batch, input_grad=True)
+        show(f"train.compile, no adapter (input gradient only), batch {args.batch}", args.batch, input_grad=True)
         for p in adapters:
             p.requires_grad_(True)
 
