@@ -85,7 +85,7 @@ def measure(model, device: torch.device, batch: int, steps: int, fast: bool, siz
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(torch.optim.AdamW, [{"params": params}], 1e-4) if fast else torch.optim.AdamW(params, 1e-4)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    counter = [0]
+    n_steps = 0
     y = torch.randint(0, 2, (batch,), device=device).float()
     if fast:
         patches = torch.randint(0, 256, (batch, 128, 128, 3), dtype=torch.uint8, device=device)
@@ -95,16 +95,16 @@ def measure(model, device: torch.device, batch: int, steps: int, fast: bool, siz
         x_ref = torch.randn(batch, 3, size, size, device=device)
 
     def step() -> None:
-        nonlocal nonfinite
+        nonlocal nonfinite, n_steps
         x = (augment(patches) - mean) / std if fast else x_ref
         if input_grad:
             x = x.detach().requires_grad_(True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
-        counter[0] += 1
+        n_steps += 1
         if fast:
             nonfinite |= ~torch.isfinite(loss)
-            if counter[0] % 16 == 0 and nonfinite:
+            if n_steps % 16 == 0 and nonfinite:
                 raise RuntimeError("non-finite loss")
         opt.zero_grad(set_to_none=True)
         loss.backward()

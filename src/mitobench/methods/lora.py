@@ -56,12 +56,10 @@ def save(model: nn.Module, folder: Path) -> Path:
 
 def save_peft_adapter(model: nn.Module, folder: Path) -> Path:
     """The adapters of the backbone (``model.backbone.model``) in the layout of peft's ``save_pretrained``."""
-    import json
-
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from mitobench.io import atomic_write, atomic_write_text
+    from mitobench.io import atomic_write, atomic_write_json
 
     backbone = model.backbone.model
     config = backbone.peft_config["default"].to_dict()
@@ -71,5 +69,5 @@ def save_peft_adapter(model: nn.Module, folder: Path) -> Path:
     weights = {f"base_model.model.{k}": v.detach().float().contiguous().cpu()
                for k, v in get_peft_model_state_dict(backbone).items()}
     atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(folder / "adapter_config.json", config)
     return folder
