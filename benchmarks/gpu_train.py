@@ -54,6 +54,21 @@ def build(key: str, method: str, device: torch.device, smoke: bool):
 
 
 @contextmanager
+def with_peft_forward(model: torch.nn.Module) -> Iterator[int]:
+    """Within the block the LoRA layers run peft's own forward (as ``train.fused_lora=false``); yield how many."""
+    from mitobench.methods.fused_lora import _FusedLoraForward
+
+    swapped = [(m, type(m)) for m in model.modules() if isinstance(m, _FusedLoraForward)]
+    for module, cls in swapped:
+        module.__class__ = cls.__bases__[1]
+    try:
+        yield len(swapped)
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+
+
+@contextmanager
 def without_lora_dropout(model: torch.nn.Module) -> Iterator[int]:
     """Within the block peft's LoRA dropout layers are identities (as ``train.lora_dropout=0``); yield how many."""
     saved = []
@@ -125,7 +140,8 @@ def measure(model, device: torch.device, batch: int, steps: int, fast: bool, siz
 
 def time_variants(model, key: str, method: str, device: torch.device, args, reference: float) -> None:
     """The engine's options, printed as they finish (with the ratio to ``reference``, the fp32 batch-8 img/s):
-    ``train.compile`` (regional, in place) at the batch and at twice it; for LoRA also, as diagnostics, without
+    ``train.compile`` (regional, in place) at the batch and at twice it; for LoRA also with peft's forward instead
+    of the fused layers (``train.fused_lora=false``), and, as diagnostics, without
     its dropout and with nothing trainable in the backbone (see ``measure``'s ``input_grad``)."""
 
     def show(label: str, batch: int, input_grad: bool = False) -> None:
@@ -137,11 +153,20 @@ def time_variants(model, key: str, method: str, device: torch.device, args, refe
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # each variant is a recompilation of the same block code
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 32)
     t0 = time.perf_counter()
     regions = compile_model(model, args.compile_mode)
     mode = f" mode {args.compile_mode}" if args.compile_mode else ""
     show(f"train.compile{mode} ({regions} regions), batch {args.batch}", args.batch)
     print(f"(compiled and timed in {time.perf_counter() - t0:.0f} s)", flush=True)
+    if method == "lora":
+        with with_peft_forward(model) as n_layers:
+            if n_layers:
+                show(f"train.compile{mode}, peft's LoRA forward (train.fused_lora false), batch {args.batch}", args.batch)
     if args.profile:
         profile(model, device, args.batch)
     show(f"train.compile{mode}, batch {args.batch * 2}", args.batch * 2)
@@ -211,11 +236,20 @@ def main() -> None:
         fast, fast_mem = measure(model, device, args.batch, args.steps, fast=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if method == "lora":  # the same engine step with peft's LoRA forward (train.fused_lora=false)
+            with with_peft_forward(model):
+                unfused, unfused_mem = measure(model, device, args.batch, args.steps, fast=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         model.float()  # the reference trains in float32 throughout (the engine stored frozen weights in bf16)
         slow, slow_mem = measure(model, device, 8 if not args.smoke else 1, args.steps * 2, fast=False)
         references[key] = slow
         rows.append(f"| {key} {method} (batch {args.batch}) | {fast:.1f} | {fast_mem:.1f} | {slow:.1f} | {slow_mem:.1f} | {fast / slow:.1f}x |")
         print(rows[-1], flush=True)
+        if method == "lora":
+            rows.append(f"| {key} {method} (batch {args.batch}), peft's LoRA forward (train.fused_lora false) | {unfused:.1f} "
+                        f"| {unfused_mem:.1f} | {slow:.1f} | {slow_mem:.1f} | {unfused / slow:.1f}x |")
+            print(rows[-1], flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

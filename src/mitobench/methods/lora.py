@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from mitobench.errors import MitobenchError
+from mitobench.methods.fused_lora import fuse_lora_layers
 
 
 def prepare(model: nn.Module, config) -> nn.Module:
@@ -38,6 +39,8 @@ def prepare(model: nn.Module, config) -> nn.Module:
         # activation (and of its gradient). Outside autocast input and adapter are both float32: no cast either way.
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
+    if config.train.fused_lora:
+        fuse_lora_layers(model)
     return model
 
 

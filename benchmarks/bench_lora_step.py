@@ -1,0 +1,100 @@
+"""LoRA training step: peft's forward against ``train.fused_lora`` (methods/fused_lora.py), same model, same step.
+
+Usage: .venv/bin/python benchmarks/bench_lora_step.py [--models kaiko_vits16,kaiko_vitb16] [--batch 8] [--steps 4]
+                                                      [--rounds 3] [--device cpu|cuda] [--no-append]
+
+Random weights, LoRA r=8, alpha=16, dropout 0.3 on the card's targets, 224-px inputs made beforehand, AdamW;
+float32 on the CPU (glibc keeping freed memory, as the engine), bf16 autocast (frozen weights stored bf16, as the engine does) on CUDA. The two forms
+alternate for ``--rounds`` rounds and each keeps its best round (this VM's speed drifts). Figures are appended to
+benchmarks/RESULTS.md with the command, date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results  # noqa: E402
+
+HEADING = "## Training engine: fused LoRA layers (issue 4)"
+
+
+def build(key: str, fused: bool, device: torch.device) -> torch.nn.Module:
+    from mitobench.config import RunConfig
+    from mitobench.methods import lora
+    from mitobench.methods.engine import Classifier
+    from mitobench.methods.precision import prepare_model
+    from mitobench.models.registry import Backbone, build_model, get_card
+
+    card = get_card(key)
+    torch.manual_seed(0)
+    model = Classifier(Backbone(build_model(card), card, "random-init", "benchmark"))
+    cfg = RunConfig(model=key, method="lora")
+    cfg.train.fused_lora = fused
+    return prepare_model(lora.prepare(model, cfg), "auto", device).to(device).train()
+
+
+def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, steps: int) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, 1e-4)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 2, (batch,), device=device).float()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="kaiko_vits16,kaiko_vitb16")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        from mitobench.methods.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()  # as the engine trains on the CPU
+    rows = [f"| model (LoRA, batch {args.batch}, {'bf16 autocast' if device.type == 'cuda' else 'float32'}) "
+            "| peft forward img/s | fused img/s | speed-up |", "|---|---|---|---|"]
+    for key in args.models.split(","):
+        models = {fused: build(key, fused, device) for fused in (False, True)}
+        best = {False: 0.0, True: 0.0}
+        for _ in range(args.rounds):
+            for fused, model in models.items():
+                best[fused] = max(best[fused], images_per_second(model, device, args.batch, args.steps))
+        rows.append(f"| {key} | {best[False]:.2f} | {best[True]:.2f} | {best[True] / best[False]:.2f}x |")
+        print(rows[-1], flush=True)
+    body = f"device: {device.type}, torch threads {torch.get_num_threads()}\n\n" + "\n".join(rows)
+    print(body)
+    if not args.no_append:
+        append_results(HEADING, body)
+
+
+if __name__ == "__main__":
+    main()
