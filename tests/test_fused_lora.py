@@ -9,11 +9,24 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from mitobench.methods.fused_lora import LoraLinearFunction, fuse_lora_layers
+from mitobench.methods.fused_lora import LoraLinearFunction, _dropout, fuse_lora_layers
 from test_engine import TINY_VIT, make_config, tiny_vit_card  # noqa: F401 (a fixture)
 
 
-def peft_pair(in_features: int, out_features: int, bias: bool, dropout: float) -> tuple[nn.Module, nn.Module]:
+class FusedDraw(nn.Module):
+    """The fused layer's CPU dropout draw as a module, so that peft's forward sees the fused layer's mask (on CUDA
+    both use ``F.dropout``'s own draw)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _dropout(x, self.p)[0] if self.training else x
+
+
+def peft_pair(in_features: int, out_features: int, bias: bool, dropout: float,
+              device: str = "cpu") -> tuple[nn.Module, nn.Module]:
     """The same peft-adapted two-layer model twice: as peft computes it, and fused. B is non-zero (peft starts it
     at zero, which would hide any error in the adapter's path)."""
     torch.manual_seed(0)
@@ -27,7 +40,10 @@ def peft_pair(in_features: int, out_features: int, bias: bool, dropout: float) -
             nn.init.normal_(p)
     fused = copy.deepcopy(model)
     assert fuse_lora_layers(fused) == 2
-    return model, fused
+    if device == "cpu" and dropout > 0:
+        for layer in (model[0], model[2]):
+            layer.lora_dropout["default"] = FusedDraw(dropout)
+    return model.to(device), fused.to(device)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -49,8 +65,7 @@ def step(model: nn.Module, x: torch.Tensor, seed: int = 1, autocast: bool = Fals
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_matches_peft_in_float32(in_features, out_features, bias, dropout, device):
-    model, fused = peft_pair(in_features, out_features, bias, dropout)
-    model, fused = model.to(device), fused.to(device)
+    model, fused = peft_pair(in_features, out_features, bias, dropout, device)
     x = torch.randn(3, 7, in_features, device=device)
     out, grad_x, grads = step(model.train(), x)
     f_out, f_grad_x, f_grads = step(fused.train(), x)
@@ -62,7 +77,17 @@ def test_fused_matches_peft_in_float32(in_features, out_features, bias, dropout,
         torch.testing.assert_close(f_grads[name], grads[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_dropout_draws_peft_mask_and_changes_with_the_seed():
+def test_cpu_dropout_draw_keeps_one_minus_p_and_rescales():
+    torch.manual_seed(0)
+    x = torch.full((400, 500), 2.0)
+    dropped, keep = _dropout(x, 0.3)
+    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.7) < 0.005
+    assert torch.equal(dropped[keep], torch.full_like(dropped[keep], 2.0 / 0.7)) and (dropped[~keep] == 0).all()
+    torch.manual_seed(0)
+    assert torch.equal(_dropout(x, 0.3)[1], keep)  # seeded
+
+
+def test_dropout_is_live_seeded_and_off_in_evaluation():
     model, fused = peft_pair(12, 40, True, 0.5)
     x = torch.randn(4, 12)
     a, b = step(fused.train(), x, seed=1)[0], step(fused.train(), x, seed=2)[0]
@@ -75,8 +100,7 @@ def test_dropout_draws_peft_mask_and_changes_with_the_seed():
 
 @pytest.mark.parametrize("device", DEVICES)  # on CUDA: the fused dropout kernel's bool mask, as the engine trains
 def test_fused_under_bf16_autocast_is_close_to_peft(device):
-    model, fused = peft_pair(32, 96, True, 0.3)
-    model, fused = model.to(device), fused.to(device)
+    model, fused = peft_pair(32, 96, True, 0.3, device)
     x = torch.randn(2, 5, 32, device=device)
     out, grad_x, grads = step(model.train(), x, autocast=True)
     f_out, f_grad_x, f_grads = step(fused.train(), x, autocast=True)

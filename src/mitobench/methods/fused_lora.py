@@ -11,12 +11,14 @@ the adapter's contribution joins the base product itself:
   its output).
 
 The backward pass needs no gradient for the frozen base weight: the input gradient ``g @ W + dropout'(g @ s B @ A)``,
-``grad B = s g^T u``, ``grad A = (g s B)^T dropout(x)``. The dropout mask is drawn as ``F.dropout`` draws it, the
-same random numbers as peft's ``nn.Dropout``, so a run is the same run with or without this option (up to
-float rounding). The layers keep their class's state-dict keys and peft's adapter saving (the class is swapped
-for a subclass, as methods/precision.py does for depthwise convolutions); any case the fast path does not cover
-(several or merged or disabled adapters, DoRA and other variants, a bias on B, a trainable base layer, extra
-forward arguments) runs peft's own forward.
+``grad B = s g^T u``, ``grad A = (g s B)^T dropout(x)``. On CUDA the dropout mask is the one ``F.dropout`` draws,
+the same random numbers as peft's ``nn.Dropout``, so a run is the same run with or without this option (up to
+float rounding); on the CPU it is drawn faster (see ``_dropout``), from the same distribution.
+
+The layers keep their state-dict keys and peft's adapter saving (the class is swapped for a subclass, as
+methods/precision.py does for depthwise convolutions); any case the fast path does not cover (several or merged
+or disabled adapters, DoRA and other variants, a bias on B, a trainable base layer, extra forward arguments) runs
+peft's own forward.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dropout(x)`` and what its backward needs, drawn as ``F.dropout`` draws them on ``x``'s device (so the
-    masks are peft's): CUDA's fused kernel and its bool mask; elsewhere a Bernoulli noise scaled by 1 / (1 - p),
-    which is then the mask (ATen's own CPU dropout; faster here than ``native_dropout``)."""
+    """``dropout(x)`` and its bool keep-mask. On CUDA the fused kernel ``F.dropout`` itself runs (the same random
+    numbers as peft's ``nn.Dropout``); on the CPU a float32 uniform draw compared with ``p``: the same distribution,
+    about 3x faster than ATen's CPU ``bernoulli_`` (which made dropout a fifth of a CPU LoRA step)."""
     if x.device.type in ("cuda", "xpu"):
         return torch.native_dropout(x, p, True)
-    noise = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
-    return x * noise, noise
+    keep = torch.rand(x.shape, device=x.device, dtype=torch.float32) >= p
+    return x * keep * (1.0 / (1.0 - p)), keep
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -86,10 +88,8 @@ class LoraLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
             grad_dropped = grad_u @ lora_a
-            if mask is not None and mask.dtype == torch.bool:
+            if mask is not None:
                 grad_x.addcmul_(grad_dropped, mask, value=1.0 / ctx.keep)
-            elif mask is not None:  # the scaled noise
-                grad_x.addcmul_(grad_dropped, mask)
             else:
                 grad_x += grad_dropped
             grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
