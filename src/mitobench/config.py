@@ -76,7 +76,7 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.3
     lora_targets: str | None = None  # regex; default: the model card's
-    fused_lora: bool = True  # peft's LoRA layers computed by one autograd function: same values (methods/fused_lora.py)
+    fused_lora: bool = True  # peft's LoRA layers computed by one autograd function, same arithmetic (methods/fused_lora.py)
     num_threads: int | None = None
     ema: float | None = None  # exponential moving average of weights, selected on the validation fold
     mixup: float | None = None  # Beta(alpha, alpha) mixup of images and targets (methods/mixup.py); None: off
