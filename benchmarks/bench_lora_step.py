@@ -1,12 +1,14 @@
 """LoRA training step: peft's forward against ``train.fused_lora`` (methods/fused_lora.py), same model, same step.
 
 Usage: .venv/bin/python benchmarks/bench_lora_step.py [--models kaiko_vits16,kaiko_vitb16] [--batch 8] [--steps 4]
-                                                      [--rounds 3] [--device cpu|cuda] [--no-append]
+                                                      [--rounds 3] [--device cpu|cuda] [--precision auto|bf16|fp32]
+                                                      [--no-append]
 
 Random weights, LoRA r=8, alpha=16, dropout 0.3 on the card's targets, 224-px inputs made beforehand, AdamW;
-float32 on the CPU (glibc keeping freed memory, as the engine), bf16 autocast (frozen weights stored bf16, as the engine does) on CUDA. The two forms
-alternate for ``--rounds`` rounds and each keeps its best round (this VM's speed drifts). Figures are appended to
-benchmarks/RESULTS.md with the command, date and machine.
+``--precision`` as ``train.precision`` (default ``auto``: float32 on the CPU, bf16 autocast on CUDA), with the
+engine's precision policy (``prepare_model``) and, on the CPU, glibc keeping freed memory as the engine does.
+The two forms alternate for ``--rounds`` rounds and each keeps its best round (this VM's speed drifts). Figures are
+appended to benchmarks/RESULTS.md with the command, date and machine.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from common import append_results  # noqa: E402
 HEADING = "## Training engine: fused LoRA layers (issue 4)"
 
 
-def build(key: str, fused: bool, device: torch.device) -> torch.nn.Module:
+def build(key: str, fused: bool, device: torch.device, precision: str) -> torch.nn.Module:
     from mitobench.config import RunConfig
     from mitobench.methods import lora
     from mitobench.methods.engine import Classifier
@@ -36,17 +38,19 @@ def build(key: str, fused: bool, device: torch.device) -> torch.nn.Module:
     model = Classifier(Backbone(build_model(card), card, "random-init", "benchmark"))
     cfg = RunConfig(model=key, method="lora")
     cfg.train.fused_lora = fused
-    return prepare_model(lora.prepare(model, cfg), "auto", device).to(device).train()
+    return prepare_model(lora.prepare(model, cfg), precision, device).to(device).train()
 
 
-def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, steps: int) -> float:
+def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, steps: int, precision: str) -> float:
+    from mitobench.methods.precision import autocast
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, 1e-4)
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 2, (batch,), device=device).float()
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(precision, device):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -70,6 +74,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", help="train.precision: auto (fp32 on the CPU, bf16 autocast on "
+                        "CUDA), bf16, fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
@@ -80,14 +86,17 @@ def main() -> None:
         from mitobench.methods.cpu_memory import keep_freed_memory
 
         keep_freed_memory()  # as the engine trains on the CPU
-    rows = [f"| model (LoRA, batch {args.batch}, {'bf16 autocast' if device.type == 'cuda' else 'float32'}) "
+    from mitobench.methods.precision import autocast_dtype
+
+    dtype = "bf16 autocast" if autocast_dtype(args.precision, device) is not None else "float32"
+    rows = [f"| model (LoRA, batch {args.batch}, {dtype}) "
             "| peft forward img/s | fused img/s | speed-up |", "|---|---|---|---|"]
     for key in args.models.split(","):
-        models = {fused: build(key, fused, device) for fused in (False, True)}
+        models = {fused: build(key, fused, device, args.precision) for fused in (False, True)}
         best = {False: 0.0, True: 0.0}
         for _ in range(args.rounds):
             for fused, model in models.items():
-                best[fused] = max(best[fused], images_per_second(model, device, args.batch, args.steps))
+                best[fused] = max(best[fused], images_per_second(model, device, args.batch, args.steps, args.precision))
         rows.append(f"| {key} | {best[False]:.2f} | {best[True]:.2f} | {best[True] / best[False]:.2f}x |")
         print(rows[-1], flush=True)
     body = f"device: {device.type}, torch threads {torch.get_num_threads()}\n\n" + "\n".join(rows)
