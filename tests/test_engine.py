@@ -590,13 +590,14 @@ def test_lora_changes_only_adapters_and_head(fixture_root, tmp_path, tiny_vit_ca
     assert changed and all("lora_" in k or k.startswith("head.") for k in changed)
 
 
-def test_grad_checkpointing_gives_the_same_gradients(fixture_root, tmp_path, tiny_vit_card):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])  # 0.3: the recomputation must draw the same LoRA dropout masks
+def test_grad_checkpointing_gives_the_same_gradients(fixture_root, tmp_path, tiny_vit_card, dropout):
     """Gradient checkpointing recomputes the blocks' activations in the backward pass: same loss, same gradients."""
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
         method = TrainMethod(make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT,
-                                         train={"img_size": 32, "lora_dropout": 0.0, "grad_checkpointing": checkpointing}))
+                                         train={"img_size": 32, "lora_dropout": dropout, "grad_checkpointing": checkpointing}))
         method.device = torch.device("cpu")
         model = method._build().train()
         assert model.backbone.model.grad_checkpointing is checkpointing
