@@ -41,14 +41,29 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return dtype if enabled else x.dtype
 
 
-def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dropout(x)`` and its bool keep-mask. On CUDA the fused kernel ``F.dropout`` itself runs (the same random
-    numbers as peft's ``nn.Dropout``); on the CPU a float32 uniform draw compared with ``p``: the same distribution,
-    about 3x faster than ATen's CPU ``bernoulli_`` (which made dropout a fifth of a CPU LoRA step)."""
+_THRESHOLD_BITS = 15  # the CPU mask compares 15-bit uniforms with the rate: P(keep) within 2**-16 of 1 - p
+
+
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``dropout(x)``, its bool keep-mask and the scale of the kept values.
+
+    On CUDA the fused kernel that ``F.dropout`` runs (the same random numbers as peft's ``nn.Dropout``). On the CPU,
+    where PyTorch draws random numbers one at a time on one thread (a fifth of a bf16 LoRA step went to drawing
+    dropout masks), each 32-bit draw serves two elements: its two 16-bit halves, 15 uniform bits each, are
+    compared with the rate, and the kept values are scaled by the exact inverse of the resulting keep probability.
+    The same distribution up to the rate's rounding to 2**-15; half the draws of ``torch.rand(x.shape) >= p``, and
+    about 4x faster than ``F.dropout`` (ATen's CPU ``bernoulli_``) on this project's 2-core CPU.
+    """
     if x.device.type in ("cuda", "xpu"):
-        return torch.native_dropout(x, p, True)
-    keep = torch.rand(x.shape, device=x.device, dtype=torch.float32) >= p
-    return x * keep * (1.0 / (1.0 - p)), keep
+        dropped, keep = torch.native_dropout(x, p, True)
+        return dropped, keep, 1.0 / (1.0 - p)
+    n = x.numel()
+    draws = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # 31 uniform bits each
+    halves = draws.view(torch.int16)[:n].bitwise_and(2**_THRESHOLD_BITS - 1)
+    threshold = min(round(p * 2**_THRESHOLD_BITS), 2**_THRESHOLD_BITS - 1)
+    keep = (halves >= threshold).view(x.shape)
+    scale = 2**_THRESHOLD_BITS / (2**_THRESHOLD_BITS - threshold)
+    return (x * keep).mul_(scale), keep, scale
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -60,7 +75,7 @@ class LoraLinearFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if p > 0:
-            dropped, mask = _dropout(x2, p)
+            dropped, mask, ctx.dropout_scale = _dropout(x2, p)
         else:
             dropped, mask = x2, None
         u = dropped @ lora_a.t()
@@ -72,7 +87,7 @@ class LoraLinearFunction(torch.autograd.Function):
             out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
             out.addmm_(u, scaled_b.t())
         ctx.save_for_backward(dropped, mask, u, weight, lora_a, scaled_b)
-        ctx.scaling, ctx.keep = scaling, 1.0 - p
+        ctx.scaling = scaling
         return out.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -89,7 +104,7 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_x = g @ weight
             grad_dropped = grad_u @ lora_a
             if mask is not None:
-                grad_x.addcmul_(grad_dropped, mask, value=1.0 / ctx.keep)
+                grad_x.addcmul_(grad_dropped, mask, value=ctx.dropout_scale)
             else:
                 grad_x += grad_dropped
             grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
