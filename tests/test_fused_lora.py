@@ -81,19 +81,21 @@ def test_fused_matches_peft_in_float32(in_features, out_features, bias, dropout,
 def test_cpu_dropout_draw_keeps_one_minus_p_and_rescales(p):
     torch.manual_seed(0)
     x = torch.full((401, 500), 2.0)  # an odd number of elements: the last draw's second half is unused
-    dropped, keep, scale = _dropout(x, p)
-    assert keep.dtype == torch.bool and keep.shape == x.shape
-    assert scale == pytest.approx(1 / (1 - p), rel=1e-4)
+    dropped, mask = _dropout(x, p)
+    keep = mask > 0
+    assert mask.dtype == x.dtype and mask.shape == x.shape
+    scale = mask[keep].unique()
+    assert len(scale) == 1 and scale.item() == pytest.approx(1 / (1 - p), rel=1e-4)
     # each 32-bit draw gives two elements: both halves must keep 1 - p of their elements, independently
     flat = keep.flatten().float()
     for half in (flat[0::2], flat[1::2]):
         assert abs(half.mean().item() - (1 - p)) < 0.005
     pairs = flat[: flat.numel() // 2 * 2].view(-1, 2)
     assert abs((pairs[:, 0] * pairs[:, 1]).mean().item() - (1 - p) ** 2) < 0.005
-    assert torch.equal(dropped[keep], torch.full_like(dropped[keep], 2.0 * scale)) and (dropped[~keep] == 0).all()
+    assert torch.equal(dropped, x * mask) and (dropped[~keep] == 0).all()
     assert abs(dropped.mean().item() - 2.0) < 0.02  # unbiased
     torch.manual_seed(0)
-    assert torch.equal(_dropout(x, p)[1], keep)  # seeded
+    assert torch.equal(_dropout(x, p)[1], mask)  # seeded
 
 
 def test_dropout_is_live_seeded_and_off_in_evaluation():

@@ -44,8 +44,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 _THRESHOLD_BITS = 15  # the CPU mask compares 15-bit uniforms with the rate: P(keep) within 2**-16 of 1 - p
 
 
-def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``dropout(x)``, its bool keep-mask and the scale of the kept values.
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dropout(x)`` and its mask for the backward pass: a bool keep-mask (CUDA) or the kept elements' scale in
+    ``x``'s dtype, 0 where dropped (CPU, where a multiply-add with a bool tensor converts it at every use).
 
     On CUDA the fused kernel that ``F.dropout`` runs (the same random numbers as peft's ``nn.Dropout``). On the CPU,
     where PyTorch draws random numbers one at a time on one thread (a fifth of a bf16 LoRA step went to drawing
@@ -55,15 +56,14 @@ def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, flo
     about 4x faster than ``F.dropout`` (ATen's CPU ``bernoulli_``) on this project's 2-core CPU.
     """
     if x.device.type in ("cuda", "xpu"):
-        dropped, keep = torch.native_dropout(x, p, True)
-        return dropped, keep, 1.0 / (1.0 - p)
+        return torch.native_dropout(x, p, True)
     n = x.numel()
     draws = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # 31 uniform bits each
     halves = draws.view(torch.int16)[:n].bitwise_and(2**_THRESHOLD_BITS - 1)
     threshold = min(round(p * 2**_THRESHOLD_BITS), 2**_THRESHOLD_BITS - 1)
-    keep = (halves >= threshold).view(x.shape)
     scale = 2**_THRESHOLD_BITS / (2**_THRESHOLD_BITS - threshold)
-    return (x * keep).mul_(scale), keep, scale
+    mask = (halves >= threshold).view(x.shape).to(x.dtype).mul_(scale)
+    return x * mask, mask
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -75,7 +75,7 @@ class LoraLinearFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if p > 0:
-            dropped, mask, ctx.dropout_scale = _dropout(x2, p)
+            dropped, mask = _dropout(x2, p)
         else:
             dropped, mask = x2, None
         u = dropped @ lora_a.t()
@@ -87,7 +87,7 @@ class LoraLinearFunction(torch.autograd.Function):
             out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
             out.addmm_(u, scaled_b.t())
         ctx.save_for_backward(dropped, mask, u, weight, lora_a, scaled_b)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.keep = scaling, 1.0 - p
         return out.view(*shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -103,8 +103,10 @@ class LoraLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
             grad_dropped = grad_u @ lora_a
-            if mask is not None:
-                grad_x.addcmul_(grad_dropped, mask, value=ctx.dropout_scale)
+            if mask is not None and mask.dtype == torch.bool:
+                grad_x.addcmul_(grad_dropped, mask, value=1.0 / ctx.keep)
+            elif mask is not None:  # the kept elements' scale
+                grad_x.addcmul_(grad_dropped, mask)
             else:
                 grad_x += grad_dropped
             grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
