@@ -1,4 +1,6 @@
-"""LoRA training step: peft's forward against ``train.fused_lora`` (methods/fused_lora.py), same model, same step.
+"""LoRA training step: peft's forward against ``train.fused_lora`` (methods/fused_lora.py), same model, same step;
+under CPU bf16 autocast also the fused layers with PyTorch's attention kernel instead of the explicit attention the
+engine uses there (``explicit_attention`` in methods/precision.py).
 
 Usage: .venv/bin/python benchmarks/bench_lora_step.py [--models kaiko_vits16,kaiko_vitb16] [--batch 8] [--steps 4]
                                                       [--rounds 3] [--device cpu|cuda] [--precision auto|bf16|fp32]
@@ -26,7 +28,9 @@ from common import append_results  # noqa: E402
 HEADING = "## Training engine: fused LoRA layers (issue 4)"
 
 
-def build(key: str, fused: bool, device: torch.device, precision: str) -> torch.nn.Module:
+def build(key: str, fused: bool, device: torch.device, precision: str, sdpa: bool = False) -> torch.nn.Module:
+    """The LoRA classifier as the engine prepares it; ``sdpa``: attention back on ``F.scaled_dot_product_attention``
+    where the precision policy made it explicit (CPU autocast)."""
     from mitobench.config import RunConfig
     from mitobench.methods import lora
     from mitobench.methods.engine import Classifier
@@ -38,7 +42,12 @@ def build(key: str, fused: bool, device: torch.device, precision: str) -> torch.
     model = Classifier(Backbone(build_model(card), card, "random-init", "benchmark"))
     cfg = RunConfig(model=key, method="lora")
     cfg.train.fused_lora = fused
-    return prepare_model(lora.prepare(model, cfg), precision, device).to(device).train()
+    model = prepare_model(lora.prepare(model, cfg), precision, device).to(device).train()
+    if sdpa:
+        for module in model.modules():
+            if getattr(module, "fused_attn", None) is False:
+                module.fused_attn = True
+    return model
 
 
 def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, steps: int, precision: str) -> float:
@@ -89,15 +98,20 @@ def main() -> None:
     from mitobench.methods.precision import autocast_dtype
 
     dtype = "bf16 autocast" if autocast_dtype(args.precision, device) is not None else "float32"
-    rows = [f"| model (LoRA, batch {args.batch}, {dtype}) "
-            "| peft forward img/s | fused img/s | speed-up |", "|---|---|---|---|"]
+    # under CPU autocast the engine computes attention explicitly (methods/precision.py): also timed without that
+    forms = {"peft forward": (False, False), "fused": (True, False)}
+    if dtype != "float32" and device.type == "cpu":
+        forms = {"peft forward": (False, False), "fused, SDPA attention": (True, True), "fused": (True, False)}
+    rows = [f"| model (LoRA, batch {args.batch}, {dtype}) | " + " | ".join(f"{f} img/s" for f in forms)
+            + " | fused / peft |", "|---" * (len(forms) + 2) + "|"]
     for key in args.models.split(","):
-        models = {fused: build(key, fused, device, args.precision) for fused in (False, True)}
-        best = {False: 0.0, True: 0.0}
+        models = {form: build(key, fused, device, args.precision, sdpa) for form, (fused, sdpa) in forms.items()}
+        best = dict.fromkeys(forms, 0.0)
         for _ in range(args.rounds):
-            for fused, model in models.items():
-                best[fused] = max(best[fused], images_per_second(model, device, args.batch, args.steps, args.precision))
-        rows.append(f"| {key} | {best[False]:.2f} | {best[True]:.2f} | {best[True] / best[False]:.2f}x |")
+            for form, model in models.items():
+                best[form] = max(best[form], images_per_second(model, device, args.batch, args.steps, args.precision))
+        rows.append(f"| {key} | " + " | ".join(f"{v:.2f}" for v in best.values())
+                    + f" | {best['fused'] / best['peft forward']:.2f}x |")
         print(rows[-1], flush=True)
     body = f"device: {device.type}, torch threads {torch.get_num_threads()}\n\n" + "\n".join(rows)
     print(body)

@@ -115,6 +115,30 @@ def test_bf16_fold_trains_and_predicts_close_to_float32(fixture_root, tmp_path):
         assert not np.array_equal(p16, p32)  # bf16 really ran
 
 
+def test_explicit_attention_under_cpu_autocast_only():
+    """Under CPU bf16 autocast timm's attention takes its explicit (matrix-product) form: the same function."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=1).eval()
+    attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    assert len(attention) == 2 and all(m.fused_attn for m in attention)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(x)
+    keys = list(model.state_dict())
+    prepare_model(model, "fp32", CPU)
+    prepare_model(model, "auto", CUDA)  # CUDA autocast: flash attention stays (only casts; nothing moves)
+    model.float()
+    assert all(m.fused_attn for m in attention)
+    prepare_model(model, "bf16", CPU)
+    assert not any(m.fused_attn for m in attention) and list(model.state_dict()) == keys
+    assert precision_mod.explicit_attention(model) == 0  # idempotent
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit = model(x)
+    torch.testing.assert_close(explicit.float(), fused.float(), rtol=2e-2, atol=2e-2)
+
+
 # -- frozen weights in the autocast dtype (CUDA training, e.g. LoRA) ----------------------------------
 
 def test_frozen_weights_in_bf16_give_the_same_autocast_outputs():
