@@ -5,8 +5,9 @@ default EfficientNet-Lite0 (224 px).
 
 - mitobench: uint8 128-px patches already on the GPU -> the engine's batched augmentation (the cpu
   preset's ``strong`` augmentation, resized to 224) -> normalise -> bf16 autocast, batch 64.
-- reference (the paper's code): fp32, batch 8, inputs already made (its per-image PIL pipeline is not
-  even counted, which favours the reference).
+- reference (the paper's code): fp32, batch 8, peft's own LoRA layers, inputs already made (its per-image PIL
+  pipeline is not even counted, which favours the reference).
+- for LoRA also the engine step with peft's forward instead of the fused layers (``train.fused_lora=false``).
 
 Usage: python benchmarks/gpu_train.py [--steps 10] [--batch 64] [--no-append] [--only virchow2]
                                      [--variants virchow2 [--profile] [--diagnostics] [--compile-mode MODE]]
@@ -242,7 +243,8 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         model.float()  # the reference trains in float32 throughout (the engine stored frozen weights in bf16)
-        slow, slow_mem = measure(model, device, 8 if not args.smoke else 1, args.steps * 2, fast=False)
+        with with_peft_forward(model):  # and with peft's own LoRA layers, as the paper's code
+            slow, slow_mem = measure(model, device, 8 if not args.smoke else 1, args.steps * 2, fast=False)
         references[key] = slow
         rows.append(f"| {key} {method} (batch {args.batch}) | {fast:.1f} | {fast_mem:.1f} | {slow:.1f} | {slow_mem:.1f} | {fast / slow:.1f}x |")
         print(rows[-1], flush=True)
