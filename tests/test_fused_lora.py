@@ -198,3 +198,20 @@ def test_gpu_benchmark_peft_forward_switch_restores_the_fused_layers(fixture_roo
             peft_out = model(x)
     assert [type(m) for m in model.modules()] == classes
     torch.testing.assert_close(fused, peft_out, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_lora_fold_in_cpu_bf16(fixture_root, tmp_path, tiny_vit_card):  # noqa: F811
+    """A LoRA fold under CPU bf16 autocast: fused layers, explicit attention, adapters saved in float32."""
+    from safetensors.torch import load_file
+
+    from test_engine import fit_fold
+
+    config = make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT,
+                         train={"img_size": 32, "epochs": 2, "augment": "none", "precision": "bf16"})
+    method, _, va, result = fit_fold(config, tmp_path / "scratch")
+    model = method._build()
+    assert not any(getattr(m, "fused_attn", False) for m in model.modules())
+    probs = result.probs["validation"]
+    assert len(probs) == len(va) and ((probs >= 0) & (probs <= 1)).all() and len(set(probs.round(6))) > 1
+    saved = load_file(str(tmp_path / "scratch" / "adapter_and_head.safetensors"))
+    assert any(".lora_A." in k for k in saved) and {v.dtype for v in saved.values()} == {torch.float32}
