@@ -1,15 +1,16 @@
 """LoRA training step: peft's forward against ``train.fused_lora`` (methods/fused_lora.py), same model, same step;
 under CPU bf16 autocast also the fused layers with PyTorch's attention kernel instead of the explicit attention the
-engine uses there (``explicit_attention`` in methods/precision.py).
+engine uses there (``explicit_attention`` in methods/precision.py); with ``--options`` also the settings the CPU
+policy leaves off, timed to show why.
 
 Usage: .venv/bin/python benchmarks/bench_lora_step.py [--models kaiko_vits16,kaiko_vitb16] [--batch 8] [--steps 4]
                                                       [--rounds 3] [--device cpu|cuda] [--precision auto|bf16|fp32]
-                                                      [--no-append]
+                                                      [--options] [--no-append]
 
 Random weights, LoRA r=8, alpha=16, dropout 0.3 on the card's targets, 224-px inputs made beforehand, AdamW;
 ``--precision`` as ``train.precision`` (default ``auto``: float32 on the CPU, bf16 autocast on CUDA), with the
 engine's precision policy (``prepare_model``) and, on the CPU, glibc keeping freed memory as the engine does.
-The two forms alternate for ``--rounds`` rounds and each keeps its best round (this VM's speed drifts). Figures are
+The forms alternate for ``--rounds`` rounds and each keeps its best round (this VM's speed drifts). Figures are
 appended to benchmarks/RESULTS.md with the command, date and machine.
 """
 
@@ -28,9 +29,8 @@ from common import append_results  # noqa: E402
 HEADING = "## Training engine: fused LoRA layers (issue 4)"
 
 
-def build(key: str, fused: bool, device: torch.device, precision: str, sdpa: bool = False) -> torch.nn.Module:
-    """The LoRA classifier as the engine prepares it; ``sdpa``: attention back on ``F.scaled_dot_product_attention``
-    where the precision policy made it explicit (CPU autocast)."""
+def build(key: str, fused: bool, device: torch.device, precision: str) -> torch.nn.Module:
+    """The LoRA classifier as the engine prepares it for ``precision`` on ``device``."""
     from mitobench.config import RunConfig
     from mitobench.methods import lora
     from mitobench.methods.engine import Classifier
@@ -42,12 +42,47 @@ def build(key: str, fused: bool, device: torch.device, precision: str, sdpa: boo
     model = Classifier(Backbone(build_model(card), card, "random-init", "benchmark"))
     cfg = RunConfig(model=key, method="lora")
     cfg.train.fused_lora = fused
-    model = prepare_model(lora.prepare(model, cfg), precision, device).to(device).train()
-    if sdpa:
-        for module in model.modules():
-            if getattr(module, "fused_attn", None) is False:
-                module.fused_attn = True
-    return model
+    return prepare_model(lora.prepare(model, cfg), precision, device).to(device).train()
+
+
+def sdpa_attention(model: torch.nn.Module) -> None:
+    """Attention back on ``F.scaled_dot_product_attention`` where the precision policy made it explicit."""
+    for module in model.modules():
+        if getattr(module, "fused_attn", None) is False:
+            module.fused_attn = True
+
+
+def frozen_bf16(model: torch.nn.Module) -> None:
+    from mitobench.methods.precision import cast_frozen_weights
+
+    cast_frozen_weights(model, torch.bfloat16)
+
+
+def compiled(model: torch.nn.Module) -> None:
+    from mitobench.methods.compile import compile_model
+
+    compile_model(model)  # compiled in the first (untimed) step of each round's first call
+
+
+def explicit(model: torch.nn.Module) -> None:
+    from mitobench.methods.precision import explicit_attention
+
+    explicit_attention(model)
+
+
+def forms(autocast_cpu: bool, options: bool) -> dict:
+    """Column name -> (fused, change made after the engine's preparation)."""
+    chosen = {"peft forward": (False, None)}
+    if autocast_cpu:  # the engine computes attention explicitly there (methods/precision.py): also timed without
+        chosen["fused, SDPA attention"] = (True, sdpa_attention)
+    chosen["fused"] = (True, None)
+    if options:
+        if autocast_cpu:
+            chosen["fused, frozen weights bf16"] = (True, frozen_bf16)
+        else:
+            chosen["fused, explicit attention"] = (True, explicit)
+        chosen["fused, train.compile"] = (True, compiled)
+    return chosen
 
 
 def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, steps: int, precision: str) -> float:
@@ -86,6 +121,9 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="train.precision: auto (fp32 on the CPU, bf16 autocast on "
                         "CUDA), bf16, fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
+    parser.add_argument("--options", action="store_true", help="also the fused step with torch.compile, and with the "
+                        "frozen weights in bf16 (autocast) or explicit attention (float32): options the CPU policy "
+                        "does not take")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -98,15 +136,16 @@ def main() -> None:
     from mitobench.methods.precision import autocast_dtype
 
     dtype = "bf16 autocast" if autocast_dtype(args.precision, device) is not None else "float32"
-    # under CPU autocast the engine computes attention explicitly (methods/precision.py): also timed without that
-    forms = {"peft forward": (False, False), "fused": (True, False)}
-    if dtype != "float32" and device.type == "cpu":
-        forms = {"peft forward": (False, False), "fused, SDPA attention": (True, True), "fused": (True, False)}
-    rows = [f"| model (LoRA, batch {args.batch}, {dtype}) | " + " | ".join(f"{f} img/s" for f in forms)
-            + " | fused / peft |", "|---" * (len(forms) + 2) + "|"]
+    columns = forms(dtype != "float32" and device.type == "cpu", args.options)
+    rows = [f"| model (LoRA, batch {args.batch}, {dtype}) | " + " | ".join(f"{f} img/s" for f in columns)
+            + " | fused / peft |", "|---" * (len(columns) + 2) + "|"]
     for key in args.models.split(","):
-        models = {form: build(key, fused, device, args.precision, sdpa) for form, (fused, sdpa) in forms.items()}
-        best = dict.fromkeys(forms, 0.0)
+        models = {}
+        for form, (fused, change) in columns.items():
+            models[form] = build(key, fused, device, args.precision)
+            if change is not None:
+                change(models[form])
+        best = dict.fromkeys(columns, 0.0)
         for _ in range(args.rounds):
             for form, model in models.items():
                 best[form] = max(best[form], images_per_second(model, device, args.batch, args.steps, args.precision))
