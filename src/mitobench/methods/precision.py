@@ -124,8 +124,8 @@ def explicit_attention(model: nn.Module) -> int:
 
     Under CPU bf16 autocast PyTorch's CPU flash-attention kernel (its backward above all) is the slowest part of a
     ViT step; at ViT sequence lengths (197-261 tokens) the explicit form, whose products run on oneDNN's bf16
-    kernels, trained a LoRA ViT-S/16 1.25x and a ViT-B/16 1.14x as fast on this project's 2-core CPU (float32:
-    no gain, so it is left alone there). The same function; it keeps each attention matrix for the backward pass.
+    kernels, trained a fused-LoRA ViT-S/16 1.31x and a ViT-B/16 1.23x as fast on this project's 2-core CPU
+    (``benchmarks/bench_lora_step.py --precision bf16``; float32: no gain, so it is left alone there). The same function; it keeps each attention matrix for the backward pass.
     """
     count = 0
     for module in model.modules():
