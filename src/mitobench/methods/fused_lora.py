@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mitobench.methods.class_swap import mix_in
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would run a Linear in on ``x``'s device, else ``x``'s own."""
@@ -147,9 +149,6 @@ class _FusedLoraForward:
                                             float(self.scaling[name]), float(p))
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def fuse_lora_layers(model: nn.Module) -> int:
     """Give every peft LoRA ``Linear`` of ``model`` the fused forward; returns how many. Idempotent; state dicts,
     deep copies and checkpoints are unchanged."""
@@ -157,11 +156,7 @@ def fuse_lora_layers(model: nn.Module) -> int:
 
     count = 0
     for module in model.modules():
-        cls = type(module)
         if isinstance(module, LoraLinear):
-            if not issubclass(cls, _FusedLoraForward):
-                if cls not in _CLASSES:
-                    _CLASSES[cls] = type(f"Fused{cls.__name__}", (_FusedLoraForward, cls), {})
-                module.__class__ = _CLASSES[cls]
+            mix_in(module, _FusedLoraForward, "Fused")
             count += 1
     return count

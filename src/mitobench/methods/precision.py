@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mitobench.config import check_precision
+from mitobench.methods.class_swap import mix_in
 from mitobench.methods.depthwise import depthwise_conv2d
 
 
@@ -75,9 +76,6 @@ class _FastDepthwiseForward:
             return out if self.bias is None else out + self.bias.to(dtype).view(1, -1, 1, 1)
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def _plain_depthwise(module: nn.Module) -> bool:
     """A depthwise nn.Conv2d whose forward is nn.Conv2d's own, with zero padding given in pixels and no dilation
     (a subclass with its own forward, e.g. timm's dynamic "same" padding, is left alone)."""
@@ -96,11 +94,7 @@ def fast_depthwise(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if _plain_depthwise(module):
-            cls = type(module)
-            if not issubclass(cls, _FastDepthwiseForward):
-                if cls not in _CLASSES:
-                    _CLASSES[cls] = type(f"FastDepthwise{cls.__name__}", (_FastDepthwiseForward, cls), {})
-                module.__class__ = _CLASSES[cls]
+            mix_in(module, _FastDepthwiseForward, "FastDepthwise")
             count += 1
     return count
 
@@ -125,7 +119,8 @@ def explicit_attention(model: nn.Module) -> int:
     Under CPU bf16 autocast PyTorch's CPU flash-attention kernel (its backward above all) is the slowest part of a
     ViT step; at ViT sequence lengths (197-261 tokens) the explicit form, whose products run on oneDNN's bf16
     kernels, trained a fused-LoRA ViT-S/16 1.31x and a ViT-B/16 1.23x as fast on this project's 2-core CPU
-    (``benchmarks/bench_lora_step.py --precision bf16``; float32: no gain, so it is left alone there). The same function; it keeps each attention matrix for the backward pass.
+    (``benchmarks/bench_lora_step.py --precision bf16``; float32: no gain, so it is left alone there). The same
+    function; it keeps each attention matrix for the backward pass.
     """
     count = 0
     for module in model.modules():
