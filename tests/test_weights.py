@@ -344,3 +344,15 @@ def test_list_models_and_check(tmp_path):
     out = check_model("lunit_vits16", weights=tmp_path / "l.safetensors", seconds=0.1)
     assert out["dim"] == 384 and out["pretrained"] and out["device"] == "cpu" and out["images_per_s"] > 0
     assert not out["warning"]
+
+
+def test_check_patch_comes_from_the_data_root_else_a_clear_error(real_data, tmp_path, monkeypatch):
+    from mitobench.models.doctor import _default_patch
+
+    monkeypatch.delenv("MITOBENCH_DATA", raising=False)
+    patch, source = _default_patch(real_data)  # --data-root, as `mitobench models check KEY --data-root DIR`
+    assert Path(source).parent == real_data / "AMi-Br" / "Normal" and patch.shape == (128, 128, 3)
+    monkeypatch.setitem(__import__("sys").modules, "skimage", None)  # a plain install: scikit-image is a test extra
+    with pytest.raises(MitobenchError, match="--image") as err:
+        _default_patch(tmp_path / "no-data")
+    assert str(tmp_path / "no-data" / "AMi-Br" / "Normal") in str(err.value)

@@ -44,7 +44,7 @@ def run(
     cache_dir: Optional[str] = typer.Option(None, help="Patch and embedding cache (default $MITOBENCH_CACHE or the user cache)."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:1."),
     dtype: Optional[str] = typer.Option(None, help="Embedding dtype: auto (card's on GPU, float32 on CPU) | float32 | bfloat16 | float16."),
-    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="8-view dihedral test-time augmentation (training methods)."),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Dihedral test-time augmentation (training methods): 8 views per crop in train.tta_crops."),
     allow_download: Optional[bool] = typer.Option(None, "--allow-download/--offline", help="Allow Hugging Face downloads."),
     fold_workers: Optional[int] = typer.Option(None, "--fold-workers", help="finetune/lora: train this many folds at "
                                                "once in worker processes sharing the CPU cores (default 1)."),
@@ -197,11 +197,13 @@ def models_list() -> None:
 
 @models_app.command("check")
 def models_check(key: str, weights: Optional[str] = typer.Option(None, help="Weights file or snapshot folder."),
-                 image: Optional[str] = typer.Option(None, help="A patch to run through the recipe.")) -> None:
+                 image: Optional[str] = typer.Option(None, help="A patch to run through the recipe (default: the "
+                                                      "first AMi-Br Normal patch of the data root)."),
+                 data_root: Optional[str] = DataRoot) -> None:
     """Build offline, load weights strictly, run one real patch; print dim, dtype, device, images/s."""
     from mitobench.models.doctor import check_model
 
-    for k, v in check_model(key, weights, image).items():
+    for k, v in check_model(key, weights, image, data_root=data_root).items():
         console.print(f"{k}: {v}")
 
 

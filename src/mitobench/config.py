@@ -64,7 +64,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile, block by block, in place (methods/compile.py)
     compile_mode: str | None = None  # torch.compile's mode: None (default) | max-autotune-no-cudagraphs | ...
     # auto: bf16 autocast on CUDA, float32 on the CPU; fp32; bf16 (on the CPU with the fast depthwise backward of
-    # methods/depthwise.py: ~1.4-1.6x faster CNN training where the CPU has native bf16); native: bf16 where the
+    # methods/depthwise.py: ~1.6-1.7x faster CNN training where the CPU has native bf16); native: bf16 where the
     # device has it natively, else fp32, resolved when a run starts (methods/precision.py)
     precision: str = "auto"
     channels_last: bool = True

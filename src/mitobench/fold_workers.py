@@ -1,7 +1,8 @@
 """Train several folds at once, each in its own process with a share of the CPU cores (``fold_workers``).
 
-A small CNN parallelises badly inside one training step: on 2 cores, EfficientNet-Lite0 at 128 px trains at
-69 images/s as one 2-thread process but at 2 x 42 images/s as two 1-thread processes (224 px: 18 vs 2 x 14).
+A small CNN parallelises badly inside one training step: on 2 cores, EfficientNet-Lite0 at 128 px in bf16 trains
+at 114-118 images/s as one 2-thread process but at 127-142 (summed) as two 1-thread processes
+(benchmarks/bench_train_speed.py, benchmarks/RESULTS.md 2026-11-27).
 Folds are independent, so running them side by side changes nothing in the recipe. Folds go in rounds of
 ``workers``: a round's folds split the cores between them (the last, smaller round gets more threads each)
 and the next round starts when the whole round is done.

@@ -13,7 +13,7 @@ PRESETS: dict[str, dict] = {
               "patience": 15, "sampler": "weighted", "loss": "bce", "augment": "paper", "tta": False},
     # EfficientNet-Lite0 at the patches' native 128 px, channels-last, one-cycle AdamW, class-weighted BCE on soft
     # labels (fraction of experts voting atypical), dihedral + rotation + centre-keeping crop + colour + HED stain
-    # jitter + blur, 8-view dihedral TTA, the last epoch kept. Chosen on the validation folds' evidence only
+    # jitter + blur, 16-view TTA (dihedral x 2 crops), the last epoch kept. Chosen on the validation folds' evidence only
     # (benchmarks/RESULTS.md, 2026-11-27): soft labels (BA 0.8237 vs 0.8195, AUROC 0.9032 vs 0.8994); the last
     # epoch instead of the best-BA one (split-half check inside the validation folds: BA 0.8006 vs 0.7940,
     # AUROC 0.8888 vs 0.8810; benchmarks/selection_rules.py); 17 epochs instead of 15 (last-epoch validation BA

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -72,16 +71,21 @@ def models_table(rows: list[dict[str, Any]]):
     return table
 
 
-def _default_patch() -> tuple[np.ndarray, str]:
-    root = os.environ.get("MITOBENCH_DATA")
-    if root:
-        folder = Path(root) / "AMi-Br" / "Normal"
-        if folder.is_dir():
-            pngs = sorted(folder.glob("*.png"))
-            if pngs:
-                return _read_image(pngs[0]), str(pngs[0])
-    from skimage import data
+def _default_patch(data_root: str | Path | None = None) -> tuple[np.ndarray, str]:
+    """The first AMi-Br Normal patch of the data root (``--data-root``, ``$MITOBENCH_DATA`` or where ``mitobench
+    data fetch`` puts it), else a photo from scikit-image where it is installed, else an error asking for one."""
+    from mitobench.data.records import resolve_data_root
 
+    folder = resolve_data_root(data_root) / "AMi-Br" / "Normal"
+    pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    if pngs:
+        return _read_image(pngs[0]), str(pngs[0])
+    try:
+        from skimage import data
+    except ImportError:
+        raise MitobenchError(f"no patch to check the model with: {folder} holds no PNG and scikit-image is not "
+                             "installed. Pass --image PATH (any RGB image), or --data-root DIR (the folder holding "
+                             "AMi-Br/), or run `mitobench data fetch`.") from None
     img = data.chelsea()
     h, w = img.shape[:2]
     top, left = (h - 128) // 2, (w - 128) // 2
@@ -99,11 +103,11 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def check_model(key: str, weights: str | Path | None = None, image_path: str | Path | None = None,
-                device: str | None = None, seconds: float = 2.0) -> dict[str, Any]:
+                device: str | None = None, seconds: float = 2.0, data_root: str | Path | None = None) -> dict[str, Any]:
     """Build ``key`` offline, load weights strictly, embed one real patch; report dim, dtype, device, images/s."""
     card = get_card(key)
     backbone = create_backbone(key, weights=weights, pretrained=True, allow_download=False)
-    patch, source = (_read_image(Path(image_path)), str(image_path)) if image_path else _default_patch()
+    patch, source = (_read_image(Path(image_path)), str(image_path)) if image_path else _default_patch(data_root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, card.dtype) if dev.type == "cuda" else torch.float32
     backbone = backbone.to(dev)
