@@ -356,3 +356,104 @@ def test_check_patch_comes_from_the_data_root_else_a_clear_error(real_data, tmp_
     with pytest.raises(MitobenchError, match="--image") as err:
         _default_patch(tmp_path / "no-data")
     assert str(tmp_path / "no-data" / "AMi-Br" / "Normal") in str(err.value)
+
+
+# ------------------------------------------------------------------------- empty / damaged / foreign files
+TRUNCATED = "is truncated or not a checkpoint: re-download or re-export it"
+
+
+def _small_state():
+    return {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(0)), "b": torch.zeros(64)}
+
+
+@pytest.mark.parametrize("name", ["empty.pth", "empty.pt", "empty.bin", "empty.safetensors"])
+def test_empty_weights_file_is_one_clear_error(tmp_path, name):
+    path = tmp_path / name
+    path.touch()
+    with pytest.raises(MitobenchError, match="is empty") as err:
+        W.read_checkpoint(path)
+    assert str(path) in str(err.value) and "re-download or re-export" in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "safetensors", "safetensors-header"])
+def test_truncated_checkpoint_is_one_clear_error(tmp_path, fmt):
+    full = tmp_path / ("full.safetensors" if fmt.startswith("safetensors") else "full.pth")
+    if fmt.startswith("safetensors"):
+        save_file(_small_state(), full)
+    else:
+        torch.save(_small_state(), full, _use_new_zipfile_serialization=fmt == "zip")
+    data = full.read_bytes()
+    cut = tmp_path / f"cut-{full.name}"
+    cut.write_bytes(data[:20] if fmt == "safetensors-header" else data[: len(data) // 2])
+    assert W.read_checkpoint(full).keys() == {"w", "b"}
+    with pytest.raises(MitobenchError) as err:
+        W.read_checkpoint(cut)
+    msg = str(err.value)
+    assert str(cut) in msg and TRUNCATED in msg and "pickled Python objects" not in msg
+    if fmt == "safetensors":
+        assert "(safetensors:" in msg
+
+
+def test_safetensors_with_a_128_byte_header_is_not_taken_for_a_pickle(tmp_path):
+    """Its first byte is 0x80, like a legacy torch pickle; byte 8 ("{") says safetensors."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode().ljust(128)
+    blob = (128).to_bytes(8, "little") + header + torch.tensor([1.0, 2.0]).numpy().tobytes()
+    (tmp_path / "w.safetensors").write_bytes(blob)
+    (tmp_path / "cut.safetensors").write_bytes(blob[:-4])
+    assert blob[:1] == b"\x80" and W.checkpoint_format(tmp_path / "w.safetensors") == "safetensors"
+    torch.testing.assert_close(W.read_checkpoint(tmp_path / "w.safetensors")["w"], torch.tensor([1.0, 2.0]))
+    with pytest.raises(MitobenchError, match=r"is truncated or not a checkpoint.*\(safetensors:") as err:
+        W.read_checkpoint(tmp_path / "cut.safetensors")
+    assert str(tmp_path / "cut.safetensors") in str(err.value)
+
+
+def test_png_renamed_pth_is_not_a_checkpoint(tmp_path):
+    from fixtures import make_png
+
+    path = tmp_path / "patch.pth"
+    make_png(tmp_path / "patch.png").rename(path)
+    with pytest.raises(MitobenchError) as err:
+        W.load_weights_strict(build_model(get_card("efficientnet_lite0")), path, get_card("efficientnet_lite0"))
+    msg = str(err.value)
+    assert str(path) in msg and "is not a PyTorch or safetensors checkpoint (it looks like a PNG image)" in msg
+    assert "pickled" not in msg
+    unknown = tmp_path / "notes.bin"
+    unknown.write_bytes(b"hello, these are not weights\n")
+    with pytest.raises(MitobenchError, match="unknown format") as err:
+        W.read_checkpoint(unknown)
+    assert str(unknown) in str(err.value)
+
+
+def test_reader_follows_content_and_real_pickles_keep_their_message(tmp_path):
+    save_file(_small_state(), tmp_path / "misnamed.bin")  # safetensors content under a torch suffix
+    torch.testing.assert_close(W.read_checkpoint(tmp_path / "misnamed.bin"), _small_state())
+    torch.save({"w": torch.zeros(1), "obj": _NotATensor()}, tmp_path / "evil_legacy.pt",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(MitobenchError, match="pickled Python objects") as err:
+        W.read_checkpoint(tmp_path / "evil_legacy.pt")
+    assert str(tmp_path / "evil_legacy.pt") in str(err.value)
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "model.safetensors.index.json").touch()
+    with pytest.raises(MitobenchError, match="is empty") as err:
+        W.load_weights_strict(build_model(get_card("efficientnet_lite0")), snap, get_card("efficientnet_lite0"))
+    assert "model.safetensors.index.json" in str(err.value)
+
+
+def test_cli_models_check_with_empty_weights_is_a_clear_error(tmp_path, cli):
+    from typer.testing import CliRunner
+
+    from mitobench.cli import app
+
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    args = ("models", "check", "efficientnet_lite0", "--weights", str(empty))
+    # in process: click no longer sees an EOFError (its Ctrl-D path: "Aborted!", exit 1)
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code != 0 and "Aborted" not in result.output
+    assert isinstance(result.exception, MitobenchError) and str(empty) in str(result.exception)
+    # the installed command: mitobench.cli.main prints the one error and exits 2, no traceback
+    proc = cli(*args, env={"COLUMNS": "1000"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert str(empty) in out and "is empty" in out and "Aborted" not in out and "Traceback" not in out

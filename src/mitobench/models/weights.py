@@ -12,8 +12,9 @@ Resolution order (every step is logged at INFO level, see ``docs/models.md``):
    ``HF_HUB_OFFLINE`` is not set. Tokens come from ``HF_TOKEN`` or the Hugging Face token file, as
    ``huggingface_hub`` reads them by default; this module never calls ``huggingface_hub.login()``.
 
-Loading reads ``.safetensors`` with safetensors and anything else with
-``torch.load(..., weights_only=True)``, unwraps ``state_dict`` / ``model`` / ``teacher`` containers,
+Loading reads a safetensors file with safetensors and a torch zip / pickle checkpoint with
+``torch.load(..., weights_only=True)`` (told apart by the file's first bytes; an empty, truncated or foreign
+file raises one :class:`MitobenchError` naming it), unwraps ``state_dict`` / ``model`` / ``teacher`` containers,
 strips known prefixes, applies the card's ``state_dict_filter``, converts known foreign key layouts
 (Hugging Face transformers ViT / DINOv2, original DINOv2), resamples ``pos_embed`` to the built grid,
 then checks keys and shapes *before* touching the model: a checkpoint that does not fit raises one
@@ -164,10 +165,23 @@ def _from_hf_cache(repo: str, files: tuple[str, ...]) -> Path | None:
 def _complete_sharded(path: Path) -> Path | None:
     """An index file counts only when all its shards are there too."""
     if path.name.endswith(".index.json"):
-        shards = set(json.loads(path.read_text()).get("weight_map", {}).values())
+        shards = set(_index_shards(path))
         if not all((path.parent / s).exists() for s in shards):
             return None
     return path
+
+
+def _index_shards(path: Path) -> list[str]:
+    """The shard file names a sharded checkpoint's ``*.index.json`` lists (its ``weight_map`` values)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        what = "is empty" if path.is_file() and path.stat().st_size == 0 else f"is not valid JSON ({exc})"
+        raise MitobenchError(f"sharded checkpoint index {path} {what}: re-download or re-export it.") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise MitobenchError(f"sharded checkpoint index {path} has no \"weight_map\": re-download or re-export it.")
+    return sorted(set(map(str, weight_map.values())))
 
 
 def _download(card: "ModelCard") -> Path:
@@ -286,7 +300,7 @@ def _weight_files(path: Path, card: "ModelCard") -> tuple[list[Path], Path | Non
     else:
         chosen, config = path, path.parent / "config.json"
     if chosen.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(chosen.read_text()).get("weight_map", {}).values()))
+        shards = _index_shards(chosen)
         missing = [s for s in shards if not (chosen.parent / s).is_file()]
         if missing:
             raise MitobenchError(f"{chosen}: shards missing next to the index: {missing[:4]}")
@@ -296,19 +310,77 @@ def _weight_files(path: Path, card: "ModelCard") -> tuple[list[Path], Path | Non
     return files, (config if config.is_file() else None)
 
 
+#: first bytes of files people pass as weights by mistake -> what to call them in the error
+FOREIGN_MAGIC = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+                 (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"GIF8", "a GIF image"),
+                 (b"\x1f\x8b", "a gzip archive (unpack it first)"), (b"7z\xbc\xaf", "a 7-Zip archive (unpack it first)"),
+                 (b"version https://git-lfs", "a Git LFS pointer, not the file itself (run `git lfs pull`)"),
+                 (b"<", "an HTML/XML page (an error or login page saved instead of the file?)"),
+                 (b"{", "a JSON file"))
+_TRUNCATED = "is truncated or not a checkpoint: re-download or re-export it"
+
+
+def _first_line(exc: BaseException) -> str:
+    """The telling line of a reader's (often long) message, for the error's parenthesis."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = next((line for line in lines if "Unsupported operand" in line), lines[0] if lines else "")
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def checkpoint_format(path: Path) -> str:
+    """``"torch"`` (zip or legacy pickle) or ``"safetensors"``, from the file's first bytes.
+
+    An empty file, a safetensors file cut inside its header, or a file of another kind raises
+    :class:`MitobenchError` naming the file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:
+        raise MitobenchError(f"weights file {path} could not be read: {exc}") from exc
+    if size == 0:
+        raise MitobenchError(f"weights file {path} is empty (0 bytes): re-download or re-export it.")
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: u64 little-endian header length, then JSON
+        # (torch zip / legacy pickle headers never hold "{" at byte 8)
+        header = int.from_bytes(head[:8], "little")
+        if 8 + header > size:
+            raise MitobenchError(f"weights file {path} {_TRUNCATED} (its safetensors header says {header} bytes, "
+                                 f"the file has {size}).")
+        return "safetensors"
+    # torch zip, legacy pickle, legacy tar (tested after safetensors: a 128-byte header also starts with 0x80)
+    if head.startswith((b"PK", b"\x80")) or head[257:262] == b"ustar":
+        return "torch"
+    if size < 9:
+        raise MitobenchError(f"weights file {path} {_TRUNCATED} (only {size} bytes).")
+    kind = next((name for magic, name in FOREIGN_MAGIC if head.startswith(magic)), None)
+    looks = f"it looks like {kind}" if kind else f"unknown format, it starts with {head[:8]!r}"
+    raise MitobenchError(f"{path} is not a PyTorch or safetensors checkpoint ({looks}). Pass the weights file "
+                         "itself (.safetensors, or a .pth/.pt/.bin written by torch.save).")
+
+
 def read_checkpoint(path: Path) -> Any:
-    """safetensors, else ``torch.load(weights_only=True)``; never unpickles arbitrary objects."""
-    if path.suffix == ".safetensors":
+    """safetensors, else ``torch.load(weights_only=True)``; never unpickles arbitrary objects.
+
+    The reader follows the file's content (:func:`checkpoint_format`), not its suffix; an empty,
+    truncated or foreign file raises one :class:`MitobenchError` naming it.
+    """
+    if checkpoint_format(path) == "safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
-        except Exception as exc:  # noqa: BLE001
-            raise MitobenchError(f"{path} is not a readable safetensors file: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and friends on a damaged file
+            raise MitobenchError(f"weights file {path} {_TRUNCATED} (safetensors: {_first_line(exc)}).") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
-        if "weights_only" in str(exc) or isinstance(exc, pickle.UnpicklingError):
+    except Exception as exc:  # noqa: BLE001 - EOFError, RuntimeError, OSError, UnpicklingError on a damaged file
+        text = str(exc)
+        damaged = isinstance(exc, (EOFError, OSError)) or any(
+            s in text for s in ("Unsupported operand", "truncated", "EOF", "corrupted", "zip archive"))
+        refused = "weights_only" in text or "Weights only" in text or isinstance(exc, pickle.UnpicklingError)
+        if refused and not damaged:
             raise MitobenchError(
                 f"{path} holds pickled Python objects besides tensors, and mitobench only loads checkpoints with "
                 "torch.load(weights_only=True). If you trust the file, convert it once: python -c \"import torch; "
@@ -316,7 +388,7 @@ def read_checkpoint(path: Path) -> Any:
                 "sd = sd.get('state_dict', sd.get('model', sd.get('teacher', sd))); "
                 "save_file({k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}, 'OUT.safetensors')\""
             ) from exc
-        raise MitobenchError(f"{path} could not be read as a torch checkpoint: {exc}") from exc
+        raise MitobenchError(f"weights file {path} {_TRUNCATED} (torch.load: {_first_line(exc)}).") from exc
 
 
 def _is_tensor_dict(obj: Any) -> bool:
