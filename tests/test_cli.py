@@ -134,3 +134,30 @@ def test_lora_without_regex(cli, fixture_root, tmp_path):
     result = run_cmd(cli, fixture_root, tmp_path, "--method", "lora", "--model", "timm/resnet10t")
     assert_clear_error(result, "timm/resnet10t", "LoRA")
     assert_no_complete_run(tmp_path / "runs")
+
+
+def test_resume_refuses_options_it_would_ignore(cli, fixture_root, tmp_path):
+    run = tmp_path / "runs" / "r"
+    (run / "folds").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data_root": str(fixture_root)}))
+    (run / "status.json").write_text(json.dumps({"state": "interrupted"}))
+    result = cli("run", "--resume", str(run), "--model", "timm/resnet18", "--set", "n_boot=7", env=WIDE)
+    assert_clear_error(result, "--resume", "model", "--set", "ignored")
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"  # untouched
+
+
+def test_bad_yaml_in_set_and_a_data_root_that_is_a_file(cli, fixture_root, tmp_path):
+    assert_clear_error(run_cmd(cli, fixture_root, tmp_path, "--set", "n_boot=[1,"), "n_boot=[1,", "YAML")
+    not_a_folder = tmp_path / "root.txt"
+    not_a_folder.write_text("")
+    assert_clear_error(cli("run", "--data-root", str(not_a_folder), "--runs-dir", str(tmp_path / "runs"), env=WIDE),
+                       str(not_a_folder), "is a file, not a folder")
+    assert_no_complete_run(tmp_path / "runs")
+
+
+def test_report_refuses_an_unfinished_run(cli, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "running"}))
+    (run / "metrics.csv").write_text("dataset,fold,metric,value\n")
+    assert_clear_error(cli("report", str(run), env=WIDE), str(run), "status running", "--resume")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -107,3 +109,32 @@ def test_preset_then_yaml_then_flags(tmp_path):
     assert config.train.img_size == 128 and config.train.loss == "weighted_bce"  # from the preset
     assert config.train.epochs == 4  # YAML over preset
     assert config.train.lr == 0.002  # flag over YAML
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("device", "nosuch", "device='nosuch'"), ("n_folds", 1, "n_folds=1"), ("n_boot", -5, "n_boot=-5"),
+    ("probe.Cs", [], "probe.Cs"), ("probe.Cs", [-1.0], "probe.Cs"), ("probe.inner_splits", 1, "probe.inner_splits"),
+    ("train.batch_size", 0, "train.batch_size=0"), ("train.lr", -1.0, "train.lr=-1"), ("train.augment", "foo", "none"),
+    ("train.optimizer", "sgd", "adamw"), ("train.loss", "hinge", "focal"), ("probe.head", "svm", "logistic"),
+    ("dtype", "int8", "float16"), ("train.lora_dropout", 1.0, "lora_dropout"), ("train.ema", 1.5, "train.ema"),
+    ("train.epochs", 0, "train.epochs=0"), ("embed_workers", 0, "embed_workers=0")])
+def test_out_of_range_values_stop_before_a_run_starts(key, value, expected):
+    with pytest.raises(MitobenchError, match=re.escape(expected)):
+        load_config(None, {"method": "finetune", "train.epochs": 1, key: value})
+
+
+def test_every_preset_and_the_defaults_pass_the_value_checks():
+    from mitobench.methods.presets import PRESETS
+
+    for method in ("probe", "finetune", "lora"):
+        for preset in (None, *PRESETS):
+            load_config(None, {"method": method, "train.preset": preset})
+    for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert load_config(None, {"device": device}).device == device
+
+
+def test_config_knows_every_augmentation_of_the_engine():
+    from mitobench.config import AUGMENTS
+    from mitobench.methods.augment import PRESETS
+
+    assert set(AUGMENTS) == set(PRESETS)

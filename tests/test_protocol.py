@@ -333,3 +333,46 @@ def test_real_data_default_run(real_data, tmp_path):
         assert metrics.loc[(name, "mean", "balanced_accuracy"), "value"] > 0.55
         lo, hi = metrics.loc[(name, "ensemble", "balanced_accuracy"), ["ci_low", "ci_high"]]
         assert lo < metrics.loc[(name, "ensemble", "balanced_accuracy"), "value"] < hi
+
+
+def test_a_dataset_named_like_a_builtin_set_is_refused(fixture_root, tmp_path):
+    """It would replace that set silently (the training split itself, or a hold-out set the paper reports)."""
+    records = discover(fixture_root)["AtNorM-Br"].head(3)
+    for name in ("AtNorM-Br", "AMi-Br-train", "AMi-Br-test"):
+        csv = tmp_path / name / f"{name}.csv"
+        csv.parent.mkdir()
+        records[["path", "label"]].assign(label=records["label"].map({1: "Atypical", 0: "Normal"})).to_csv(csv, index=False)
+        with pytest.raises(MitobenchError, match=f"{name!r} is already taken by a built-in set"):
+            run_benchmark(config(fixture_root, tmp_path, datasets=[str(csv)]), console=quiet())
+    mine = tmp_path / "a" / "mine.csv"
+    mine.parent.mkdir()
+    (tmp_path / "AtNorM-Br" / "AtNorM-Br.csv").rename(mine)
+    twin = tmp_path / "b" / "mine.csv"
+    twin.parent.mkdir()
+    twin.write_bytes(mine.read_bytes())
+    with pytest.raises(MitobenchError, match="already taken by another --dataset"):
+        run_benchmark(config(fixture_root, tmp_path, datasets=[str(mine), str(twin)]), console=quiet())
+    assert not (tmp_path / "runs").exists()  # refused before a run folder exists
+
+
+def test_saved_paths_are_absolute_so_a_run_resumes_from_anywhere(fixture_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(fixture_root.parent)
+    values = {"data_root": fixture_root.name, "cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),
+              "n_boot": 50}
+    real = probe_mod.ProbeMethod.fit_predict
+
+    def interrupt_at_fold_2(self, fold, *args, **kwargs):
+        if fold == 2:
+            raise KeyboardInterrupt
+        return real(self, fold, *args, **kwargs)
+
+    monkeypatch.setattr(probe_mod.ProbeMethod, "fit_predict", interrupt_at_fold_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(load_config(None, values), console=quiet())
+    (run,) = list((tmp_path / "runs").iterdir())
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data_root"] == str(fixture_root.resolve()) and saved["cache_dir"] == str((tmp_path / "cache").resolve())
+    monkeypatch.setattr(probe_mod.ProbeMethod, "fit_predict", real)
+    monkeypatch.chdir(tmp_path)  # elsewhere: the relative data root given at the start would not resolve here
+    assert run_benchmark(resume=run, console=quiet()) == run
+    assert RunDir(run).status()["state"] == "complete"

@@ -56,21 +56,31 @@ def run(
     from mitobench.config import load_config
     from mitobench.protocol import run_benchmark
 
-    if resume is not None:
-        path = run_benchmark(resume=resume)
+    overrides = {"data_root": data_root, "model": model, "weights": weights, "method": method,
+                 "train.preset": preset, "train.epochs": epochs, "probe.head": probe_head, "threshold": threshold,
+                 "datasets": list(dataset) if dataset else None, "dedup": dedup, "runs_dir": runs_dir,
+                 "cache_dir": cache_dir, "device": device, "dtype": dtype, "train.tta": tta, "allow_download": allow_download,
+                 "fold_workers": fold_workers}
+    if resume is not None:  # a resumed run keeps its saved config.yaml; only moved data or cache may be named
+        ignored = [key for key, value in overrides.items() if value is not None and key not in ("data_root", "cache_dir")]
+        ignored += ["--config"] * (config is not None) + ["--set"] * bool(set_)
+        if ignored:
+            raise MitobenchError(f"--resume continues {resume} with its own config.yaml, so these options would be "
+                                 f"ignored: {', '.join(ignored)}. Drop them (only --data-root and --cache-dir may "
+                                 "point at moved data or cache), or start a new run to change settings.")
+        path = run_benchmark(resume=resume, relocate={"data_root": data_root, "cache_dir": cache_dir})
     else:
-        overrides = {"data_root": data_root, "model": model, "weights": weights, "method": method,
-                     "train.preset": preset, "train.epochs": epochs, "probe.head": probe_head, "threshold": threshold,
-                     "datasets": list(dataset) if dataset else None, "dedup": dedup, "runs_dir": runs_dir,
-                     "cache_dir": cache_dir, "device": device, "dtype": dtype, "train.tta": tta, "allow_download": allow_download,
-                     "fold_workers": fold_workers}
-        for item in set_ or []:
-            import yaml
+        import yaml
 
+        for item in set_ or []:
             key, sep, value = item.partition("=")
             if not sep:
                 raise MitobenchError(f"--set {item!r}: write it as key=value, e.g. train.lr=3e-4")
-            overrides[key.strip()] = yaml.safe_load(value)
+            try:
+                overrides[key.strip()] = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise MitobenchError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__}); quote "
+                                     "it for the shell, e.g. --set 'train.tta_crops=[1.0, 0.875]'.") from exc
         path = run_benchmark(load_config(config, overrides))
     console.print(f"results: {path}", soft_wrap=True)
 
@@ -143,16 +153,29 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
     import pandas as pd
     from rich.table import Table
 
+    from mitobench.runs import RunDir
+
     rows = []
+    names = [run_dir.name for run_dir in run_dirs]
     for run_dir in run_dirs:
         path = run_dir / "metrics.csv"
-        if not path.is_file():
-            raise MitobenchError(f"{run_dir} has no metrics.csv: it is not a complete run.")
-        m = pd.read_csv(path, dtype={"fold": str})
-        for (dataset, metric), part in m[m["metric"].isin(["balanced_accuracy", "auroc"])].groupby(["dataset", "metric"], sort=False):
+        state = RunDir(run_dir).status().get("state", "missing") if run_dir.is_dir() else "missing"
+        if state != "complete" or not path.is_file():
+            raise MitobenchError(f"{run_dir} is not a complete run (status {state}"
+                                 + ("" if path.is_file() else ", no metrics.csv") + "): finish it with "
+                                 f"`mitobench run --resume {run_dir}`, or leave it out.")
+        try:
+            m = pd.read_csv(path, dtype={"fold": str})
+            m = m[m["metric"].isin(["balanced_accuracy", "auroc"])][["dataset", "metric", "fold", "value", "ci_low", "ci_high"]]
+        except (ValueError, KeyError, pd.errors.ParserError) as exc:
+            raise MitobenchError(f"{path}: not a mitobench metrics file ({exc}); the run folder is damaged.") from exc
+        if m.empty:
+            raise MitobenchError(f"{path}: no balanced accuracy or AUROC rows; the run folder is damaged.")
+        label = str(run_dir) if names.count(run_dir.name) > 1 else run_dir.name  # same-named runs stay apart
+        for (dataset, metric), part in m.groupby(["dataset", "metric"], sort=False):
             get = dict(zip(part["fold"], part["value"]))
             ens = part[part["fold"] == "ensemble"]
-            rows.append({"run": run_dir.name, "dataset": dataset, "metric": metric,
+            rows.append({"run": label, "dataset": dataset, "metric": metric,
                          "folds": f"{get.get('mean', float('nan')):.4f} +- {get.get('sd', float('nan')):.4f}",
                          "ensemble": (f"{ens['value'].iloc[0]:.4f} [{ens['ci_low'].iloc[0]:.4f}, {ens['ci_high'].iloc[0]:.4f}]"
                                       if len(ens) else "-")})

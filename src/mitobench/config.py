@@ -7,6 +7,7 @@ repeated (or resumed) from its folder alone.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,61 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         rate = getattr(config.train, name)
         if not 0 <= rate < 1:
             raise MitobenchError(f"train.{name}={rate!r}: a drop rate is a probability in [0, 1) (0.1-0.2 is usual; 0: off)")
+    check_values(config)
     return config
+
+
+# names the engine and the probe accept; here so that a typo stops the run before its folder exists
+# (methods/augment.py's PRESETS must list the same augmentations: tests/test_config.py checks it)
+AUGMENTS = ("none", "dihedral", "paper", "strong")
+CHOICES = {"train.optimizer": ("adamw", "adam"), "train.sampler": ("weighted", "shuffle"),
+           "train.loss": ("bce", "weighted_bce", "focal"), "train.augment": AUGMENTS,
+           "probe.head": ("logistic", "torch"), "dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")}
+DEVICE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
+
+
+def _get(config: RunConfig, key: str) -> Any:
+    obj = config
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_values(config: RunConfig) -> None:
+    """Every numeric option in its range and every named choice known, before a run folder exists: a bad value
+    found inside a fold would cost the folds before it (or a whole trained fold)."""
+    for key, allowed in CHOICES.items():
+        if _get(config, key) not in allowed:
+            raise MitobenchError(f"{key}={_get(config, key)!r} is unknown: use one of {', '.join(allowed)}.")
+    if not DEVICE.fullmatch(str(config.device)):
+        raise MitobenchError(f"device={config.device!r} is unknown: use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps.")
+    at_least = {"n_folds": 2, "n_boot": 1, "patch_size": 16, "probe.inner_splits": 2, "probe.max_iter": 1,
+                "probe.batch_size": 1, "probe.max_epochs": 1, "probe.patience": 1, "train.img_size": 16,
+                "train.epochs": 1, "train.batch_size": 1, "train.patience": 1, "train.min_epochs": 0,
+                "train.grad_accum": 1, "train.eval_every": 1, "train.freeze_stages": 0, "train.lora_r": 1}
+    optional_at_least = {"batch_size": 1, "embed_workers": 1, "probe.workers": 1, "train.num_threads": 1}
+    for key, low in [*at_least.items(), *optional_at_least.items()]:
+        value = _get(config, key)
+        if value is not None and value < low:
+            raise MitobenchError(f"{key}={value!r}: it must be at least {low}.")
+    for key in ("probe.lr", "train.lr", "train.lora_alpha"):
+        if not _get(config, key) > 0:
+            raise MitobenchError(f"{key}={_get(config, key)!r}: it must be above 0.")
+    for key in ("probe.weight_decay", "train.weight_decay", "train.warmup_epochs", "train.focal_gamma"):
+        if _get(config, key) < 0:
+            raise MitobenchError(f"{key}={_get(config, key)!r}: it must be 0 or more.")
+    if not config.probe.Cs or not all(c > 0 for c in config.probe.Cs):
+        raise MitobenchError(f"probe.Cs={config.probe.Cs!r}: give the inverse regularisation strengths to try, each "
+                             "above 0, e.g. [0.001, 0.01, 0.1].")
+    train = config.train
+    if not 0 <= train.lora_dropout < 1:
+        raise MitobenchError(f"train.lora_dropout={train.lora_dropout!r}: a drop rate is a probability in [0, 1).")
+    if not 0 <= train.label_smoothing < 0.5:
+        raise MitobenchError(f"train.label_smoothing={train.label_smoothing!r}: use a value in [0, 0.5) (0.1 is usual).")
+    if train.ema is not None and not 0 < train.ema < 1:
+        raise MitobenchError(f"train.ema={train.ema!r}: an EMA decay is in (0, 1), e.g. 0.999; null turns it off.")
+    if train.layer_decay is not None and not 0 < train.layer_decay <= 1:
+        raise MitobenchError(f"train.layer_decay={train.layer_decay!r}: a layer-wise decay is in (0, 1], e.g. 0.75.")
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

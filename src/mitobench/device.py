@@ -47,9 +47,19 @@ def device_type(name: str = "auto") -> str:
 
 
 def pick_device(name: str = "auto") -> "torch.device":
+    """The torch device for ``--device``; one that this machine does not have is an error saying so."""
     import torch
 
-    return torch.device(device_type(name) if name == "auto" else name)
+    try:
+        device = torch.device(device_type(name) if name == "auto" else name)
+    except RuntimeError as exc:
+        raise MitobenchError(f"--device {name!r} is unknown: use auto, cpu, cuda, cuda:N or mps.") from exc
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise MitobenchError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here. Use --device "
+                             "cpu (or auto, which picks a GPU when there is one).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MitobenchError(f"--device {name}: no Apple GPU (MPS) here. Use --device cpu or auto.")
+    return device
 
 
 def dtype_name(name: str, device: "str | torch.device", card_dtype: str = "float32") -> str:

@@ -90,9 +90,15 @@ def best_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
 def load_sets(config: RunConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
     root = resolve_data_root(config.data_root)
     sets = evaluation_sets(discover(root))
+    builtin = set(sets) | set(HOLDOUT_SETS)
     for source in config.datasets:
         frame = load_custom(source)
-        sets[frame["dataset"].iloc[0]] = frame
+        name = frame["dataset"].iloc[0]
+        if name in sets or name in builtin or name.startswith("AMi-Br"):  # it would replace that set silently
+            what = "another --dataset" if name in sets and name not in builtin else "a built-in set"
+            raise MitobenchError(f"--dataset {source}: its name {name!r} is already taken by {what}; a set is named "
+                                 f"after its folder or CSV file, so rename it (e.g. my-{name}) to evaluate it too.")
+        sets[name] = frame
     if "AMi-Br-train" not in sets:
         raise MitobenchError(f"data root {root} has no AMi-Br training split; training needs AMi-Br/, "
                              "amibr_train_split.csv and AMI-BR.csv (run `mitobench data fetch`).")
@@ -156,9 +162,21 @@ def recipe(config: RunConfig) -> str:
     return ", ".join(parts)
 
 
+def absolute_paths(config: RunConfig) -> None:
+    """The paths a run reads, made absolute (the data root resolved as it is now), so that ``--resume``, fold
+    workers and ``predict`` find them from any working directory and environment."""
+    config.data_root = str(resolve_data_root(config.data_root))
+    if config.cache_dir:
+        config.cache_dir = str(Path(config.cache_dir).expanduser().resolve())
+    config.datasets = [str(Path(d).expanduser().resolve()) for d in config.datasets]
+    if config.weights and Path(config.weights).expanduser().exists():
+        config.weights = str(Path(config.weights).expanduser().resolve())
+
+
 def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = None,
-                  console: Console | None = None) -> Path:
-    """Run (or resume) the protocol; return the run folder."""
+                  console: Console | None = None, relocate: dict[str, str] | None = None) -> Path:
+    """Run (or resume) the protocol; return the run folder. ``relocate``: on resume, ``data_root`` and/or
+    ``cache_dir`` to use instead of the saved ones (the data or the cache moved); nothing else of a run changes."""
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
     if resume is not None:
@@ -168,7 +186,12 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         if run.status().get("state") == "complete" and not run.status().get("failed_folds"):
             raise MitobenchError(f"{run.path} is already complete; start a new run instead.")
         config = load_config(run.path / "config.yaml")
+        for key, value in (relocate or {}).items():
+            if value:
+                setattr(config, key, str(Path(value).expanduser().resolve()))
     config = config or RunConfig()
+    if resume is None:
+        absolute_paths(config)
     method = make_method(config)  # unknown model keys fail here, before any folder exists
     sets, absent = load_sets(config)
     train = sets["AMi-Br-train"]

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mitobench.data.images import ImageModeWarning, decode_patch
-from mitobench.data.records import HOLDOUT_SETS, KNOWN_DATASETS, evaluation_sets
+from mitobench.data.records import HOLDOUT_SETS, KNOWN_DATASETS, evaluation_sets, no_data_root
 from mitobench.errors import MitobenchError
 from mitobench.progress import progress_bar
 
@@ -166,8 +166,7 @@ def image_hashes(records: pd.DataFrame, patch_size: int | None = 128, decode: bo
 
 def _load_datasets(root: Path, result: CheckResult) -> dict[str, pd.DataFrame]:
     if not root.is_dir():
-        raise MitobenchError(f"data root {root} does not exist. Pass --data-root, set MITOBENCH_DATA, "
-                             "or run `mitobench data fetch`.")
+        raise no_data_root(root)
     found = {}
     present_any = False
     for name, (present, load) in KNOWN_DATASETS.items():

@@ -41,12 +41,11 @@ def resolve_data_root(data_root: str | Path | None = None) -> Path:
 
 def parse_label(value: object, where: str) -> int:
     """Map ``Atypical``/``Normal`` (any case) to 1/0; anything else is an error naming ``where``."""
-    key = str(value).strip().lower()
+    key = "" if pd.isna(value) else str(value).strip().lower()
     if key not in LABELS:
-        raise MitobenchError(
-            f"{where}: label {value!r} is neither 'Atypical' nor 'Normal'. "
-            "Fix the label (atypical mitotic figure = 'Atypical', normal = 'Normal')."
-        )
+        problem = "the label is empty" if not key else f"label {value!r} is neither 'Atypical' nor 'Normal'"
+        raise MitobenchError(f"{where}: {problem}. Fix the label (atypical mitotic figure = 'Atypical', "
+                             "normal = 'Normal').")
     return LABELS[key]
 
 
@@ -61,6 +60,8 @@ def read_csv(path: Path, required: list[str]) -> pd.DataFrame:
             f"{path}: missing column(s) {missing}; found {list(frame.columns)}. "
             f"The file needs the columns {required}."
         )
+    if frame.empty:
+        raise MitobenchError(f"{path}: no rows under the header; list at least one image.")
     return frame
 
 
@@ -234,12 +235,18 @@ KNOWN_DATASETS = {
 }
 
 
+def no_data_root(root: Path) -> MitobenchError:
+    """The error for a data root that is not a folder."""
+    problem = "is a file, not a folder" if root.is_file() else "does not exist"
+    return MitobenchError(f"data root {root} {problem}. Pass --data-root, set MITOBENCH_DATA, or run "
+                          "`mitobench data fetch`.")
+
+
 def discover(data_root: str | Path) -> dict[str, pd.DataFrame]:
     """Load every known dataset found under ``data_root``; none at all is an error."""
     root = Path(data_root)
     if not root.is_dir():
-        raise MitobenchError(f"data root {root} does not exist. Pass --data-root, set MITOBENCH_DATA, "
-                             "or run `mitobench data fetch`.")
+        raise no_data_root(root)
     found = {name: load(root) for name, (present, load) in KNOWN_DATASETS.items() if present(root)}
     if not found:
         raise MitobenchError(

@@ -49,8 +49,10 @@ def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list
     console = console or Console(width=max(Console().width, 160))
     title = (f"{model} / {method}" + (f" ({recipe})" if recipe else "")
              + ("" if pretrained else "  [RANDOM INIT: no pretrained weights]"))
-    table = Table(title=title, caption="positive class = atypical; fold models: mean +- population SD over 5; "
-                  "ensemble: mean probability of the 5 fold models, 95% stratified bootstrap CI")
+    folds = metrics["fold"].astype(str)
+    n = folds[folds.str.isdigit()].nunique()  # the fold models that count: fewer where a fold failed
+    table = Table(title=title, caption=f"positive class = atypical; fold models: mean +- population SD over {n}; "
+                  f"ensemble: mean probability of the {n} fold models, 95% stratified bootstrap CI")
     for col in ("set", "n (atyp.)", "BA fold mean+-SD", "AUROC fold mean+-SD", "BA ensemble [95% CI]",
                 "AUROC ensemble [95% CI]", "paper BA (same model+method)", "paper best BA"):
         table.add_column(col)

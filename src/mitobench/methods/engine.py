@@ -321,10 +321,11 @@ class TrainMethod:
                     f"({state['history'][-1]['seconds']:.0f} s)")
                 if plateau is not None:
                     plateau.step(ba)
-                if improves(cfg.select, ba, auc, state["best"], state["best_auc"]) and state["epoch"] >= cfg.min_epochs:
+                eligible = state["epoch"] >= min(cfg.min_epochs, cfg.epochs)  # the last epoch always is
+                if improves(cfg.select, ba, auc, state["best"], state["best_auc"]) and eligible:
                     state.update(best=ba, best_auc=auc, best_epoch=state["epoch"], since=0)
                     self._atomic_torch_save({k: v.detach().cpu() for k, v in eval_model.state_dict().items()}, best_path)
-                elif state["epoch"] >= cfg.min_epochs:
+                elif eligible:
                     state["since"] += 1
             self._atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
                                      "sched": sched.state_dict() if sched is not None else {},
@@ -336,6 +337,9 @@ class TrainMethod:
                                     ckpt)
 
         final = ema.module if ema is not None else model
+        if not best_path.is_file():  # the last epoch is always evaluated and eligible: a damaged fold folder
+            raise MitobenchError(f"{best_path} is missing although fold {fold} finished; delete {scratch} and resume "
+                                 "to train the fold again.")
         final.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
         self.module.save(final, scratch)
         probs = {"validation": self.predict(final, x_val, cfg.tta)}
