@@ -35,7 +35,7 @@ def run(
     weights: Optional[str] = typer.Option(None, help="Weights file or Hugging Face snapshot folder for the model."),
     method: Optional[str] = typer.Option(None, help="probe (default) | finetune | lora."),
     preset: Optional[str] = typer.Option(None, help="Training preset: paper | cpu (finetune/lora)."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs (finetune/lora)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (finetune/lora)."),
     probe_head: Optional[str] = typer.Option(None, help="logistic (default) | torch (the paper's head)."),
     threshold: Optional[str] = typer.Option(None, help="fixed (0.5, default) | validation (chosen on the validation fold)."),
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Extra hold-out set: class folders or CSV path,label[,group,domain]. Repeatable."),
@@ -46,7 +46,7 @@ def run(
     dtype: Optional[str] = typer.Option(None, help="Embedding dtype: auto (card's on GPU, float32 on CPU) | float32 | bfloat16 | float16."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Dihedral test-time augmentation (training methods): 8 views per crop in train.tta_crops."),
     allow_download: Optional[bool] = typer.Option(None, "--allow-download/--offline", help="Allow Hugging Face downloads."),
-    fold_workers: Optional[int] = typer.Option(None, "--fold-workers", help="finetune/lora: train this many folds at "
+    fold_workers: Optional[int] = typer.Option(None, "--fold-workers", min=1, help="finetune/lora: train this many folds at "
                                                "once in worker processes sharing the CPU cores (default 1)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume an interrupted run folder."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any option as key=value (YAML value), e.g. "
@@ -91,10 +91,10 @@ def embed(
     model: str = typer.Option("efficientnet_lite0", help="Registry key or timm/<name>."),
     weights: Optional[str] = typer.Option(None, help="Weights file or snapshot folder."),
     cache_dir: Optional[str] = typer.Option(None, help="Cache folder."),
-    batch_size: Optional[int] = typer.Option(None, help="Default: 8 on CPU, 128 on GPU."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Default: 8 on CPU, 128 on GPU."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto", help="auto (card's dtype on GPU, float32 on CPU) | float32 | bfloat16 | float16."),
-    workers: Optional[int] = typer.Option(None, help="CPU: single-threaded embedding worker processes (default: one per core; 1: in this process)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="CPU: single-threaded embedding worker processes (default: one per core; 1: in this process)."),
 ) -> None:
     """Decode and embed every dataset once into the cache (later runs reuse it)."""
     import time
@@ -131,7 +131,7 @@ def predict(
     run_dir: Path = typer.Argument(..., help="A complete run folder (from `mitobench run`)."),
     source: Path = typer.Argument(..., help="Patches: Atypical/Normal class folders, any folder of images, or a CSV with a path column."),
     out: Optional[Path] = typer.Option(None, help="Output CSV (default RUN_DIR/predictions/<name>-<time>.csv); never overwritten."),
-    batch_size: int = typer.Option(64),
+    batch_size: int = typer.Option(64, min=1),
     device: str = typer.Option("auto"),
 ) -> None:
     """Apply a run's 5 fold models and their ensemble to new 128-px patches centred on mitotic figures."""
