@@ -105,3 +105,213 @@ def test_report_command_compares_runs(probe_run, cli):
     assert out.stdout.count("AtNorM-Br") >= 4  # two runs x two metrics
     bad = cli("report", str(run_dir.parent))
     assert bad.returncode == 2 and "metrics.csv" in bad.stderr
+
+
+# --- a damaged or mismatched run folder: one MitobenchError naming the file, nothing written --------------------
+
+
+def _copy(run_dir, tmp_path):
+    import shutil
+
+    return shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("predictions"))
+
+
+def _refused(run_dir, source, tmp_path, cache, match):
+    """predict fails with one MitobenchError matching ``match`` and leaves no output behind."""
+    out = tmp_path / "out" / "p.csv"
+    with pytest.raises(MitobenchError, match=match) as err:
+        predict(run_dir, source, out, cache_dir=str(cache))
+    assert not out.parent.exists() or not list(out.parent.iterdir())
+    assert not (run_dir / "predictions").exists() or not list((run_dir / "predictions").iterdir())
+    return str(err.value)
+
+
+def _save_probe(path, weight, bias):
+    from safetensors.numpy import save_file
+
+    save_file({"weight": np.asarray(weight, dtype=np.float64), "bias": np.asarray(bias, dtype=np.float64)}, str(path))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random", "wrong_shape", "wrong_keys", "nan", "inf_bias"])
+def test_predict_refuses_a_damaged_probe(probe_run, fixture_root, tmp_path, damage):
+    run_dir, tmp = probe_run
+    run = _copy(run_dir, tmp_path)
+    path = run / "folds" / "fold_3" / "probe.safetensors"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+    elif damage == "wrong_shape":
+        _save_probe(path, np.ones(10), [0.0])
+    elif damage == "wrong_keys":
+        from safetensors.numpy import save_file
+
+        save_file({"w": np.ones(1280), "b": np.zeros(1)}, str(path))
+    elif damage == "nan":
+        _save_probe(path, np.full(1280, np.nan), [0.0])
+    else:
+        _save_probe(path, np.zeros(1280), [np.inf])
+    message = _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path, tmp / "cache", "fold_3/probe.safetensors")
+    assert "damaged" in message and "Traceback" not in message
+    if damage == "wrong_shape":
+        assert "the checkpoint does not fit the model" in message
+    if damage in ("nan", "inf_bias"):
+        assert "NaN or infinite" in message
+
+
+def test_predict_refuses_a_probe_of_another_model(probe_run, fixture_root, tmp_path):
+    """config.yaml edited to another model: its embeddings (512) do not fit the probes (1280 weights)."""
+    import yaml
+
+    run_dir, tmp = probe_run
+    run = _copy(run_dir, tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": "timm/resnet10t"}))
+    message = _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path, tmp / "cache", "fold_1/probe.safetensors")
+    assert "the checkpoint does not fit the model" in message and "512" in message
+
+
+@pytest.mark.parametrize("name,text,match", [
+    ("status.json", '{"state": "compl', "status.json"),
+    ("fold_info.json", None, "fold_info.json"),
+    ("fold_info.json", "[1, 2", "fold_info.json"),
+    ("fold_info.json", '{"1": {"threshold": 0.5}}', r"fold_info.json.*fold 1-5"),
+])
+def test_predict_refuses_broken_run_records(probe_run, fixture_root, tmp_path, name, text, match):
+    run_dir, tmp = probe_run
+    run = _copy(run_dir, tmp_path)
+    if text is None:
+        (run / name).unlink()
+    else:
+        (run / name).write_text(text)
+    assert "damaged" in _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path, tmp / "cache", match)
+
+
+def _as_finetune(run_dir, tmp_path):
+    import yaml
+
+    run = _copy(run_dir, tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["method"], config["train"]["img_size"] = "finetune", 64
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_predict_refuses_a_truncated_finetune_model(probe_run, fixture_root, tmp_path):
+    from safetensors.numpy import save_file
+
+    run_dir, tmp = probe_run
+    run = _as_finetune(run_dir, tmp_path)
+    path = run / "folds" / "fold_1" / "model.safetensors"
+    save_file({f"layer{i}.weight": np.zeros(64, dtype=np.float32) for i in range(20)}, str(path))
+    path.write_bytes(path.read_bytes()[:200])
+    _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path, tmp / "cache", "fold_1/model.safetensors.*damaged")
+
+
+def test_predict_refuses_another_models_finetune_checkpoint_in_a_few_words(probe_run, fixture_root, tmp_path):
+    from safetensors.torch import save_file
+
+    from mitobench.methods.engine import Classifier
+    from mitobench.models.registry import create_backbone
+
+    run_dir, tmp = probe_run
+    run = _as_finetune(run_dir, tmp_path)
+    other = Classifier(create_backbone("timm/resnet10t", None, allow_download=False))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(run / "folds" / "fold_1" / "model.safetensors"))
+    message = _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path, tmp / "cache",
+                       "fold_1/model.safetensors does not fit efficientnet_lite0")
+    assert len(message) < 1000 and "unexpected" in message and "missing" in message
+
+
+def test_predict_refuses_non_finite_probabilities(probe_run, fixture_root, tmp_path, monkeypatch):
+    """Whatever the cause, a fold with NaN probabilities stops predict: no CSV averaged over the other folds."""
+    from mitobench.predict import FoldPredictor
+
+    run_dir, tmp = probe_run
+    real = FoldPredictor.probabilities
+
+    def fold2_nan(self, fold, patches, batch_size):
+        p = real(self, fold, patches, batch_size)
+        return np.full_like(p, np.nan) if fold == 2 else p
+
+    monkeypatch.setattr(FoldPredictor, "probabilities", fold2_nan)
+    _refused(run_dir, fixture_root / "AtNorM-Br" / "Atypical", tmp_path, tmp / "cache",
+             r"fold 2 \(.*fold_2/probe.safetensors\) gives non-finite probabilities")
+
+
+# --- the output file: created exclusively, never replaced ----------------------------------------------------
+
+
+class _Frozen:
+    """``datetime`` for predict's default name: two runs in the same second."""
+
+    @staticmethod
+    def now():
+        from datetime import datetime
+
+        return datetime(2026, 1, 2, 3, 4, 5)
+
+
+def test_predict_default_name_never_replaces_a_file_made_meanwhile(probe_run, fixture_root, tmp_path, monkeypatch):
+    from mitobench.predict import FoldPredictor
+
+    run_dir, tmp = probe_run
+    run = _copy(run_dir, tmp_path)
+    monkeypatch.setattr("mitobench.predict.datetime", _Frozen)
+    first = run / "predictions" / "Atypical-20260102-030405.csv"
+    real = FoldPredictor.probabilities
+
+    def racing(self, fold, patches, batch_size):  # another predict finishes first, in the same second
+        if not first.exists():
+            first.parent.mkdir(parents=True, exist_ok=True)
+            first.write_text("theirs\n")
+        return real(self, fold, patches, batch_size)
+
+    monkeypatch.setattr(FoldPredictor, "probabilities", racing)
+    source = fixture_root / "AtNorM-Br" / "Atypical"
+    out, table = predict(run, source, cache_dir=str(tmp / "cache"))
+    assert out == first.with_name("Atypical-20260102-030405-1.csv") and len(pd.read_csv(out)) == len(table)
+    out2, _ = predict(run, source, cache_dir=str(tmp / "cache"))
+    assert out2.name == "Atypical-20260102-030405-2.csv"
+    assert first.read_text() == "theirs\n"
+    assert {p.name for p in first.parent.iterdir()} == {first.name, out.name, out2.name}  # no temporaries
+
+
+def test_predict_explicit_out_made_meanwhile_is_an_error(probe_run, fixture_root, tmp_path, monkeypatch):
+    from mitobench.predict import FoldPredictor
+
+    run_dir, tmp = probe_run
+    out = tmp_path / "p.csv"
+    real = FoldPredictor.probabilities
+
+    def racing(self, fold, patches, batch_size):
+        if not out.exists():
+            out.write_text("theirs\n")
+        return real(self, fold, patches, batch_size)
+
+    monkeypatch.setattr(FoldPredictor, "probabilities", racing)
+    with pytest.raises(MitobenchError, match=f"{out} exists; mitobench never overwrites"):
+        predict(run_dir, fixture_root / "AtNorM-Br" / "Atypical", out, cache_dir=str(tmp / "cache"))
+    assert out.read_text() == "theirs\n" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".p.csv")] == []
+
+
+def test_predict_refuses_a_header_only_csv_before_writing(probe_run, tmp_path):
+    run_dir, _ = probe_run
+    csv = tmp_path / "empty.csv"
+    csv.write_text("path,label\n")
+    with pytest.raises(MitobenchError, match=f"{csv}: no rows"):
+        predict(run_dir, csv, tmp_path / "out" / "p.csv")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("below", ["p.csv", "sub/p.csv"])
+def test_predict_out_below_a_file_is_a_clear_error(probe_run, fixture_root, tmp_path, below):
+    run_dir, _ = probe_run
+    (tmp_path / "afile").write_text("mine\n")
+    out = tmp_path / "afile" / below
+    with pytest.raises(MitobenchError, match=f"{out}: cannot create it: {tmp_path / 'afile'} is a file"):
+        predict(run_dir, fixture_root / "AtNorM-Br" / "Atypical", out)
+    assert (tmp_path / "afile").read_text() == "mine\n"

@@ -61,12 +61,21 @@ class FoldPredictor:
         self.backbone = create_backbone(self.config.model, self.config.weights,
                                         allow_download=self.config.allow_download).to(device)
 
+    def checkpoint(self, fold: int) -> Path:
+        """The file holding this fold's trained model (probe, fine-tuned model, or LoRA adapter and head)."""
+        name = {"probe": "probe.safetensors", "finetune": "model.safetensors"}.get(self.config.method,
+                                                                                 "adapter_and_head.safetensors")
+        return self.run_dir / "folds" / f"fold_{fold}" / name
+
+    def _damaged(self, path: Path, why: str) -> MitobenchError:
+        return MitobenchError(f"{path} {why}: the run folder is damaged or does not match its config.yaml "
+                              f"({self.config.model}, {self.config.method}). Restore the run folder, or train a "
+                              "new one with `mitobench run`.")
+
     def probabilities(self, fold: int, patches: np.ndarray, batch_size: int) -> np.ndarray:
-        scratch = self.run_dir / "folds" / f"fold_{fold}"
         if self.config.method == "probe":
             from mitobench.embed import extract, shutdown_workers
             from mitobench.device import cpu_workers
-            from mitobench.methods.probe import load_linear
 
             if not hasattr(self, "_feats"):
                 try:  # on CPU: the frozen graph in one single-threaded worker per core, batch size chosen for it
@@ -74,16 +83,33 @@ class FoldPredictor:
                                           self.device, name="embed", workers=cpu_workers(self.config.embed_workers))
                 finally:
                     shutdown_workers()
-            w, b = load_linear(self._checked(scratch / "probe.safetensors"))
+            w, b = self._probe(fold, self._feats.shape[1])
             return 1 / (1 + np.exp(-(self._feats.astype(np.float64) @ w + b)))
-        return self._trained(fold, scratch, patches, batch_size)
+        return self._trained(fold, patches, batch_size)
+
+    def _probe(self, fold: int, dim: int) -> tuple[np.ndarray, float]:
+        """The fold's linear probe, checked: readable, one weight per embedding dimension, all finite."""
+        from mitobench.methods.probe import load_linear
+
+        path = self._checked(self.checkpoint(fold))
+        try:
+            w, b = load_linear(path)
+            w = np.asarray(w, dtype=np.float64)
+        except Exception as exc:  # safetensors, KeyError, IndexError, ...: any unreadable probe
+            raise self._damaged(path, f"is not a readable probe checkpoint ({type(exc).__name__}: {exc})") from exc
+        if w.shape != (dim,):
+            raise self._damaged(path, f"holds a weight of shape {w.shape}, but {self.config.model} gives "
+                                      f"embeddings of length {dim} (the checkpoint does not fit the model)")
+        if not (np.isfinite(w).all() and np.isfinite(b)):
+            raise self._damaged(path, "holds NaN or infinite weights")
+        return w, b
 
     def _checked(self, path: Path) -> Path:
         if not path.is_file():
             raise MitobenchError(f"{path} is missing: this run folder has no saved model for that fold.")
         return path
 
-    def _trained(self, fold: int, scratch: Path, patches: np.ndarray, batch_size: int) -> np.ndarray:
+    def _trained(self, fold: int, patches: np.ndarray, batch_size: int) -> np.ndarray:
         import copy
 
         from safetensors.torch import load_file
@@ -96,45 +122,124 @@ class FoldPredictor:
         match_input_size(backbone, self.config.train.img_size)
         model = Classifier(backbone)
         model = _method_module(self.config.method).prepare(model, self.config)
-        name = "model.safetensors" if self.config.method == "finetune" else "adapter_and_head.safetensors"
-        state = load_file(str(self._checked(scratch / name)))
-        result = model.load_state_dict(state, strict=self.config.method == "finetune")
-        unexpected = list(getattr(result, "unexpected_keys", []))
-        if unexpected:
-            raise MitobenchError(f"{scratch / name} does not fit {self.config.model}: unexpected keys {unexpected[:3]}.")
+        path = self._checked(self.checkpoint(fold))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # SafetensorError, OSError: truncated, empty or not a safetensors file
+            raise self._damaged(path, f"is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        self._check_keys(path, model.state_dict(), state, strict=self.config.method == "finetune")
+        try:
+            model.load_state_dict(state, strict=self.config.method == "finetune")
+        except RuntimeError as exc:  # torch's message lists every key: keep the first line
+            raise self._damaged(path, f"does not fit {self.config.model} ({str(exc).splitlines()[0][:200]})") from exc
         method = TrainMethod(self.config)
         method.device = self.device
         images = torch.from_numpy(np.array(patches))
         return method.predict(model.to(self.device), images, self.config.train.tta, batch_size)
 
+    def _check_keys(self, path: Path, expected: dict, state: dict, strict: bool) -> None:
+        """A short message naming a few keys, instead of torch's list of hundreds, when a checkpoint is another
+        model's. ``strict`` (fine-tuning saves the whole model): every key of the model must be there."""
+        unexpected = [k for k in state if k not in expected]
+        missing = [k for k in expected if k not in state] if strict else []
+        reshaped = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+        problems = [f"{len(keys)} {what} key(s), e.g. {keys[:3]}"
+                    for what, keys in (("unexpected", unexpected), ("missing", missing), ("wrongly shaped", reshaped))
+                    if keys]
+        if problems:
+            raise self._damaged(path, f"does not fit {self.config.model}: " + "; ".join(problems))
+
+
+def _read_json(path: Path) -> dict:
+    """A run folder's JSON file, or one clear error saying the folder is damaged."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MitobenchError(f"{path}: cannot read it ({exc}); the run folder is damaged. Restore it, or train a "
+                             "new run with `mitobench run`.") from exc
+    if not isinstance(value, dict):
+        raise MitobenchError(f"{path}: not a JSON object; the run folder is damaged.")
+    return value
+
+
+def _thresholds(run_dir: Path, n_folds: int) -> list[float]:
+    path = run_dir / "fold_info.json"
+    info = _read_json(path)
+    try:
+        thresholds = [float(info[str(f)]["threshold"]) for f in range(1, n_folds + 1)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MitobenchError(f"{path}: no usable threshold for every fold 1-{n_folds} ({type(exc).__name__}: {exc}); "
+                             "the run folder is damaged or does not match its config.yaml.") from exc
+    if not np.isfinite(thresholds).all():
+        raise MitobenchError(f"{path}: a fold's threshold is not finite ({thresholds}); the run folder is damaged.")
+    return thresholds
+
+
+def _check_folder(out: Path) -> None:
+    """Fail before any work when ``out`` cannot be created: its nearest existing ancestor is a file."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise MitobenchError(f"{out}: cannot create it: {parent} is a file, not a folder. Choose another --out.")
+
+
+def _write_new(out: Path, table: pd.DataFrame, explicit: bool) -> Path:
+    """Create the output CSV exclusively, so two predicts at once never replace each other's file: an explicit
+    --out that exists by now is an error; the default name takes the next free ``-1``, ``-2``, ... suffix."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MitobenchError(f"{out}: cannot create its folder {out.parent} ({exc}). Choose another --out.") from exc
+    for i in range(1 if explicit else 1000):
+        path = out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        try:
+            return atomic_write_csv(path, table, exclusive=True)
+        except FileExistsError:
+            if explicit:
+                raise MitobenchError(f"{out} exists; mitobench never overwrites results. Choose another --out.")
+        except OSError as exc:
+            raise MitobenchError(f"{path}: cannot write the predictions ({exc}). Choose another --out.") from exc
+    raise MitobenchError(f"cannot find a free name for {out} in {out.parent}; choose an --out.")
+
 
 def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = None, batch_size: int = 64,
             device: str = "auto", cache_dir: str | None = None) -> tuple[Path, pd.DataFrame]:
+    """Predict ``source`` with every fold model of ``run_dir``; write a new CSV, refuse anything doubtful."""
     from mitobench.device import pick_device
     from mitobench.protocol import default_cache_dir
 
     run_dir, source = Path(run_dir), Path(source).expanduser().resolve()
-    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
+    if not run_dir.is_dir():
+        raise MitobenchError(f"{run_dir}: no such run folder (give a folder that `mitobench run` made).")
+    status = _read_json(run_dir / "status.json") if (run_dir / "status.json").is_file() else {}
     if status.get("state") != "complete":
         raise MitobenchError(f"{run_dir} is not a complete mitobench run (status {status.get('state', 'missing')}); "
                              "finish it with `mitobench run --resume` first.")
     config = load_config(run_dir / "config.yaml")
-    fold_info = json.loads((run_dir / "fold_info.json").read_text())
-    thresholds = [float(fold_info[str(f)]["threshold"]) for f in range(1, config.n_folds + 1)]
+    thresholds = _thresholds(run_dir, config.n_folds)
+    explicit = out is not None
     out = Path(out) if out else run_dir / "predictions" / f"{source.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv"
-    if out.exists():
+    if explicit and (out.exists() or out.is_symlink()):
         raise MitobenchError(f"{out} exists; mitobench never overwrites results. Choose another --out.")
+    _check_folder(out)
     records = _records(source)
+    if records.empty:
+        raise MitobenchError(f"{source}: no rows, so no images to predict. List at least one image.")
     if cache_dir:
         config.cache_dir = cache_dir
     patches, _ = PatchCache(default_cache_dir(config), config.patch_size).load(records, source.name)
     predictor = FoldPredictor(run_dir, pick_device(device))
     table = records[["image", "path", "label"]].copy()
     for fold in range(1, config.n_folds + 1):
-        table[f"p_fold{fold}"] = predictor.probabilities(fold, patches, batch_size)
+        p = np.asarray(predictor.probabilities(fold, patches, batch_size), dtype=np.float64)
+        why = ("non-finite" if p.shape == (len(table),) else f"{p.shape}-shaped (not {len(table)})")
+        if p.shape != (len(table),) or not np.isfinite(p).all():  # never an ensemble silently over fewer folds
+            raise MitobenchError(f"fold {fold} ({predictor.checkpoint(fold)}) gives {why} probabilities; "
+                                 "the run folder is damaged. Nothing was written.")
+        table[f"p_fold{fold}"] = p
     table["p_ensemble"] = table[[f"p_fold{f}" for f in range(1, config.n_folds + 1)]].mean(axis=1)
     threshold = float(np.mean(thresholds))
     table["predicted"] = np.where(table["p_ensemble"] >= threshold, "Atypical", "Normal")
     table["threshold"] = threshold
-    atomic_write_csv(out, table)
-    return out, table
+    return _write_new(out, table, explicit), table
