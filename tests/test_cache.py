@@ -115,6 +115,26 @@ def test_missing_metadata_or_bit_flip_is_rebuilt(tmp_path, records, count_decode
     assert (np.asarray(rebuilt) == good).all()
 
 
+@pytest.mark.parametrize("method, rebuilt", [("finetune", True), ("probe", False)])
+def test_training_runs_verify_the_cached_pixels(fixture_root, tmp_path, method, rebuilt):
+    """A training run reads every pixel, so it checks the digest (a warm probe run never reads them)."""
+    from mitobench.config import load_config
+    from mitobench.protocol import build_context, load_sets
+    from mitobench.splits import paper_folds
+
+    config = load_config(None, {"data_root": str(fixture_root), "cache_dir": str(tmp_path / "cache"), "method": method})
+    sets, _ = load_sets(config)
+    folds = paper_folds(sets["AMi-Br-train"], config.n_folds, config.seed)
+    key = build_context(config, sets, folds).patch_keys["AtNorM-Br"]
+    array_path = tmp_path / "cache" / "patches" / f"{key}.npy"
+    good = np.load(array_path)
+    raw = bytearray(array_path.read_bytes())
+    raw[-100] ^= 0xFF  # same size: only the digest can tell
+    array_path.write_bytes(bytes(raw))
+    patches = np.asarray(build_context(config, sets, folds).patches["AtNorM-Br"])
+    assert (patches == good).all() == rebuilt
+
+
 # -- atomic writes ---------------------------------------------------------------------------------
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -228,7 +228,7 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = No
         raise MitobenchError(f"{source}: no rows, so no images to predict. List at least one image.")
     if cache_dir:
         config.cache_dir = cache_dir
-    patches, _ = PatchCache(default_cache_dir(config), config.patch_size).load(records, source.name)
+    patches, _ = PatchCache(default_cache_dir(config), config.patch_size).load(records, source.name, verify=True)
     predictor = FoldPredictor(run_dir, pick_device(device))
     table = records[["image", "path", "label"]].copy()
     for fold in range(1, config.n_folds + 1):

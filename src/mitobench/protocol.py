@@ -118,8 +118,11 @@ def build_context(config: RunConfig, sets: dict[str, pd.DataFrame], folds: np.nd
     t0 = time.perf_counter()
     cache = PatchCache(default_cache_dir(config), config.patch_size)
     patches, keys = {}, {}
+    # training reads every pixel anyway, so a same-size corruption of the cached arrays is worth a digest check
+    # (under a second); a warm probe run never reads the pixels and stays as fast as it is
+    verify = config.method != "probe"
     for name, frame in sets.items():
-        patches[name], keys[name] = cache.load(frame, name)
+        patches[name], keys[name] = cache.load(frame, name, verify=verify)
     holdouts = [n for n in sets if n != "AMi-Br-train"]
     ctx = Context(config, sets, patches, keys, folds, default_cache_dir(config), holdouts)
     ctx.timings["decode_s"] = time.perf_counter() - t0
