@@ -94,8 +94,8 @@ def load_sets(config: RunConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
     for source in config.datasets:
         frame = load_custom(source)
         name = frame["dataset"].iloc[0]
-        if name in sets or name in builtin or name.startswith("AMi-Br"):  # it would replace that set silently
-            what = "another --dataset" if name in sets and name not in builtin else "a built-in set"
+        if name in sets or name in builtin:  # it would replace that set silently
+            what = "a built-in set" if name in builtin else "another --dataset"
             raise MitobenchError(f"--dataset {source}: its name {name!r} is already taken by {what}; a set is named "
                                  f"after its folder or CSV file, so rename it (e.g. my-{name}) to evaluate it too.")
         sets[name] = frame
