@@ -876,3 +876,16 @@ def test_lora_layers_keep_the_autocast_input(fixture_root, tmp_path, tiny_vit_ca
         for m in layers:
             m.cast_input_dtype_enabled = True
         assert torch.equal(model(x), without_cast)
+
+
+def test_a_damaged_fold_checkpoint_says_how_to_train_the_fold_again(tmp_path):
+    from mitobench.methods.engine import load_fold_checkpoint
+
+    path = tmp_path / "fold_2" / "last.pt"
+    path.parent.mkdir()
+    torch.save({"model": {"w": torch.ones(1000)}, "state": "{}"}, path)
+    assert torch.equal(load_fold_checkpoint(path)["model"]["w"], torch.ones(1000))
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(MitobenchError, match="Delete the folder") as err:
+        load_fold_checkpoint(path)
+    assert str(path) in str(err.value) and str(path.parent) in str(err.value)

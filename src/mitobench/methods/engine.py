@@ -118,6 +118,16 @@ def improves(rule: str, ba: float, auc: float, best_ba: float, best_auc: float) 
     return ba > best_ba or (ba == best_ba and auc > best_auc)
 
 
+def load_fold_checkpoint(path: Path) -> dict:
+    """A fold's ``last.pt`` / ``best.pt`` (written atomically, so damage means the disk or a hand): unreadable is
+    one error saying how to train the fold again, never a traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - EOFError, RuntimeError, UnpicklingError on a damaged file
+        raise MitobenchError(f"{path} cannot be read ({type(exc).__name__}): this fold's checkpoint is damaged. "
+                             f"Delete the folder {path.parent} and resume the run to train the fold again.") from exc
+
+
 class TrainMethod:
     """``--method finetune`` or ``--method lora`` with any registry backbone."""
 
@@ -245,7 +255,7 @@ class TrainMethod:
         ckpt = scratch / "last.pt"
         best_path = scratch / "best.pt"
         if ckpt.is_file():  # resume inside the fold
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+            saved = load_fold_checkpoint(ckpt)
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["opt"])
             if sched is not None:
@@ -340,7 +350,7 @@ class TrainMethod:
         if not best_path.is_file():  # the last epoch is always evaluated and eligible: a damaged fold folder
             raise MitobenchError(f"{best_path} is missing although fold {fold} finished; delete {scratch} and resume "
                                  "to train the fold again.")
-        final.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+        final.load_state_dict(load_fold_checkpoint(best_path))
         self.module.save(final, scratch)
         probs = {"validation": self.predict(final, x_val, cfg.tta)}
         if val_by_epoch:  # rows follow info["history"]; no TTA

@@ -52,10 +52,10 @@ def convert_lukemelas_state_dict(state: dict[str, torch.Tensor], model: nn.Modul
 
 def load_package_weights(model: nn.Module) -> Path:
     """Load the package's ImageNet weights into a timm ``efficientnet_lite0`` strictly."""
-    import torch
+    from mitobench.models.weights import read_checkpoint
 
     path = package_weights_path()
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)  # a damaged package file: one error naming it
     converted = convert_lukemelas_state_dict(state, model)
     if not hasattr(model, "classifier") or getattr(model, "num_classes", 1000) == 0:
         converted = {k: v for k, v in converted.items() if not k.startswith("classifier.")}

