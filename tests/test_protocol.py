@@ -163,6 +163,22 @@ def test_parallel_probe_fits_equal_serial(probe_run, fixture_root, tmp_path):
         json.loads((serial / "fold_info.json").read_text())[str(f)]["C"] for f in range(1, 6)]
 
 
+def _never_returns(fold: int) -> None:
+    time.sleep(3600)
+
+
+def test_a_stuck_probe_worker_falls_back_to_serial_fits(probe_run, fixture_root, monkeypatch, caplog):
+    """A forked worker that never returns costs a delay, not a hung run: the pool is given up, the folds fitted
+    one by one, with the same results."""
+    path, tmp = probe_run
+    monkeypatch.setattr(probe_mod, "PARALLEL_FIT_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(probe_mod, "_fit_fold_in_worker", _never_returns)
+    with caplog.at_level("WARNING", logger=probe_mod.log.name):
+        run = run_benchmark(config(fixture_root, tmp, **{"probe.workers": 2}), console=quiet())
+    assert "stuck worker" in caplog.text
+    pd.testing.assert_frame_equal(pd.read_csv(run / "predictions.csv"), pd.read_csv(path / "predictions.csv"))
+
+
 def test_absent_holdout_is_named(fixture_root_no_md, tmp_path):
     out = io.StringIO()
     path = run_benchmark(config(fixture_root_no_md, tmp_path), console=Console(file=out, width=200))

@@ -237,9 +237,13 @@ class ProbeMethod:
         global _FORKED
         _FORKED = (self, ctx)
         try:
-            with mp.get_context("fork").Pool(workers) as pool:
-                for fold, result in zip(folds, pool.map(_fit_fold_in_worker, folds)):
-                    self._fitted[fold] = result
+            with mp.get_context("fork").Pool(workers) as pool:  # leaving the block terminates stuck workers
+                results = pool.map_async(_fit_fold_in_worker, folds).get(timeout=PARALLEL_FIT_TIMEOUT_S)
+            for fold, result in zip(folds, results):
+                self._fitted[fold] = result
+        except mp.TimeoutError:
+            log.warning("parallel probe fitting took over %.0f s (a stuck worker process?); fitting the folds one "
+                        "by one", PARALLEL_FIT_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001  (the serial path below still fits every fold)
             log.warning("parallel probe fitting failed (%s); fitting the folds one by one", exc)
         finally:
@@ -262,6 +266,9 @@ class ProbeMethod:
 
 
 _FORKED: tuple | None = None  # (ProbeMethod, Context) for forked workers, set only while a pool runs
+# a pool that has not finished by then is given up for the serial path: far above a real fit (seconds to about a
+# minute per fold for a 3,072-d embedding), it turns a worker that never returns into a delay, not a hung run
+PARALLEL_FIT_TIMEOUT_S = 900.0
 
 
 def _fit_fold_in_worker(fold: int):
