@@ -40,6 +40,19 @@ def config(root: Path, tmp_path: Path, **overrides):
     return load_config(None, values)
 
 
+def interrupt_probe_at(monkeypatch, stop: int):
+    """Make the probe raise Ctrl-C when it reaches fold ``stop``; return the real ``fit_predict``."""
+    real = probe_mod.ProbeMethod.fit_predict
+
+    def interrupting(self, fold, *args, **kwargs):
+        if fold == stop:
+            raise KeyboardInterrupt
+        return real(self, fold, *args, **kwargs)
+
+    monkeypatch.setattr(probe_mod.ProbeMethod, "fit_predict", interrupting)
+    return real
+
+
 @pytest.fixture(scope="module")
 def probe_run(fixture_root, tmp_path_factory):
     """One default probe run on the synthetic root (efficientnet_lite0, default recipe)."""
@@ -206,14 +219,7 @@ def test_validation_threshold_is_chosen_on_validation_fold(fixture_root, tmp_pat
 def test_interrupted_probe_run_resumes_to_the_same_numbers(fixture_root, tmp_path, monkeypatch):
     reference = run_benchmark(config(fixture_root, tmp_path / "a"), console=quiet())
 
-    real = probe_mod.ProbeMethod.fit_predict
-
-    def interrupt_at_fold_3(self, fold, *args, **kwargs):
-        if fold == 3:
-            raise KeyboardInterrupt
-        return real(self, fold, *args, **kwargs)
-
-    monkeypatch.setattr(probe_mod.ProbeMethod, "fit_predict", interrupt_at_fold_3)
+    real = interrupt_probe_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(config(fixture_root, tmp_path / "b"), console=quiet())
     (run,) = list((tmp_path / "b" / "runs").iterdir())
@@ -375,14 +381,7 @@ def test_saved_paths_are_absolute_so_a_run_resumes_from_anywhere(fixture_root, t
     monkeypatch.chdir(fixture_root.parent)
     values = {"data_root": fixture_root.name, "cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),
               "n_boot": 50}
-    real = probe_mod.ProbeMethod.fit_predict
-
-    def interrupt_at_fold_2(self, fold, *args, **kwargs):
-        if fold == 2:
-            raise KeyboardInterrupt
-        return real(self, fold, *args, **kwargs)
-
-    monkeypatch.setattr(probe_mod.ProbeMethod, "fit_predict", interrupt_at_fold_2)
+    real = interrupt_probe_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(load_config(None, values), console=quiet())
     (run,) = list((tmp_path / "runs").iterdir())

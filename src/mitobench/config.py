@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from mitobench.device import DTYPES
 from mitobench.errors import MitobenchError
 
 
@@ -225,7 +226,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 AUGMENTS = ("none", "dihedral", "paper", "strong")
 CHOICES = {"train.optimizer": ("adamw", "adam"), "train.sampler": ("weighted", "shuffle"),
            "train.loss": ("bce", "weighted_bce", "focal"), "train.augment": AUGMENTS,
-           "probe.head": ("logistic", "torch"), "dtype": ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")}
+           "probe.head": ("logistic", "torch"), "dtype": ("auto", *DTYPES)}
 DEVICE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
 
 

@@ -224,8 +224,6 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = No
         raise MitobenchError(f"{out} exists; mitobench never overwrites results. Choose another --out.")
     _check_folder(out)
     records = _records(source)
-    if records.empty:
-        raise MitobenchError(f"{source}: no rows, so no images to predict. List at least one image.")
     if cache_dir:
         config.cache_dir = cache_dir
     patches, _ = PatchCache(default_cache_dir(config), config.patch_size).load(records, source.name, verify=True)
