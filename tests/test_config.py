@@ -138,3 +138,27 @@ def test_config_knows_every_augmentation_of_the_engine():
     from mitobench.methods.augment import PRESETS
 
     assert set(AUGMENTS) == set(PRESETS)
+
+
+def _shipped_config(name: str):
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "configs" / name
+
+
+@pytest.mark.parametrize("name, preset, method", [("cpu_finetune.yaml", "cpu", "finetune"),
+                                                  ("virchow2_lora_paper.yaml", "paper", "lora")])
+def test_shipped_configs_write_out_their_preset(name, preset, method):
+    """A config file that says it is a preset written out resolves to exactly what the preset gives."""
+    from_file = load_config(_shipped_config(name))
+    from_preset = load_config(None, {"method": method, "train.preset": preset, "model": from_file.model})
+    assert from_file.to_dict() == from_preset.to_dict()
+    from mitobench.methods.presets import LORA_OVERRIDES, PRESETS
+
+    written = yaml.safe_load(_shipped_config(name).read_text())["train"]
+    expected = {**PRESETS[preset], **(LORA_OVERRIDES.get(preset, {}) if method == "lora" else {})}
+    assert set(expected) <= set(written), f"{name} leaves out {sorted(set(expected) - set(written))}"
+
+
+def test_default_config_file_is_the_default_job():
+    assert load_config(_shipped_config("default.yaml")).to_dict() == load_config().to_dict()

@@ -52,7 +52,7 @@ def test_all_entries_registered():
     assert "efficientnet_lite0" in keys
 
 
-@pytest.mark.parametrize("key", MY_KEYS)
+@pytest.mark.parametrize("key", [*MY_KEYS, "efficientnet_lite0"])
 def test_real_architecture_on_meta(key):
     """Full size, no memory: parameter count of the sheet, documented dim, register offsets."""
     card = get_card(key)
