@@ -141,9 +141,12 @@ def test_resume_refuses_options_it_would_ignore(cli, fixture_root, tmp_path):
     (run / "folds").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"data_root": str(fixture_root)}))
     (run / "status.json").write_text(json.dumps({"state": "interrupted"}))
-    result = cli("run", "--resume", str(run), "--model", "timm/resnet18", "--set", "n_boot=7", env=WIDE)
-    assert_clear_error(result, "--resume", "model", "--set", "ignored")
+    result = cli("run", "--resume", str(run), "--model", "timm/resnet18", "--set", "n_boot=7",
+                 "--set", "train.eval_batch_size=16", env=WIDE)
+    assert_clear_error(result, "--resume", "model", "--set n_boot=7", "ignored", "train.eval_batch_size")
+    assert "--set train.eval_batch_size=16" not in result.stderr.split("ignored:")[1].split(".")[0]  # that one may change
     assert json.loads((run / "status.json").read_text())["state"] == "interrupted"  # untouched
+    assert "eval_batch_size" not in (run / "config.yaml").read_text()
 
 
 def test_bad_yaml_in_set_and_a_data_root_that_is_a_file(cli, fixture_root, tmp_path):

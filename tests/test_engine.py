@@ -366,10 +366,20 @@ def test_freezing_every_stage_is_a_clear_error(fixture_root, tmp_path):
         method._build()
 
 
-@pytest.mark.parametrize("mixup", [None, 0.4])
-def test_resume_inside_a_fold_gives_the_same_weights(fixture_root, tmp_path, monkeypatch, mixup):
+@pytest.mark.parametrize("options", [{"mixup": None}, {"mixup": 0.4}, {"grad_accum": 3, "img_size": 32}])
+def test_resume_inside_a_fold_gives_the_same_weights(fixture_root, tmp_path, monkeypatch, options):
     """Kill after epoch 1 of 2 (right after last.pt is written), continue: same weights as 2 epochs straight."""
-    config = make_config(fixture_root, tmp_path, train={"augment": "strong", "mixup": mixup})
+    assert_resume_matches(make_config(fixture_root, tmp_path, train={"augment": "strong", **options}), tmp_path, monkeypatch)
+
+
+def test_lora_resume_inside_a_fold_draws_the_same_dropout(fixture_root, tmp_path, monkeypatch, tiny_vit_card):
+    """LoRA with dropout (drawn on the GPU's generator on CUDA, whose state the checkpoint keeps there)."""
+    config = make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT,
+                         train={"img_size": 32, "lora_dropout": 0.3, "augment": "dihedral"})
+    assert_resume_matches(config, tmp_path, monkeypatch)
+
+
+def assert_resume_matches(config, tmp_path, monkeypatch):
     ctx = make_context(config)
     tr, va = fold_indices(ctx, 2)
 
@@ -406,7 +416,8 @@ def test_resume_inside_a_fold_gives_the_same_weights(fixture_root, tmp_path, mon
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
-    fa, fb = load_file(str(straight / "model.safetensors")), load_file(str(resumed_dir / "model.safetensors"))
+    saved = "model.safetensors" if config.method == "finetune" else "adapter_and_head.safetensors"
+    fa, fb = load_file(str(straight / saved)), load_file(str(resumed_dir / saved))
     for key in fa:
         torch.testing.assert_close(fa[key], fb[key], rtol=0, atol=0, msg=key)
     for name in ref.probs:
@@ -889,3 +900,166 @@ def test_a_damaged_fold_checkpoint_says_how_to_train_the_fold_again(tmp_path):
     with pytest.raises(MitobenchError, match="Delete the folder") as err:
         load_fold_checkpoint(path)
     assert str(path) in str(err.value) and str(path.parent) in str(err.value)
+
+
+# -- review fixes (2026-12-02) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("accum", [2, 3])
+def test_grad_accumulation_flushes_every_epoch_and_schedules_the_steps_it_takes(fixture_root, tmp_path, accum):
+    """The last, shorter accumulation window of an epoch is stepped (nothing carries into the next epoch), and
+    the warm-up + cosine schedule counts the optimiser steps actually taken, so it ends at 0."""
+    config = make_config(fixture_root, tmp_path, train={"img_size": 32, "epochs": 2, "grad_accum": accum,
+                                                       "batch_size": 8, "optimizer": "adamw"})
+    ctx = make_context(config)
+    tr, _ = fold_indices(ctx)
+    batches = math.ceil(len(tr) / 8)
+    assert batches % accum, "the fixture should leave a short last window"
+    _, _, _, result = fit_fold(config, tmp_path / "fold")
+    saved = torch.load(tmp_path / "fold" / "last.pt", weights_only=True)
+    steps = 2 * math.ceil(batches / accum)
+    assert {int(s["step"]) for s in saved["opt"]["state"].values()} == {steps}
+    assert saved["sched"]["last_epoch"] == steps
+    assert result.info["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_grad_accumulation_averages_each_window_over_its_micro_batches(fixture_root, tmp_path, monkeypatch):
+    """A window of k micro-batches sums loss / k: the gradient of the window's mean loss, also for the short one."""
+    config = make_config(fixture_root, tmp_path, train={"img_size": 32, "epochs": 1, "grad_accum": 3, "batch_size": 8})
+    ctx = make_context(config)
+    tr, _ = fold_indices(ctx)
+    n_batches = math.ceil(len(tr) / 8)
+    divisors = []
+    real_make_loss = losses_mod.make_loss
+
+    class DivisionRecorder:
+        """Stands for the loss in ``loss / window``: records the divisor, returns the real quotient."""
+
+        def __init__(self, loss):
+            self.loss = loss
+
+        def __truediv__(self, k):
+            divisors.append(k)
+            return self.loss / k
+
+    def recording_make_loss(*args, **kwargs):
+        loss_fn = real_make_loss(*args, **kwargs)
+        return lambda logits, y: DivisionRecorder(loss_fn(logits, y))
+
+    monkeypatch.setattr(losses_mod, "make_loss", recording_make_loss)
+    fit_fold(config, tmp_path / "fold")
+    expected = [min(3, n_batches - (s - s % 3)) for s in range(n_batches)]
+    assert divisors == expected and expected[-1] < 3
+
+
+def test_lora_keeps_batchnorm_statistics_so_predict_matches_the_run(fixture_root, tmp_path):
+    """LoRA on a BatchNorm CNN: the frozen backbone's running statistics stay the pretrained ones (the checkpoint,
+    adapters + head, does not hold them), so the saved fold model scores as the run did."""
+    config = make_config(fixture_root, tmp_path, method="lora", model="efficientnet_lite0",
+                         train={"img_size": 32, "epochs": 1, "lr": 1e-2})
+    method, ctx, va, result = fit_fold(config, tmp_path / "fold")
+    initial = create_backbone("efficientnet_lite0").model.state_dict()
+    final = torch.load(tmp_path / "fold" / "best.pt", weights_only=True)
+    stats = [k for k in initial if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for key in stats:
+        torch.testing.assert_close(final[f"backbone.model.{key}"], initial[key], rtol=0, atol=0, msg=key)
+
+    from mitobench.methods import lora
+    from mitobench.methods.engine import Classifier
+
+    fresh = lora.prepare(Classifier(create_backbone("efficientnet_lite0")), config)
+    fresh.load_state_dict(load_file(str(tmp_path / "fold" / "adapter_and_head.safetensors")), strict=False)
+    x_val = method.images["AMi-Br-train"][va]
+    np.testing.assert_allclose(method.predict(fresh, x_val, False), result.probs["validation"], rtol=0, atol=1e-5)
+
+
+def test_out_of_memory_in_the_optimiser_step_or_evaluation_names_the_knob(fixture_root, tmp_path, monkeypatch):
+    config = make_config(fixture_root, tmp_path, train={"img_size": 32, "epochs": 1})
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", no_memory)
+    with pytest.raises(MitobenchError, match=r"out of memory .* batch size 8 .*train\.batch_size.*new run"):
+        fit_fold(config, tmp_path / "a")
+    monkeypatch.undo()
+    monkeypatch.setattr(TrainMethod, "_predict", no_memory)
+    with pytest.raises(MitobenchError, match=r"predicting .* batch size 128 .*train\.eval_batch_size=N.*--batch-size"):
+        fit_fold(config, tmp_path / "b")
+
+
+def test_evaluation_batch_size_is_a_setting(fixture_root, tmp_path, monkeypatch):
+    config = make_config(fixture_root, tmp_path, train={"img_size": 32, "epochs": 1, "eval_batch_size": 5})
+    seen = []
+    real = TrainMethod._predict
+
+    def spy(self, model, images, tta, batch_size):
+        seen.append(batch_size)
+        return real(self, model, images, tta, batch_size)
+
+    monkeypatch.setattr(TrainMethod, "_predict", spy)
+    fit_fold(config, tmp_path / "fold")
+    assert seen and set(seen) == {5}
+    with pytest.raises(MitobenchError, match="eval_batch_size=0"):
+        make_config(fixture_root, tmp_path, train={"eval_batch_size": 0})
+
+
+@pytest.mark.parametrize("arch, bottom, top", [
+    ("vit_tiny_patch16_224", ("patch_embed.proj.weight", "cls_token", "pos_embed"),
+     ("norm.weight", "blocks.11.mlp.fc2.weight")),
+    ("efficientnet_lite0", ("conv_stem.weight", "bn1.weight"), ("conv_head.weight", "bn2.weight")),
+    ("swin_tiny_patch4_window7_224", ("patch_embed.proj.weight",), ("norm.weight", "layers.3.blocks.1.mlp.fc2.weight")),
+])
+def test_layer_decay_follows_timm_layers_from_the_stem_to_the_head(arch, bottom, top):
+    """train.layer_decay: the stem / patch embedding lowest, every scale at most 1, the final norm and the head at 1,
+    depth rising through the blocks (a Swin's stages counted in order, not restarted per stage)."""
+    import timm
+
+    from mitobench.methods.engine import Classifier, layer_scales, param_groups
+    from mitobench.models.registry import Backbone
+
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    scales = layer_scales(model, 0.8)
+    assert set(scales) == {n for n, _ in model.named_parameters()}
+    assert max(scales.values()) == 1.0 and all(0 < s <= 1 for s in scales.values())
+    low = min(scales.values())
+    assert all(scales[n] == low for n in bottom)
+    assert all(scales[n] == 1.0 for n in top)
+    names = list(scales)
+    blocks = [n for n in names if ".blocks." in f".{n}" and n.endswith("weight")]
+    assert [scales[n] for n in blocks] == sorted(scales[n] for n in blocks)  # non-decreasing with depth
+
+    card = ModelCard(key=f"test/{arch}", family="test", arch=arch, input_size=224, embedding="pooled")
+    classifier = Classifier(Backbone(model, card, "random-init", "test"))
+    groups = param_groups(classifier, 1e-3, 0.01, 0.8)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(classifier.head.weight)]["lr"] == pytest.approx(1e-3)
+    for name, p in model.named_parameters():
+        assert by_param[id(p)]["lr"] == pytest.approx(1e-3 * scales[name])
+    flat = param_groups(classifier, 1e-3, 0.01, None)  # no decay: one lr for all, decay off for norms and biases
+    assert {g["lr"] for g in flat} == {1e-3} and len(flat) == 2
+
+
+def test_layer_decay_on_a_model_without_layer_groups_is_a_clear_error():
+    from mitobench.methods.engine import layer_scales
+
+    with pytest.raises(MitobenchError, match="layer_decay.*group_matcher"):
+        layer_scales(torch.nn.Linear(2, 2), 0.8)
+
+
+def test_evaluation_sees_the_patch_as_training_does(tiny_vit_card, monkeypatch, fixture_root, tmp_path):
+    """A card with its own Resize + CenterCrop (e.g. 256 -> 224): the fine-tuned model is evaluated on the whole
+    patch resized to the input size, the geometry its training batches had, not on the card's centre crop."""
+    card = registry._REGISTRY[TINY_VIT]
+    monkeypatch.setitem(registry._REGISTRY, TINY_VIT, ModelCard(**{**card.__dict__, "resize": 40}))
+    config = make_config(fixture_root, tmp_path, model=TINY_VIT, train={"img_size": 32, "augment": "none"})
+    method = TrainMethod(config)
+    method.device = torch.device("cpu")
+    model = method._build().eval()
+    patches = torch.randint(0, 256, (3, 48, 48, 3), dtype=torch.uint8)
+    seen = []
+    monkeypatch.setattr(model.backbone, "forward", lambda x: seen.append(x) or torch.zeros(len(x), card.embed_dim or 192))
+    method.predict(model, patches, tta=False)
+    trained = BatchAugment(PRESETS["none"], 32, 0)(patches)
+    expected = (trained - model.backbone._mean) / model.backbone._std
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-5)

@@ -36,8 +36,11 @@ def test_thread_shares_split_the_cores():
 
 
 def test_parallel_folds_give_the_serial_results_and_resume(fixture_root, tmp_path):
+    import shutil
+
     serial = run_benchmark(make_config(fixture_root, tmp_path, "serial"), console=quiet())
-    config = make_config(fixture_root, tmp_path, "parallel")
+    data = shutil.copytree(fixture_root, tmp_path / "data_before")  # moved before the resume below
+    config = make_config(data, tmp_path, "parallel")
     config.fold_workers = 2
     console = quiet()
     parallel = run_benchmark(config, console=console)
@@ -53,15 +56,20 @@ def test_parallel_folds_give_the_serial_results_and_resume(fixture_root, tmp_pat
     assert RunDir(parallel).status()["state"] == "complete"
     assert (parallel / "report.txt").read_text().splitlines()[0] == (serial / "report.txt").read_text().splitlines()[0]
 
-    # an interrupted run: folds 2 and 4 missing; a resume trains only those, in workers again
+    # an interrupted run: folds 2 and 4 missing, the data moved since; a resume trains only those, in workers
+    # again, which read the new data root (and the evaluation batch size changed on the way) from config.yaml
     run = RunDir(parallel)
     kept = run.fold_file(1).stat().st_mtime_ns
     for fold in (2, 4):
         run.fold_file(fold).unlink()
     run.set_status("interrupted")
+    moved = data.rename(tmp_path / "data_after")
     console = quiet()
-    assert run_benchmark(resume=parallel, console=console) == parallel
+    assert run_benchmark(resume=parallel, console=console, relocate={"data_root": str(moved)},
+                         adjust={"train.eval_batch_size": 7}) == parallel
     assert "folds 2, 4 training at once (threads: 1/1)" in console.file.getvalue()
+    saved = load_config(parallel / "config.yaml")
+    assert saved.data_root == str(moved.resolve()) and saved.train.eval_batch_size == 7
     assert run.fold_file(1).stat().st_mtime_ns == kept
     np.testing.assert_allclose(pd.read_csv(parallel / "predictions.csv")["probability"], a["probability"], rtol=0, atol=1e-6)
 

@@ -27,6 +27,17 @@ DataRoot = typer.Option(None, "--data-root", help="Folder holding AMi-Br/, AtNor
                         "else a per-user cache folder).")
 
 
+def _yaml_value(item: str, value: str):
+    """The value of ``--set key=value``, read as YAML."""
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise MitobenchError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__}); quote "
+                             "it for the shell, e.g. --set 'train.tta_crops=[1.0, 0.875]'.") from exc
+
+
 @app.command()
 def run(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with any option; flags override it."),
@@ -48,7 +59,8 @@ def run(
     allow_download: Optional[bool] = typer.Option(None, "--allow-download/--offline", help="Allow Hugging Face downloads."),
     fold_workers: Optional[int] = typer.Option(None, "--fold-workers", min=1, help="finetune/lora: train this many folds at "
                                                "once in worker processes sharing the CPU cores (default 1)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Resume an interrupted run folder."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Resume an interrupted run folder with its own config.yaml (only --data-root, "
+                                         "--cache-dir and --set train.eval_batch_size may change)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any option as key=value (YAML value), e.g. "
                                              "--set train.lr=3e-4 --set train.lora_targets='.*qkv$'. Repeatable."),
 ) -> None:
@@ -61,26 +73,30 @@ def run(
                  "datasets": list(dataset) if dataset else None, "dedup": dedup, "runs_dir": runs_dir,
                  "cache_dir": cache_dir, "device": device, "dtype": dtype, "train.tta": tta, "allow_download": allow_download,
                  "fold_workers": fold_workers}
-    if resume is not None:  # a resumed run keeps its saved config.yaml; only moved data or cache may be named
+    if resume is not None:  # a resumed run keeps its recipe; only moved data/cache and result-neutral settings change
+        from mitobench.protocol import RESUME_SETTINGS
+
         ignored = [key for key, value in overrides.items() if value is not None and key not in ("data_root", "cache_dir")]
-        ignored += ["--config"] * (config is not None) + ["--set"] * bool(set_)
+        ignored += ["--config"] * (config is not None)
+        adjust = {}
+        for item in set_ or []:
+            key, sep, value = item.partition("=")
+            if sep and key.strip() in RESUME_SETTINGS:
+                adjust[key.strip()] = _yaml_value(item, value)
+            else:
+                ignored.append(f"--set {item}")
         if ignored:
             raise MitobenchError(f"--resume continues {resume} with its own config.yaml, so these options would be "
                                  f"ignored: {', '.join(ignored)}. Drop them (only --data-root and --cache-dir may "
-                                 "point at moved data or cache), or start a new run to change settings.")
-        path = run_benchmark(resume=resume, relocate={"data_root": data_root, "cache_dir": cache_dir})
+                                 f"point at moved data or cache, and --set may change {', '.join(RESUME_SETTINGS)}, "
+                                 "which leave the results as they are), or start a new run to change settings.")
+        path = run_benchmark(resume=resume, relocate={"data_root": data_root, "cache_dir": cache_dir}, adjust=adjust)
     else:
-        import yaml
-
         for item in set_ or []:
             key, sep, value = item.partition("=")
             if not sep:
                 raise MitobenchError(f"--set {item!r}: write it as key=value, e.g. train.lr=3e-4")
-            try:
-                overrides[key.strip()] = yaml.safe_load(value)
-            except yaml.YAMLError as exc:
-                raise MitobenchError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__}); quote "
-                                     "it for the shell, e.g. --set 'train.tta_crops=[1.0, 0.875]'.") from exc
+            overrides[key.strip()] = _yaml_value(item, value)
         path = run_benchmark(load_config(config, overrides))
     console.print(f"results: {path}", soft_wrap=True)
 

@@ -74,6 +74,7 @@ class TrainConfig:
     # with tta: each view also of the patch's central fraction (1.0: the whole patch), resized to the input size
     tta_crops: list[float] = field(default_factory=lambda: [1.0])
     eval_every: int = 1
+    eval_batch_size: int = 128  # images per forward pass when predicting the validation fold and hold-out sets
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.3
@@ -248,7 +249,7 @@ def check_values(config: RunConfig) -> None:
     at_least = {"n_folds": 2, "n_boot": 1, "patch_size": 16, "probe.inner_splits": 2, "probe.max_iter": 1,
                 "probe.batch_size": 1, "probe.max_epochs": 1, "probe.patience": 1, "train.img_size": 16,
                 "train.epochs": 1, "train.batch_size": 1, "train.patience": 1, "train.min_epochs": 0,
-                "train.grad_accum": 1, "train.eval_every": 1, "train.freeze_stages": 0, "train.lora_r": 1}
+                "train.grad_accum": 1, "train.eval_every": 1, "train.eval_batch_size": 1, "train.freeze_stages": 0, "train.lora_r": 1}
     optional_at_least = {"batch_size": 1, "embed_workers": 1, "probe.workers": 1, "train.num_threads": 1}
     for key, low in [*at_least.items(), *optional_at_least.items()]:
         value = _get(config, key)

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -176,10 +176,16 @@ def absolute_paths(config: RunConfig) -> None:
         config.weights = str(Path(config.weights).expanduser().resolve())
 
 
+#: settings a resumed run may change (``--resume RUN --set KEY=VALUE``): they leave every result as it is
+RESUME_SETTINGS = ("train.eval_batch_size",)
+
+
 def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = None,
-                  console: Console | None = None, relocate: dict[str, str] | None = None) -> Path:
-    """Run (or resume) the protocol; return the run folder. ``relocate``: on resume, ``data_root`` and/or
-    ``cache_dir`` to use instead of the saved ones (the data or the cache moved); nothing else of a run changes."""
+                  console: Console | None = None, relocate: dict[str, str] | None = None,
+                  adjust: dict[str, Any] | None = None) -> Path:
+    """Run (or resume) the protocol; return the run folder. On resume, ``relocate`` gives ``data_root`` and/or
+    ``cache_dir`` to use instead of the saved ones (the data or the cache moved) and ``adjust`` new values of
+    ``RESUME_SETTINGS``; the run's ``config.yaml`` is updated (fold workers read it), nothing else of a run changes."""
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
     if resume is not None:
@@ -189,9 +195,16 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         if run.status().get("state") == "complete" and not run.status().get("failed_folds"):
             raise MitobenchError(f"{run.path} is already complete; start a new run instead.")
         config = load_config(run.path / "config.yaml")
-        for key, value in (relocate or {}).items():
-            if value:
-                setattr(config, key, str(Path(value).expanduser().resolve()))
+        changes = {key: str(Path(value).expanduser().resolve()) for key, value in (relocate or {}).items() if value}
+        unknown = set(adjust or {}) - set(RESUME_SETTINGS)
+        if unknown:
+            raise MitobenchError(f"a resumed run cannot change {', '.join(sorted(unknown))}: start a new run instead.")
+        changes.update(adjust or {})
+        if changes:
+            config = load_config(run.path / "config.yaml", changes)  # checked like any option
+            save_config(config, run.path / "config.yaml")
+            console.print("config.yaml updated for the resumed run: "
+                          + ", ".join(f"{k}={v}" for k, v in changes.items()), soft_wrap=True)
     config = config or RunConfig()
     if resume is None:
         absolute_paths(config)

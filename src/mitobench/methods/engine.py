@@ -89,19 +89,29 @@ def make_optimizer(cls: type[torch.optim.Optimizer], groups: list[dict], lr: flo
         return cls(groups, lr=lr)
 
 
+def layer_scales(backbone: nn.Module, layer_decay: float) -> dict[str, float]:
+    """``train.layer_decay``: each backbone parameter's lr factor, ``layer_decay ** (depth from the top)`` over timm's
+    fine-grained layer groups (``group_matcher``, as timm's own ``param_groups_layer_decay``): the stem and patch
+    embedding lowest, the final norm (and an EfficientNet's ``conv_head``) at 1, like the classification head."""
+    from timm.models import group_parameters
+
+    matcher = getattr(backbone, "group_matcher", None)
+    if matcher is None:
+        raise MitobenchError(f"train.layer_decay needs a timm backbone with a group_matcher to order its layers; "
+                             f"{type(backbone).__name__} has none. Leave train.layer_decay unset.")
+    layer_of = group_parameters(backbone, matcher(coarse=False), reverse=True)
+    top = max(layer_of.values())
+    return {name: layer_decay ** (top - layer) for name, layer in layer_of.items()}
+
+
 def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
-    """No decay on norms and biases; optional layer-wise lr decay over ``blocks.N`` (head gets full lr)."""
-    blocks = getattr(model.backbone.model, "blocks", None)
-    n_layers = len(blocks) + 1 if blocks is not None else 1
+    """No decay on norms and biases; optional layer-wise lr decay (``layer_scales``; the head gets the full lr)."""
+    scales = layer_scales(model.backbone.model, layer_decay) if layer_decay else {}
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        depth = n_layers
-        if layer_decay and name.startswith("backbone."):
-            parts = name.split(".")
-            depth = int(parts[parts.index("blocks") + 1]) + 1 if "blocks" in parts else 0
-        scale = layer_decay ** (n_layers - depth) if layer_decay else 1.0
+        scale = scales.get(name.removeprefix("backbone.model."), 1.0)
         no_decay = p.ndim <= 1 or name.endswith(".bias")
         key = (scale, no_decay)
         groups.setdefault(key, {"params": [], "lr": lr * scale, "lr_scale": scale,
@@ -181,8 +191,21 @@ class TrainMethod:
         return prepare_model(model, self.config.train.precision, self.device).to(self.device)
 
     # -- evaluation --------------------------------------------------------------------------------
+    def predict(self, model: Classifier, images: torch.Tensor, tta: bool, batch_size: int | None = None) -> np.ndarray:
+        """Probabilities of ``images`` (uint8 patches), averaged over the TTA views; an out-of-memory error names the
+        batch-size knob."""
+        batch_size = batch_size or self.config.train.eval_batch_size
+        try:
+            return self._predict(model, images, tta, batch_size)
+        except torch.OutOfMemoryError as exc:
+            raise MitobenchError(
+                f"out of memory on {self.device} predicting {len(images)} images at batch size {batch_size} "
+                f"({self.config.model}, {self.config.train.img_size} px). Lower it (e.g. N={max(1, batch_size // 4)}): "
+                "in `mitobench run`, continue with `mitobench run --resume RUN_DIR --set train.eval_batch_size=N` "
+                "(finished folds are kept); in `mitobench predict`, pass --batch-size N.") from exc
+
     @torch.inference_mode()
-    def predict(self, model: Classifier, images: torch.Tensor, tta: bool, batch_size: int = 128) -> np.ndarray:
+    def _predict(self, model: Classifier, images: torch.Tensor, tta: bool, batch_size: int) -> np.ndarray:
         model.eval()
         size = self.config.train.img_size
         views = range(8) if tta else range(1)
@@ -193,7 +216,8 @@ class TrainMethod:
             raw = images[start:start + batch_size].to(self.device)
             probs = 0
             for crop in crops:
-                x = model.backbone.preprocess(centre_crop(raw, crop), size)
+                # the geometry the model trained on (augment.py resizes the whole patch), not the card's crop
+                x = model.backbone.preprocess(centre_crop(raw, crop), size, card_crop=False)
                 if self.config.train.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(self.config.train.precision, self.device):
@@ -229,7 +253,8 @@ class TrainMethod:
 
         loss_fn = losses.make_loss(cfg.loss, n_neg / max(n_pos, 1), cfg.focal_gamma, cfg.label_smoothing)
         groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
-        steps_per_epoch = math.ceil(len(train_idx) / (cfg.batch_size * cfg.grad_accum))
+        batches_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+        steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)  # optimiser steps: the last window may be short
         total_steps = steps_per_epoch * cfg.epochs
         warmup = int(cfg.warmup_epochs * steps_per_epoch)
         if cfg.optimizer == "adamw":
@@ -267,6 +292,8 @@ class TrainMethod:
             augment.set_state(saved["aug_rng"])
             gen.set_state(saved["gen_rng"])
             torch.set_rng_state(saved["torch_rng"])
+            if self.device.type == "cuda" and "cuda_rng" in saved:  # dropout and drop-path draw on the GPU there
+                torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
             state = json.loads(saved["state"])
             val_by_epoch = list(saved["val_by_epoch"].numpy()) if "val_by_epoch" in saved else []
             say(f"fold {fold}: resumed after epoch {state['epoch']}")
@@ -298,24 +325,26 @@ class TrainMethod:
                         x, y, _ = mixup(x, y, cfg.mixup, gen)
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
+                    window_start = step - step % cfg.grad_accum  # micro-batches summed into one optimiser step
+                    window = min(cfg.grad_accum, n_steps - window_start)  # fewer at the end of the epoch
                     try:
                         with autocast(precision, self.device):
-                            loss = loss_fn(model(x).float(), y) / cfg.grad_accum
+                            loss = loss_fn(model(x).float(), y) / window
                         nonfinite |= ~torch.isfinite(loss)
                         if ((step + 1) % check_every == 0 or step + 1 == n_steps) and nonfinite:
                             raise FoldFailedError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}; "
                                                   "this fold was stopped, the other folds go on. Lower the learning rate "
                                                   "(train.lr) or train in float32 (train.precision=fp32).")
                         loss.backward()
+                        if step + 1 == window_start + window:  # an epoch's gradients never carry into the next
+                            opt.step()  # where Adam allocates its state: an OOM here names the same knobs
+                            opt.zero_grad(set_to_none=True)
+                            if sched is not None:
+                                sched.step()
+                            if ema is not None:
+                                ema.update_parameters(model)
                     except torch.OutOfMemoryError as exc:
                         raise MitobenchError(self._oom_message(exc)) from exc
-                    if (step + 1) % cfg.grad_accum == 0:
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                        if sched is not None:
-                            sched.step()
-                        if ema is not None:
-                            ema.update_parameters(model)
                     n_seen += len(idx)
             t_train += time.perf_counter() - t0
             state["epoch"] += 1
@@ -343,6 +372,8 @@ class TrainMethod:
                                      **({"ema": ema.state_dict()} if ema is not None else {}),
                                      "aug_rng": augment.state(), "gen_rng": gen.get_state(),
                                      "torch_rng": torch.get_rng_state(), "state": json.dumps(state),
+                                     **({"cuda_rng": torch.cuda.get_rng_state(self.device)}
+                                        if self.device.type == "cuda" else {}),
                                      **({"val_by_epoch": torch.from_numpy(np.stack(val_by_epoch))} if val_by_epoch else {})},
                                     ckpt)
 
@@ -366,8 +397,8 @@ class TrainMethod:
         cfg = self.config.train
         return (f"out of memory on {self.device} at batch size {cfg.batch_size} ({self.config.model}, {cfg.img_size} px). "
                 f"Lower train.batch_size (e.g. {max(1, cfg.batch_size // 2)}) and raise train.grad_accum "
-                f"(e.g. {cfg.grad_accum * 2}) to keep the effective batch, or set train.grad_checkpointing: true. "
-                "Finished folds are kept: continue with `mitobench run --resume RUN_DIR`.")
+                f"(e.g. {cfg.grad_accum * 2}) to keep the effective batch, or set train.grad_checkpointing: true, in a new "
+                "run: every fold of a run trains with one recipe, so `--resume` keeps these settings.")
 
     @staticmethod
     def _atomic_torch_save(obj, path: Path) -> None:

@@ -46,6 +46,8 @@ def freeze_stages(classifier: nn.Module, n_stages: int, freeze_norm_stats: bool 
         params[name].requires_grad_(False)
     owners = {name.rsplit(".", 1)[0] for name in names}
     modules = dict(model.named_modules())
-    classifier.frozen_norms = [modules[o] for o in sorted(owners) if freeze_norm_stats
-                               and isinstance(modules.get(o), nn.modules.batchnorm._BatchNorm)]
+    frozen = [modules[o] for o in sorted(owners) if freeze_norm_stats
+              and isinstance(modules.get(o), nn.modules.batchnorm._BatchNorm)]
+    already = {id(m) for m in classifier.frozen_norms}  # a method may have frozen some (LoRA: all of them)
+    classifier.frozen_norms = [*classifier.frozen_norms, *(m for m in frozen if id(m) not in already)]
     return names

@@ -33,6 +33,9 @@ def prepare(model: nn.Module, config) -> nn.Module:
         raise MitobenchError(f"LoRA targets {target!r} match no layer of {card.key}: {exc}") from exc
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("head."))
+    # The backbone is frozen, BatchNorm statistics included: the checkpoint (adapters + head) does not hold them, so
+    # statistics updated in training would make `mitobench predict` score with other ones than the run did.
+    model.frozen_norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for module in model.modules():
         # peft casts each adapted layer's input to the adapter's float32 before the adapter's dropout and matrices;
         # under autocast those matrices run in bf16 anyway, so the cast only costs a float32 copy of every adapted

@@ -49,16 +49,17 @@ class Backbone(nn.Module):
             return self.card.embed_dim
         return int(getattr(self.model, "num_features", 0)) * (2 if self.card.embedding == "cls+mean" else 1)
 
-    def preprocess(self, patches: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    def preprocess(self, patches: torch.Tensor, size: int | None = None, card_crop: bool = True) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` or float ``(B, 3, H, W)`` in [0, 1] -> normalised model input.
 
-        Batched tensor version of the card's Resize(resize) + CenterCrop(input_size) + Normalize.
+        Batched tensor version of the card's Resize(resize) + CenterCrop(input_size) + Normalize. ``card_crop=False``:
+        the whole patch resized to ``size``, as the training engine's augmentation sees it.
         """
         x = patches
         if x.dtype == torch.uint8:
             x = x.permute(0, 3, 1, 2).float().div_(255)
         size = size or self.card.input_size
-        resize = self.card.resize if (self.card.resize and size == self.card.input_size) else size
+        resize = self.card.resize if (card_crop and self.card.resize and size == self.card.input_size) else size
         if x.shape[-1] != resize or x.shape[-2] != resize:
             mode = "bicubic" if self.card.interpolation == "bicubic" else "bilinear"
             x = F.interpolate(x, size=(resize, resize), mode=mode, align_corners=False, antialias=True)
