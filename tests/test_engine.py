@@ -1051,7 +1051,8 @@ def test_evaluation_sees_the_patch_as_training_does(tiny_vit_card, monkeypatch, 
     """A card with its own Resize + CenterCrop (e.g. 256 -> 224): the fine-tuned model is evaluated on the whole
     patch resized to the input size, the geometry its training batches had, not on the card's centre crop."""
     card = registry._REGISTRY[TINY_VIT]
-    monkeypatch.setitem(registry._REGISTRY, TINY_VIT, ModelCard(**{**card.__dict__, "resize": 40}))
+    monkeypatch.setitem(registry._REGISTRY, TINY_VIT, ModelCard(**{**card.__dict__, "resize": 40,
+                                                                    "interpolation": "bicubic"}))
     config = make_config(fixture_root, tmp_path, model=TINY_VIT, train={"img_size": 32, "augment": "none"})
     method = TrainMethod(config)
     method.device = torch.device("cpu")

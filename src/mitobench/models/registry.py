@@ -53,7 +53,7 @@ class Backbone(nn.Module):
         """uint8 ``(B, H, W, 3)`` or float ``(B, 3, H, W)`` in [0, 1] -> normalised model input.
 
         Batched tensor version of the card's Resize(resize) + CenterCrop(input_size) + Normalize. ``card_crop=False``:
-        the whole patch resized to ``size``, as the training engine's augmentation sees it.
+        the whole patch resized (bilinear) to ``size``, as the training engine's augmentation sees it.
         """
         x = patches
         if x.dtype == torch.uint8:
@@ -61,7 +61,7 @@ class Backbone(nn.Module):
         size = size or self.card.input_size
         resize = self.card.resize if (card_crop and self.card.resize and size == self.card.input_size) else size
         if x.shape[-1] != resize or x.shape[-2] != resize:
-            mode = "bicubic" if self.card.interpolation == "bicubic" else "bilinear"
+            mode = "bicubic" if card_crop and self.card.interpolation == "bicubic" else "bilinear"
             x = F.interpolate(x, size=(resize, resize), mode=mode, align_corners=False, antialias=True)
             if mode == "bicubic":
                 x = x.clamp_(0, 1)
