@@ -13,7 +13,7 @@ import mitobench.data.cache as patch_cache_mod
 import mitobench.embed as embed_mod
 from fixtures import make_atnorm_br, make_png
 from mitobench.data.cache import PatchCache
-from mitobench.data.images import decode_patch
+from mitobench.data.images import ImageModeWarning, decode_patch, read_patch
 from mitobench.data.records import load_atnorm_br
 from mitobench.embed import EmbeddingCache, embedding_key
 from mitobench.errors import MitobenchError
@@ -37,9 +37,9 @@ def count_decodes(monkeypatch):
 
     def counting(path, patch_size=128):
         calls.append(path)
-        return decode_patch(path, patch_size)
+        return read_patch(path, patch_size)
 
-    monkeypatch.setattr(patch_cache_mod, "decode_patch", counting)
+    monkeypatch.setattr(patch_cache_mod, "read_patch", counting)
     return calls
 
 
@@ -56,7 +56,7 @@ def test_patch_cache_decodes_once(tmp_path, records, count_decodes, monkeypatch)
     def refuse(*args, **kwargs):
         raise AssertionError("decoded a PNG again")
 
-    monkeypatch.setattr(patch_cache_mod, "decode_patch", refuse)
+    monkeypatch.setattr(patch_cache_mod, "read_patch", refuse)
     second, key2 = PatchCache(tmp_path / "cache").load(records, "AtNorM-Br")
     assert key2 == key
     assert isinstance(second, np.memmap) and not second.flags.writeable
@@ -64,6 +64,21 @@ def test_patch_cache_decodes_once(tmp_path, records, count_decodes, monkeypatch)
     assert not temp_files(tmp_path / "cache")
     meta = json.loads((tmp_path / "cache" / "patches" / f"{key}.json").read_text())
     assert meta["files"] == records["path"].tolist()
+
+
+def test_conversions_while_decoding_in_threads_are_one_warning_and_leave_warnings_working(tmp_path, records):
+    """Images converted to RGB in the decoding threads give one summary warning, and later warnings still reach
+    the user (``warnings.catch_warnings`` in threads once left the process's warning display swapped out)."""
+    import warnings
+
+    from fixtures import make_png as png
+
+    for i in (0, 3):
+        png(Path(records["path"].iloc[i]), rgb=(90, 90, 90), mode="L")
+    display = warnings._showwarnmsg_impl  # what shows a warning to the user
+    with pytest.warns(ImageModeWarning, match=r"2 image\(s\) converted to RGB, e\.g\. .*converted from L to RGB"):
+        PatchCache(tmp_path / "cache", workers=4).load(records)
+    assert warnings._showwarnmsg_impl is display
 
 
 def test_patch_key_follows_file_bytes_and_order(tmp_path, records, count_decodes):

@@ -163,4 +163,10 @@ def test_report_refuses_an_unfinished_run(cli, tmp_path):
     run.mkdir()
     (run / "status.json").write_text(json.dumps({"state": "running"}))
     (run / "metrics.csv").write_text("dataset,fold,metric,value\n")
+    (run / "config.yaml").write_text("method: probe\n")
     assert_clear_error(cli("report", str(run), env=WIDE), str(run), "status running", "--resume")
+    missing = tmp_path / "no-such-run"
+    assert_clear_error(cli("report", str(missing), env=WIDE), str(missing), "no such folder")
+    assert "--resume" not in cli("report", str(missing), env=WIDE).stderr
+    (run / "config.yaml").unlink()
+    assert_clear_error(cli("report", str(run), env=WIDE), str(run), "not a mitobench run folder")

@@ -162,3 +162,20 @@ def test_shipped_configs_write_out_their_preset(name, preset, method):
 
 def test_default_config_file_is_the_default_job():
     assert load_config(_shipped_config("default.yaml")).to_dict() == load_config().to_dict()
+
+
+def test_exponent_floats_without_a_decimal_point_are_numbers(tmp_path):
+    """``3e-4`` is a string to YAML 1.1 (PyYAML); a learning rate written so must still be a number."""
+    from mitobench.config import read_yaml
+
+    path = tmp_path / "lr.yaml"
+    path.write_text("method: finetune\ntrain:\n  lr: 1e-3\n  tta_crops: [1e0, 875e-3]\n")
+    config = load_config(path, {"train.weight_decay": read_yaml("5E-2")})
+    assert config.train.lr == 0.001 and config.train.weight_decay == 0.05 and config.train.tta_crops == [1.0, 0.875]
+    assert read_yaml("3e-4") == 0.0003 and read_yaml("e5") == "e5" and read_yaml("12") == 12
+
+
+def test_set_accepts_the_help_texts_example(cli, fixture_root, tmp_path):
+    result = cli("run", "--data-root", str(fixture_root), "--runs-dir", str(tmp_path / "runs"), "--method", "finetune",
+                 "--set", "train.lr=3e-4", "--set", "train.epochs=abc")
+    assert result.returncode == 2 and "'epochs' must be int, not 'abc'" in result.stderr  # lr passed the type check

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import io
 
 import numpy as np
@@ -67,6 +69,11 @@ def test_predict_on_unlabelled_folder_and_csv(probe_run, fixture_root, tmp_path)
     pd.DataFrame({"file": ["x.png"]}).to_csv(bad, index=False)
     with pytest.raises(MitobenchError, match="path"):
         predict(run_dir, bad, tmp_path / "c.csv")
+    twice = tmp_path / "twice.csv"  # the same file by its absolute and its relative path
+    twice.write_text(f"path\n{paths[0]}\n{paths[1]}\n{os.path.relpath(paths[0], tmp_path)}\n")
+    with pytest.raises(MitobenchError, match=r"twice\.csv row 4: .* is listed twice"):
+        predict(run_dir, twice, tmp_path / "d.csv")
+    assert not (tmp_path / "d.csv").exists()
 
 
 def test_predict_refuses_an_incomplete_run(probe_run, tmp_path, fixture_root):
@@ -104,7 +111,7 @@ def test_report_command_compares_runs(probe_run, cli):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("AtNorM-Br") >= 4  # two runs x two metrics
     bad = cli("report", str(run_dir.parent))
-    assert bad.returncode == 2 and "metrics.csv" in bad.stderr
+    assert bad.returncode == 2 and "not a mitobench run" in bad.stderr and "holds 1" in bad.stderr.replace("\n", " ")
 
 
 # --- a damaged or mismatched run folder: one MitobenchError naming the file, nothing written --------------------
@@ -188,6 +195,17 @@ def test_predict_refuses_broken_run_records(probe_run, fixture_root, tmp_path, n
     else:
         (run / name).write_text(text)
     assert "damaged" in _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path, tmp / "cache", match)
+
+
+def test_a_run_folder_from_another_version_says_so(probe_run, fixture_root, tmp_path):
+    import yaml
+
+    run_dir, tmp = probe_run
+    run = _copy(run_dir, tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, "future_option": 1}))
+    message = _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path, tmp / "cache", "future_option")
+    assert "written by mitobench" in message and "Known:" not in message
 
 
 def _as_finetune(run_dir, tmp_path):

@@ -185,6 +185,28 @@ def test_non_rgb_converted_with_warning(tmp_path, mode):
     assert array.shape == (128, 128, 3) and array.dtype == np.uint8
 
 
+def test_sixteen_bit_grey_keeps_its_high_byte(tmp_path):
+    """A 16-bit grey PNG is scaled to 8 bits (PIL's own conversion clips at 255: an all-white patch)."""
+    from PIL import Image
+
+    values = (np.arange(128 * 128).reshape(128, 128) * 4 % 65536).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with pytest.warns(ImageModeWarning, match=r"deep\.png.*16-bit grey"):
+        array = decode_patch(tmp_path / "deep.png")
+    assert array.shape == (128, 128, 3) and array.dtype == np.uint8
+    np.testing.assert_array_equal(array[..., 1], (values >> 8).astype(np.uint8))
+    assert len(np.unique(array)) > 200
+
+
+@pytest.mark.parametrize("dtype, kind", [(np.int32, "integer"), (np.float32, "floating-point")])
+def test_thirty_two_bit_images_are_refused(tmp_path, dtype, kind):
+    from PIL import Image
+
+    Image.fromarray(np.full((128, 128), 1000, dtype=dtype)).save(tmp_path / "wide.tif")
+    with pytest.raises(MitobenchError, match=rf"wide\.tif: a 32-bit {kind} image.*8-bit RGB"):
+        decode_patch(tmp_path / "wide.tif")
+
+
 @pytest.mark.parametrize("size", [64, (128, 100), 256])
 def test_wrong_size_rejected(tmp_path, size):
     path = make_png(tmp_path / "small.png", size=size)

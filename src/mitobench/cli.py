@@ -31,8 +31,10 @@ def _yaml_value(item: str, value: str):
     """The value of ``--set key=value``, read as YAML."""
     import yaml
 
+    from mitobench.config import read_yaml
+
     try:
-        return yaml.safe_load(value)
+        return read_yaml(value)
     except yaml.YAMLError as exc:
         raise MitobenchError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__}); quote "
                              "it for the shell, e.g. --set 'train.tta_crops=[1.0, 0.875]'.") from exc
@@ -175,7 +177,13 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
     names = [run_dir.name for run_dir in run_dirs]
     for run_dir in run_dirs:
         path = run_dir / "metrics.csv"
-        state = RunDir(run_dir).status().get("state", "missing") if run_dir.is_dir() else "missing"
+        if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
+            inside = sorted(p.parent.name for p in run_dir.glob("*/config.yaml")) if run_dir.is_dir() else []
+            raise MitobenchError(f"{run_dir}: " + ("no such folder" if not run_dir.exists() else "not a mitobench run "
+                                 "folder (no config.yaml)") + ". Give the folders that `mitobench run` printed"
+                                 + (f"; this one holds {len(inside)}, e.g. {run_dir / inside[-1]}" if inside else "")
+                                 + ".")
+        state = RunDir(run_dir).status().get("state", "missing")
         if state != "complete" or not path.is_file():
             raise MitobenchError(f"{run_dir} is not a complete run (status {state}"
                                  + ("" if path.is_file() else ", no metrics.csv") + "): finish it with "

@@ -121,6 +121,20 @@ class RunConfig:
 
 SELECT_RULES = ("ba", "auroc", "last")
 
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2's floats without a decimal point (``3e-4``, ``1E-3``), which YAML 1.1
+    reads as strings: the way learning rates are usually written."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """A YAML document (a config file or a ``--set`` value) with ``_YamlLoader``."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
                                        "None": (type(None),), "list[float]": (list,), "list[str]": (list,)}
 _ITEMS: dict[str, tuple[type, ...]] = {"list[float]": (int, float), "list[str]": (str,)}
@@ -170,7 +184,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = read_yaml(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise MitobenchError(f"{path}: cannot read this YAML config ({exc}).") from exc
         if not isinstance(values, dict):

@@ -24,7 +24,7 @@ from pathlib import Path
 from rich.console import Console
 
 from mitobench.errors import MitobenchError
-from mitobench.runs import RunDir
+from mitobench.runs import RunDir, load_run_config
 
 
 def cpu_cores() -> int:
@@ -97,14 +97,13 @@ def serve() -> None:
     """Worker entry point: ``RUN_DIR FOLD THREADS`` on the command line."""
     import torch
 
-    from mitobench.config import load_config
     from mitobench.protocol import build_context, fit_fold, load_sets, make_method
     from mitobench.splits import paper_folds
 
     run_path, fold, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(threads)
     try:
-        config = load_config(run_path / "config.yaml")
+        config = load_run_config(run_path)
         config.train.num_threads = threads
         method = make_method(config)
         sets, _ = load_sets(config)

@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mitobench.config import load_config
 from mitobench.data.cache import PatchCache
 from mitobench.data.records import IMAGE_SUFFIXES, load_custom, parse_label, read_csv
 from mitobench.errors import MitobenchError
 from mitobench.io import atomic_write_csv
+from mitobench.runs import load_run_config
 
 
 def _records(source: Path) -> pd.DataFrame:
@@ -39,9 +39,14 @@ def _records(source: Path) -> pd.DataFrame:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise MitobenchError(f"{source}: {len(missing)} listed image(s) do not exist, e.g. {missing[0]}.")
+        resolved = pd.Series([str(p.resolve()) for p in paths])
+        if resolved.duplicated().any():  # scored twice, it would count twice in the metrics
+            row = int(np.flatnonzero(resolved.duplicated())[0])
+            raise MitobenchError(f"{source} row {row + 2}: {table['path'].iloc[row]} is listed twice; list each image "
+                                 "once.")
         labels = ([parse_label(v, f"{source} row {i + 2}") for i, v in enumerate(table["label"])]
                   if "label" in table else np.nan)
-        return pd.DataFrame({"image": table["path"].astype(str), "path": [str(p.resolve()) for p in paths], "label": labels})
+        return pd.DataFrame({"image": table["path"].astype(str), "path": resolved.tolist(), "label": labels})
     raise MitobenchError(f"{source}: no such folder or CSV.")
 
 
@@ -50,7 +55,7 @@ class FoldPredictor:
 
     def __init__(self, run_dir: Path, device: torch.device):
         self.run_dir = run_dir
-        self.config = load_config(run_dir / "config.yaml")
+        self.config = load_run_config(run_dir)
         self.device = device
         if device.type == "cpu":
             from mitobench.methods.cpu_memory import keep_freed_memory
@@ -216,7 +221,7 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = No
     if status.get("state") != "complete":
         raise MitobenchError(f"{run_dir} is not a complete mitobench run (status {status.get('state', 'missing')}); "
                              "finish it with `mitobench run --resume` first.")
-    config = load_config(run_dir / "config.yaml")
+    config = load_run_config(run_dir)
     thresholds = _thresholds(run_dir, config.n_folds)
     explicit = out is not None
     out = Path(out) if out else run_dir / "predictions" / f"{source.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv"

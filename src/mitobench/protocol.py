@@ -17,13 +17,13 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 
-from mitobench.config import RunConfig, load_config, save_config
+from mitobench.config import RunConfig, save_config
 from mitobench.data.cache import PatchCache
 from mitobench.data.records import HOLDOUT_SETS, discover, evaluation_sets, load_custom, resolve_data_root
 from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.evaluation.report import render_report, tidy_metrics
 from mitobench.io import atomic_write_csv, atomic_write_json, atomic_write_text
-from mitobench.runs import RunDir, complete_environment, environment, new_run_dir
+from mitobench.runs import RunDir, complete_environment, environment, load_run_config, new_run_dir
 from mitobench.splits import paper_folds
 
 log = logging.getLogger(__name__)
@@ -194,14 +194,14 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
             raise MitobenchError(f"{run.path} is not a mitobench run folder (no config.yaml).")
         if run.status().get("state") == "complete" and not run.status().get("failed_folds"):
             raise MitobenchError(f"{run.path} is already complete; start a new run instead.")
-        config = load_config(run.path / "config.yaml")
+        config = load_run_config(run.path)
         changes = {key: str(Path(value).expanduser().resolve()) for key, value in (relocate or {}).items() if value}
         unknown = set(adjust or {}) - set(RESUME_SETTINGS)
         if unknown:
             raise MitobenchError(f"a resumed run cannot change {', '.join(sorted(unknown))}: start a new run instead.")
         changes.update(adjust or {})
         if changes:
-            config = load_config(run.path / "config.yaml", changes)  # checked like any option
+            config = load_run_config(run.path, changes)  # checked like any option
             save_config(config, run.path / "config.yaml")
             console.print("config.yaml updated for the resumed run: "
                           + ", ".join(f"{k}={v}" for k, v in changes.items()), soft_wrap=True)

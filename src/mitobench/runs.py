@@ -129,3 +129,28 @@ class RunDir:
         path = self.path / "folds" / f"fold_{fold}"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def load_run_config(run_dir: str | Path, overrides: dict | None = None):
+    """A run folder's ``config.yaml``. An option this mitobench does not know means another version wrote the
+    folder: the error says which one (``environment.json``) instead of only listing the known options."""
+    from mitobench.config import load_config
+
+    run_dir = Path(run_dir)
+    try:
+        return load_config(run_dir / "config.yaml", overrides)
+    except MitobenchError as exc:
+        if "unknown option" not in str(exc):
+            raise
+        try:
+            wrote = json.loads((run_dir / "environment.json").read_text())["packages"]["mitobench"]
+        except (OSError, ValueError, KeyError, TypeError):
+            wrote = "unknown"
+        try:
+            this = metadata.version("mitobench")
+        except metadata.PackageNotFoundError:
+            this = "unknown"
+        first = str(exc).split(". Known:")[0]
+        raise MitobenchError(f"{first}. This run folder was written by mitobench {wrote} (environment.json), this is "
+                             f"mitobench {this}: use the version that wrote it, or remove the option from config.yaml "
+                             "if you know it changes nothing.") from exc

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mitobench.data.images import ImageModeWarning, decode_patch
+from mitobench.data.images import ImageModeWarning, read_patch
 from mitobench.io import atomic_save_npy, atomic_write_json
 from mitobench.progress import progress_bar
 
@@ -99,11 +99,9 @@ class PatchCache:
         converted: list[str] = []
 
         def work(i: int) -> None:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ImageModeWarning)
-                out[i] = decode_patch(paths[i], self.patch_size)
-            if caught:
-                converted.append(str(caught[0].message))
+            out[i], note = read_patch(paths[i], self.patch_size)  # no warnings in threads: catch_warnings is global
+            if note:
+                converted.append(note)
 
         with ThreadPoolExecutor(self.workers) as pool, progress_bar(f"decode {name}", len(paths)) as advance:
             for _ in pool.map(work, range(len(paths))):
