@@ -1,11 +1,13 @@
 """LoRA training step: peft's forward against ``train.fused_lora`` (methods/fused_lora.py), same model, same step;
 under CPU bf16 autocast also the fused layers with PyTorch's attention kernel instead of the explicit attention the
 engine uses there (``explicit_attention`` in methods/precision.py); with ``--options`` also the settings the CPU
-policy leaves off, timed to show why.
+policy leaves off, timed to show why. ``--dropout-draw`` times only the CPU dropout mask of the fused layers
+(``fused_lora._dropout``) against ``F.dropout`` (ATen's ``bernoulli_``) on the inputs of a ViT-S/B's adapted layers.
 
 Usage: .venv/bin/python benchmarks/bench_lora_step.py [--models kaiko_vits16,kaiko_vitb16] [--batch 8] [--steps 4]
                                                       [--rounds 3] [--device cpu|cuda] [--precision auto|bf16|fp32]
                                                       [--options] [--no-append]
+       .venv/bin/python benchmarks/bench_lora_step.py --dropout-draw [--rounds 3] [--no-append]
 
 Random weights, LoRA r=8, alpha=16, dropout 0.3 on the card's targets, 224-px inputs made beforehand, AdamW;
 ``--precision`` as ``train.precision`` (default ``auto``: float32 on the CPU, bf16 autocast on CUDA), with the
@@ -111,6 +113,31 @@ def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, 
     return steps * batch / (time.perf_counter() - t0)
 
 
+def dropout_draw_table(rounds: int) -> str:
+    """Milliseconds per draw (best of ``rounds`` x 10) of ``fused_lora._dropout`` and ``F.dropout`` at p = 0.3 on one
+    batch of 8 ViT inputs (197 tokens), float32 and bf16: the mask work a LoRA layer with dropout adds on the CPU."""
+    from mitobench.methods.fused_lora import _dropout
+
+    rows = ["| input (8 x 197 x width) | dtype | F.dropout ms | fused_lora._dropout ms | speed-up |", "|---|---|---|---|---|"]
+    for width in (384, 768):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(8 * 197, width).to(dtype)
+            timings = {}
+            for name, draw in (("F.dropout", lambda: torch.nn.functional.dropout(x, 0.3, True)),
+                               ("_dropout", lambda: _dropout(x, 0.3))):
+                draw()
+                best = float("inf")
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    for _ in range(10):
+                        draw()
+                    best = min(best, (time.perf_counter() - t0) / 10)
+                timings[name] = best * 1e3
+            rows.append(f"| width {width} | {str(dtype).removeprefix('torch.')} | {timings['F.dropout']:.3f} | "
+                        f"{timings['_dropout']:.3f} | {timings['F.dropout'] / timings['_dropout']:.1f}x |")
+    return f"CPU dropout mask draw, torch threads {torch.get_num_threads()}, p = 0.3\n\n" + "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="kaiko_vits16,kaiko_vitb16")
@@ -124,8 +151,15 @@ def main() -> None:
     parser.add_argument("--options", action="store_true", help="also the fused step with torch.compile, and with the "
                         "frozen weights in bf16 (autocast) or explicit attention (float32): options the CPU policy "
                         "does not take")
+    parser.add_argument("--dropout-draw", action="store_true", help="time only the CPU dropout mask draw")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
+    if args.dropout_draw:
+        body = dropout_draw_table(args.rounds)
+        print(body)
+        if not args.no_append:
+            append_results(HEADING, body)
+        return
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

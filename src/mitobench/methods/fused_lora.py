@@ -55,7 +55,8 @@ def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     dropout masks), each 32-bit draw serves two elements: its two 16-bit halves, 15 uniform bits each, are
     compared with the rate, and the kept values are scaled by the exact inverse of the resulting keep probability.
     The same distribution up to the rate's rounding to 2**-15; half the draws of ``torch.rand(x.shape) >= p``, and
-    about 4x faster than ``F.dropout`` (ATen's CPU ``bernoulli_``) on this project's 2-core CPU.
+    1.7-2.9x faster than ``F.dropout`` (ATen's CPU ``bernoulli_``) on this project's 2-core CPU
+    (``benchmarks/bench_lora_step.py --dropout-draw``).
     """
     if x.device.type in ("cuda", "xpu"):
         return torch.native_dropout(x, p, True)
