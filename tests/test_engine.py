@@ -500,6 +500,25 @@ def test_nan_loss_stops_only_its_fold(fixture_root, tmp_path, monkeypatch):
     assert "FAILED" not in (run / "report.txt").read_text()
 
 
+def test_non_finite_predictions_fail_their_fold_only(fixture_root, tmp_path, monkeypatch):
+    """A fold model whose predictions hold a NaN (without a NaN loss) is a failed fold, not a source of metrics."""
+    real_fit = TrainMethod.fit_predict
+
+    def nan_on_fold_3(self, fold, *args, **kwargs):
+        result = real_fit(self, fold, *args, **kwargs)
+        if fold == 3:
+            result.probs["AtNorM-Br"][0] = np.nan
+        return result
+
+    monkeypatch.setattr(TrainMethod, "fit_predict", nan_on_fold_3)
+    out = io.StringIO()
+    run = run_benchmark(make_config(fixture_root, tmp_path, train={"epochs": 1, "img_size": 32}),
+                        console=Console(file=out, width=300))
+    assert "fold 3 FAILED" in out.getvalue() and "non-finite probabilities" in out.getvalue()
+    assert list(RunDir(run).status()["failed_folds"]) == ["3"]
+    assert np.isfinite(pd.read_csv(run / "predictions.csv")["probability"]).all()
+
+
 def test_huge_lr_gives_nan_error(fixture_root, tmp_path):
     config = make_config(fixture_root, tmp_path, train={"epochs": 3, "img_size": 32, "lr": 1e30, "warmup_epochs": 0})
     ctx = make_context(config)

@@ -17,6 +17,7 @@ from sklearn.metrics import (
 
 from mitobench.evaluation.metrics import METRICS, _metrics_rows, binary_metrics, bootstrap_ci
 from mitobench.evaluation.published import CITATION, published_figure, published_results
+from mitobench.errors import MitobenchError
 from mitobench.evaluation.report import render_report, tidy_metrics
 
 
@@ -125,6 +126,21 @@ def test_bootstrap_is_stratified(monkeypatch):
     assert (labels.sum(1) == y.sum()).all()
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_probabilities_are_refused_not_scored(bad):
+    """A NaN would count as a negative prediction and as the top score: plausible metrics from a broken model."""
+    labels, probs = np.array([0, 1, 0, 1, 0, 0]), np.array([bad, 0.9, 0.3, 0.8, 0.2, 0.1])
+    with pytest.raises(MitobenchError, match="1 of 6 probabilities are not finite"):
+        binary_metrics(labels, probs)
+    with pytest.raises(MitobenchError, match="not finite"):
+        bootstrap_ci(labels, probs, n_boot=10)
+
+
+def test_labels_other_than_zero_and_one_are_refused():
+    with pytest.raises(MitobenchError, match=r"0 \(normal\) or 1 \(atypical\); found \[2\.0\]"):
+        binary_metrics([0, 2, 0, 1], [0.1, 0.9, 0.2, 0.8])
+
+
 def test_bootstrap_single_class_is_nan():
     ci = bootstrap_ci(np.ones(10, int), np.linspace(0, 1, 10), n_boot=50)
     assert all(np.isnan(lo) and np.isnan(hi) for lo, hi in ci.values())
@@ -182,6 +198,10 @@ def test_tidy_metrics_and_report():
                          console=__import__("rich.console", fromlist=["Console"]).Console(file=__import__("io").StringIO()),
                          recipe="preset cpu, bf16, 128 px, 17 epochs")
     assert "efficientnet_lite0 / finetune (preset cpu, bf16, 128 px, 17 epochs)" in text
+    assert "threshold 0.5 (the paper's)" in " ".join(text.split())
+    tuned = render_report(metrics, "efficientnet_lite0", "finetune", ["A"], absent=[], threshold="validation",
+                          console=__import__("rich.console", fromlist=["Console"]).Console(file=__import__("io").StringIO()))
+    assert "chosen on each fold" in " ".join(tuned.split())
     assert "AtNorM-MD" in text and "ABSENT" in text
     assert "atypical" in text
     assert "Banerjee" in text

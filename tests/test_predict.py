@@ -97,7 +97,8 @@ def test_finetune_predict_matches_the_runs_own_probabilities(fixture_root, tmp_p
                    train={"epochs": 1, "img_size": 64, "batch_size": 8, "tta": True, "precision": precision})
     saved = load_config(run_dir / "config.yaml").train.precision
     assert saved == {"auto": "auto", "native": "bf16"}[precision]
-    title = {"auto": "finetune (float32, 64 px, 1 epoch)", "native": "finetune (bf16, 64 px, 1 epoch)"}[precision]
+    title = {"auto": "finetune (float32, 64 px, 1 epoch, TTA 8 views)",
+             "native": "finetune (bf16, 64 px, 1 epoch, TTA 8 views)"}[precision]
     assert title in (run_dir / "report.txt").read_text()  # the report says how the models trained
     _, table = predict(run_dir, fixture_root / "AtNorM-MD", tmp_path / "p.csv", cache_dir=str(tmp_path / "cache"))
     expected = _ensemble(run_dir, "AtNorM-MD")

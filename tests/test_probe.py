@@ -140,3 +140,15 @@ def test_torch_probe_seeded():
     a = TorchProbe(lr=1e-3, max_epochs=3, random_state=5).fit(X, y).predict_proba(X)
     b = TorchProbe(lr=1e-3, max_epochs=3, random_state=5).fit(X, y).predict_proba(X)
     np.testing.assert_array_equal(a, b)
+
+
+def test_torch_probe_halves_its_lr_on_a_validation_plateau(monkeypatch):
+    """The reference head's ReduceLROnPlateau(max validation BA, factor 0.5, patience 3): a BA that never improves
+    after the first epoch halves the lr after every 4th epoch."""
+    import mitobench.methods.probe as mod
+
+    X, y, _ = blobs(n=60)
+    Xv, yv, _ = blobs(n=40, seed=3)
+    monkeypatch.setattr(mod, "balanced_accuracy_score", lambda *a, **k: 0.7)  # a flat validation curve
+    est = TorchProbe(lr=1e-3, max_epochs=10, patience=50).fit(X, y, Xv, yv)
+    assert est.lr_history_ == [1e-3] * 5 + [5e-4] * 4 + [2.5e-4]

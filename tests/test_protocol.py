@@ -126,6 +126,7 @@ def test_metrics_csv(probe_run):
     for name in HOLDOUTS:
         assert name in report
     assert "ABSENT" not in report
+    assert "threshold 0.5 (the paper's)" in report
 
 
 def test_second_run_makes_a_new_folder(probe_run, fixture_root, monkeypatch):

@@ -137,6 +137,11 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
     t_fold = time.perf_counter()
     try:
         result = method.fit_predict(fold, train_idx, val_idx, ctx, run.scratch(fold))
+        broken = [name for name, p in result.probs.items() if not np.isfinite(p).all()]
+        if broken:
+            raise FoldFailedError(f"fold {fold}: the fold model predicted non-finite probabilities (NaN or inf) on "
+                                  f"{', '.join(broken)}; this fold was stopped, the other folds go on. Lower the "
+                                  "learning rate (train.lr) or train in float32 (train.precision=fp32).")
     except FoldFailedError as exc:
         console.print(f"[bold red]fold {fold} FAILED:[/] {exc}")
         run.save_fold(fold, {}, {"failed": str(exc)})
@@ -152,7 +157,7 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
 
 
 def recipe(config: RunConfig) -> str:
-    """How a finetune/LoRA run trained, in a few words for its report: preset, precision, input size, epochs."""
+    """How a finetune/LoRA run trained, in a few words for its report: preset, precision, input size, epochs, TTA."""
     if config.method == "probe":
         return ""
     from mitobench.device import pick_device
@@ -162,6 +167,8 @@ def recipe(config: RunConfig) -> str:
     dtype = autocast_dtype(train.precision, pick_device(config.device))
     parts = [f"preset {train.preset}"] if train.preset else []
     parts += ["bf16" if dtype is not None else "float32", f"{train.img_size} px", f"{train.epochs} epoch" + ("s" if train.epochs != 1 else "")]
+    if train.tta:
+        parts.append(f"TTA {8 * len(train.tta_crops)} views")
     return ", ".join(parts)
 
 
@@ -302,7 +309,7 @@ def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, F
     atomic_write_csv(run.path / "predictions.csv", predictions)
     atomic_write_csv(run.path / "metrics.csv", metrics)
     text = render_report(metrics, config.model, config.method, [VALIDATION, *ctx.holdouts], absent,
-                         getattr(method, "pretrained", True), recipe=recipe(config))
+                         getattr(method, "pretrained", True), recipe=recipe(config), threshold=config.threshold)
     if failed:
         note = (f"WARNING: fold(s) {sorted(failed)} FAILED and are excluded: the mean, SD and ensemble use "
                 f"{len(results)} fold models. Rerun them with `mitobench run --resume {run.path}`.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mitobench.errors import MitobenchError
+
 METRICS = ("balanced_accuracy", "auroc", "sensitivity", "specificity", "precision", "f1",
            "average_precision", "mcc")
 
@@ -27,14 +29,28 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def checked(labels, probs) -> tuple[np.ndarray, np.ndarray]:
+    """Labels in {0, 1} and finite probabilities, as int and float arrays: a NaN would otherwise count as a negative
+    prediction and as the highest score (plausible-looking metrics from a broken model)."""
+    probs = np.asarray(probs, dtype=float)
+    labels = np.asarray(labels, dtype=float)
+    if labels.shape != probs.shape:
+        raise MitobenchError(f"{labels.size} labels but {probs.size} probabilities.")
+    if not np.isin(labels, (0, 1)).all():
+        raise MitobenchError(f"labels must be 0 (normal) or 1 (atypical); found {sorted(set(labels[~np.isin(labels, (0, 1))].tolist()))[:3]}.")
+    if not np.isfinite(probs).all():
+        raise MitobenchError(f"{int((~np.isfinite(probs)).sum())} of {probs.size} probabilities are not finite (NaN or "
+                             "inf): the model that made them is broken; no metric is computed from them.")
+    return labels.astype(int), probs
+
+
 def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """All reported metrics; threshold-free ones (AUROC, AP) use the probabilities.
 
     Computed by the vectorised ``_metrics_rows`` (tests check it against scikit-learn's functions); with a
     single class present, BA, AUROC and AP are NaN.
     """
-    labels = np.asarray(labels).astype(int)
-    probs = np.asarray(probs, dtype=float)
+    labels, probs = checked(labels, probs)
     with np.errstate(divide="ignore", invalid="ignore"):
         row = {m: float(v[0]) for m, v in _metrics_rows(labels[None], probs[None], threshold).items()}
     if len(np.unique(labels)) < 2:
@@ -75,8 +91,7 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5, 
                  seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float]]:
     """Seeded stratified percentile bootstrap: positives and negatives are resampled separately,
     so every replicate keeps the set's class balance."""
-    labels = np.asarray(labels).astype(int)
-    probs = np.asarray(probs, dtype=float)
+    labels, probs = checked(labels, probs)
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     if len(pos) == 0 or len(neg) == 0:

@@ -42,17 +42,25 @@ def _get(metrics: pd.DataFrame, dataset: str, fold: str, metric: str) -> pd.Seri
     return None if row.empty else row.iloc[0]
 
 
+THRESHOLDS = {"fixed": "threshold 0.5 (the paper's)",
+              "validation": "threshold chosen on each fold's validation data (best BA there, so the validation "
+                            "row's BA is optimistic), the ensemble's at their mean; the paper used 0.5"}
+
+
 def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list[str], absent: list[str],
-                  pretrained: bool = True, console: Console | None = None, recipe: str = "") -> str:
+                  pretrained: bool = True, console: Console | None = None, recipe: str = "",
+                  threshold: str = "fixed") -> str:
     """Print the paper-form table; return it as plain text for ``report.txt``. ``recipe``: a few words on how the
-    models were trained (preset, precision, input size), shown in the title."""
+    models were trained (preset, precision, input size, TTA), shown in the title; ``threshold``: the run's
+    ``threshold`` mode, said in the caption (it changes every BA)."""
     console = console or Console(width=max(Console().width, 160))
     title = (f"{model} / {method}" + (f" ({recipe})" if recipe else "")
              + ("" if pretrained else "  [RANDOM INIT: no pretrained weights]"))
     folds = metrics["fold"].astype(str)
     n = folds[folds.str.isdigit()].nunique()  # the fold models that count: fewer where a fold failed
-    table = Table(title=title, caption=f"positive class = atypical; fold models: mean +- population SD over {n}; "
-                  f"ensemble: mean probability of the {n} fold models, 95% stratified bootstrap CI")
+    table = Table(title=title, caption=f"positive class = atypical; {THRESHOLDS[threshold]}; fold models: mean +- "
+                  f"population SD over {n}; ensemble: mean probability of the {n} fold models, 95% stratified "
+                  "bootstrap CI")
     for col in ("set", "n (atyp.)", "BA fold mean+-SD", "AUROC fold mean+-SD", "BA ensemble [95% CI]",
                 "AUROC ensemble [95% CI]", "paper BA (same model+method)", "paper best BA"):
         table.add_column(col)
