@@ -150,6 +150,30 @@ def test_training_runs_verify_the_cached_pixels(fixture_root, tmp_path, method, 
     assert (patches == good).all() == rebuilt
 
 
+def test_a_cold_probe_embeds_verified_pixels(fixture_root, tmp_path):
+    """A probe that must embed a set reads every pixel and caches the result for good: it checks the patches'
+    digest first, so a same-size corruption of the patch cache is rebuilt, not embedded."""
+    from mitobench.config import load_config
+    from mitobench.methods.probe import ProbeMethod
+    from mitobench.protocol import build_context, load_sets
+    from mitobench.splits import paper_folds
+
+    config = load_config(None, {"data_root": str(fixture_root), "cache_dir": str(tmp_path / "cache")})
+    sets, _ = load_sets(config)
+    folds = paper_folds(sets["AMi-Br-train"], config.n_folds, config.seed)
+    key = build_context(config, sets, folds).patch_keys["AtNorM-Br"]
+    array_path = tmp_path / "cache" / "patches" / f"{key}.npy"
+    good = np.load(array_path)
+    raw = bytearray(array_path.read_bytes())
+    raw[-100] ^= 0xFF
+    array_path.write_bytes(bytes(raw))
+    ctx = build_context(config, sets, folds)  # a probe run does not verify up front (a warm run reads no pixel)
+    assert not (np.asarray(ctx.patches["AtNorM-Br"]) == good).all()
+    method = ProbeMethod(config)
+    method.prepare(ctx)  # nothing embedded yet: embeds every set, from verified patches
+    assert (np.asarray(ctx.patches["AtNorM-Br"]) == good).all()
+
+
 # -- atomic writes ---------------------------------------------------------------------------------
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -200,6 +224,33 @@ def count_extracts(monkeypatch):
 
     monkeypatch.setattr(embed_mod, "extract", counting)
     return calls
+
+
+def test_random_init_features_are_never_cached(tmp_path, patches, count_extracts):
+    """Each random-init build draws other weights: caching its features under one id would mix two networks'."""
+    from mitobench.models.registry import build_model, get_card
+
+    card = replace_card(get_card("efficientnet_lite0"), input_size=32)
+    backbone = Backbone(build_model(card).eval(), card, "random-init", "random init")
+    cache = EmbeddingCache(tmp_path / "cache")
+    cache.get(backbone, patches, "patchkey", batch_size=4)
+    cache.get(backbone, patches, "patchkey", batch_size=4)
+    assert len(count_extracts) == 2 and not (tmp_path / "cache" / "embeddings").exists()
+    assert cache.lookup(card, "random-init", "patchkey", len(patches), "float32") is None
+
+
+def test_metadata_that_is_not_an_object_is_rebuilt(tmp_path, tiny_backbone, patches, records, count_extracts):
+    cache = EmbeddingCache(tmp_path / "cache")
+    cache.get(tiny_backbone, patches, "patchkey", batch_size=4)
+    (meta,) = (tmp_path / "cache" / "embeddings").rglob("*.json")
+    meta.write_text("[]")
+    cache.get(tiny_backbone, patches, "patchkey", batch_size=4)
+    assert len(count_extracts) == 2
+    patch_cache = PatchCache(tmp_path / "cache")
+    _, key = patch_cache.load(records)
+    (tmp_path / "cache" / "patches" / f"{key}.json").write_text("[1]")
+    rebuilt, _ = patch_cache.load(records)
+    assert rebuilt.shape[0] == len(records)
 
 
 def test_embedding_cache_extracts_once(tmp_path, tiny_backbone, patches, count_extracts):

@@ -128,6 +128,30 @@ def test_mismatched_checkpoint_is_one_clear_error_and_nothing_is_loaded(tmp_path
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_one_wrong_key_is_not_called_another_model(tmp_path):
+    card = small_card()
+    state = build_model(card).state_dict()
+    state["extra.weight"] = state.pop("blocks.1.attn.qkv.weight")
+    save_file(state, tmp_path / "one.safetensors")
+    with pytest.raises(W.WeightsMismatchError) as info:
+        W.load_weights_strict(build_model(card), tmp_path / "one.safetensors", card)
+    assert "1 missing, 1 unexpected" in str(info.value) and "almost nothing matches" not in str(info.value)
+    foreign = {f"other.{k}": v for k, v in build_model(card).state_dict().items()}
+    save_file(foreign, tmp_path / "foreign.safetensors")
+    with pytest.raises(W.WeightsMismatchError, match="almost nothing matches"):
+        W.load_weights_strict(build_model(card), tmp_path / "foreign.safetensors", card)
+
+
+def test_a_model_prefix_on_every_key_is_stripped(tmp_path):
+    """A state dict saved from a wrapper (mitobench's Backbone keeps the network as ``model``)."""
+    card = small_card()
+    source = build_model(card)
+    save_file({f"model.{k}": v for k, v in source.state_dict().items()}, tmp_path / "wrapped.safetensors")
+    model = build_model(card)
+    W.load_weights_strict(model, tmp_path / "wrapped.safetensors", card)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), model.state_dict().values()))
+
+
 def test_missing_layerscale_hint(tmp_path):
     card = small_card("uni")
     state = {k: v for k, v in build_model(card).state_dict().items() if ".ls" not in k}

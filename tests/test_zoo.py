@@ -159,6 +159,11 @@ HF_CASES = {
                  "num_attention_heads": 4, "mlp_ratio": 4, "image_size": 56, "patch_size": 14, "use_swiglu_ffn": True,
                  "num_register_tokens": 4, "layerscale_value": 0.5},
                 {"embed_dim": 96, "num_heads": 4, "img_size": 56, "mlp_ratio": 512 / 96}, 56),
+    # with registers, transformers resamples its position grid with antialiasing (without registers, without)
+    "hibou_b@98px": ({"model_type": "dinov2_with_registers", "hidden_size": 96, "num_hidden_layers": 2,
+                      "num_attention_heads": 4, "mlp_ratio": 4, "image_size": 98, "patch_size": 14,
+                      "use_swiglu_ffn": True, "num_register_tokens": 4, "layerscale_value": 0.5},
+                     {"embed_dim": 96, "num_heads": 4, "img_size": 56, "mlp_ratio": 512 / 96}, 56),
 }
 
 
@@ -179,7 +184,7 @@ def test_transformers_checkpoint_converts_exactly(key, tmp_path):
     snap.mkdir()
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, snap / "model.safetensors")
     (snap / "config.json").write_text(json.dumps(config))
-    card = get_card(key)
+    card = get_card(key.split("@")[0])
     card = replace_card(card, build_kwargs={**card.build_kwargs, "depth": 2, **overrides})
     model = build_model(card).eval()
     load_weights_strict(model, snap, card)

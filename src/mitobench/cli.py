@@ -127,6 +127,10 @@ def embed(
     cfg = load_config(None, {"data_root": data_root, "cache_dir": cache_dir, "model": model})
     sets, absent = load_sets(cfg)
     backbone = create_backbone(model, weights)
+    if not backbone.pretrained:
+        raise MitobenchError(f"{model}: no pretrained weights were found, so the model is random init. `mitobench embed` "
+                             "fills the cache for later runs, but random-init features are never cached (each build "
+                             "draws other weights). Pass --weights PATH (file or Hugging Face snapshot folder).")
     dev = pick_device(device)
     dtype = pick_dtype(dtype, dev, backbone.card.dtype)
     patches = PatchCache(default_cache_dir(cfg))
@@ -134,14 +138,12 @@ def embed(
     try:
         for name, frame in sets.items():
             t0 = time.perf_counter()
-            arr, key = patches.load(frame, name)
+            arr, key = patches.load(frame, name, verify=True)  # embedding reads every pixel: check them first
             feats = cache.get(backbone, arr, key, batch_size=batch_size, device=dev, dtype=dtype, name=name,
                               workers=cpu_workers(workers))
             console.print(f"{name}: {feats.shape[0]} x {feats.shape[1]} ({time.perf_counter() - t0:.1f}s)")
     finally:
         shutdown_workers()
-    if not backbone.pretrained:
-        console.print("[bold yellow]RANDOM INIT: no pretrained weights were loaded[/]")
 
 
 @app.command()

@@ -1,10 +1,11 @@
 """Embedding cache: extract once per dataset and backbone recipe, reuse across folds, methods and runs.
 
-The key hashes the backbone key, its weights id (sha256 of the weights file, or ``random-init``),
+The key hashes the backbone key, its weights id (sha256 of the weights file),
 the card's recipe (architecture, input size, resize, interpolation, normalisation, embedding
 recipe), the dtype, the patch content key and the mitobench version. Any change makes a new entry.
 An entry is ``<key>.npy`` (float32) plus ``<key>.json`` holding the array's sha256; a truncated or
-corrupt entry fails that check and is rebuilt.
+corrupt entry fails that check and is rebuilt. Random-init backbones are never cached: each build draws other
+weights, so features cached from one would be mixed with another's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover  (a warm run reads the cache without impor
     from mitobench.models.registry import Backbone
 
 log = logging.getLogger(__name__)
+RANDOM_INIT = "random-init"  # the weights id of a backbone built without pretrained weights
 
 
 def dtype_key(dtype: "torch.dtype | str") -> str:
@@ -160,6 +162,8 @@ class EmbeddingCache:
 
     def lookup(self, card: ModelCard, weights_id: str, patch_key: str, n: int, dtype: "torch.dtype | str") -> np.ndarray | None:
         """The cached, verified embeddings of ``n`` patches, or ``None`` (then ``get`` extracts them)."""
+        if weights_id == RANDOM_INIT:
+            return None
         return self._load(*self._paths(card, embedding_key(card, patch_key, dtype, weights_id)), n)
 
     def get(self, backbone: "Backbone", patches: np.ndarray, patch_key: str, *, batch_size: int | None = None,
@@ -169,6 +173,9 @@ class EmbeddingCache:
 
         if isinstance(dtype, str):
             dtype = pick_dtype(dtype, device or "cpu")
+        if backbone.weights_id == RANDOM_INIT:  # every build draws other weights: one run's features, never reused
+            return extract(backbone, patches, batch_size, device, dtype, f"embed {name} ({backbone.card.key})",
+                           workers=workers)
         key = embedding_key(backbone, patch_key, dtype)
         array_path, meta_path = self._paths(backbone.card, key)
         cached = self._load(array_path, meta_path, len(patches))
@@ -190,6 +197,8 @@ class EmbeddingCache:
         try:
             meta = json.loads(meta_path.read_text())
             feats = np.load(array_path)
+            if not isinstance(meta, dict):
+                raise ValueError("metadata is not a JSON object")
         except (ValueError, OSError, EOFError, json.JSONDecodeError):
             log.warning("embedding cache entry %s is unreadable; rebuilding it", array_path)
             return None

@@ -56,6 +56,8 @@ class PatchCache:
             array = np.load(array_path, mmap_mode="r")
         except (ValueError, OSError, json.JSONDecodeError):
             return None
+        if not isinstance(meta, dict):  # a half-written or foreign file: rebuild
+            return None
         if array.shape != (n, self.patch_size, self.patch_size, 3) or array.dtype != np.uint8:
             return None
         if meta.get("shape") != list(array.shape) or meta.get("bytes") != array_path.stat().st_size:

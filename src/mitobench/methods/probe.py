@@ -187,8 +187,16 @@ class ProbeMethod:
             dtype = pick_dtype(self.config.dtype, device, self.card.dtype)
             backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download)
             self.pretrained = backbone.pretrained
+            if not backbone.pretrained:  # random-init features are never cached: embed every set with this network
+                missing = list(ctx.patches)
+            from mitobench.data.cache import PatchCache
+
+            patch_cache = PatchCache(ctx.cache_dir, self.config.patch_size)
             try:
                 for name in missing:
+                    # embedding reads every pixel, and its result is cached under the PNGs' content key: check the
+                    # cached patches' digest first, so a corrupted patch array is rebuilt, not embedded for good
+                    ctx.patches[name], _ = patch_cache.load(ctx.sets[name], name, verify=True)
                     self.embeddings[name] = cache.get(backbone, ctx.patches[name], ctx.patch_keys[name],
                                                       batch_size=self.config.batch_size, device=device, dtype=dtype,
                                                       name=name, workers=cpu_workers(self.config.embed_workers))

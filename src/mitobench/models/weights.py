@@ -412,7 +412,16 @@ def unwrap_state_dict(obj: Any, notes: list[str]) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in obj.items() if torch.is_tensor(v)}
 
 
+#: stripped only when every key carries it (``model.``: a state dict saved from a wrapper such as mitobench's
+#: ``Backbone``; a prefix some keys carry may be part of the architecture's own names)
+STRIP_IF_ALL = ("model.",)
+
+
 def strip_prefixes(state: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+    for prefix in STRIP_IF_ALL:
+        if state and all(k.startswith(prefix) for k in state):
+            notes.append(f"stripped '{prefix}' from all {len(state)} keys")
+            state = {k[len(prefix):]: v for k, v in state.items()}
     changed = True
     while changed:
         changed = False
@@ -476,8 +485,10 @@ def prepare_state_dict(raw: Any, model: nn.Module, card: "ModelCard", notes: lis
         notes.append(f"card filter: {before} -> {len(state)} tensors")
     antialias = True  # timm's runtime resampling, which the timm-based recipes use
     if hf_builders.is_hf_layout(state):
+        # transformers' interpolate_pos_encoding: bicubic without antialias for ViT/DINOv2, with it for
+        # Dinov2WithRegistersModel (the layout with embeddings.register_tokens)
+        antialias = any(k.endswith("embeddings.register_tokens") for k in state)
         state = hf_builders.convert_hf_vit_state_dict(state, model, notes)
-        antialias = False  # transformers' ViT/DINOv2 interpolate_pos_encoding: bicubic without antialias
     elif "mask_token" in state or "register_tokens" in state or any(".mlp.w12." in k for k in state):
         state = convert_dinov2_original(state, model, notes)
     return _resample_pos_embed(state, model, antialias, notes)
@@ -585,7 +596,7 @@ def fit_report(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[s
     return missing, unexpected, mis_shaped
 
 
-def _hints(missing: list[str], unexpected: list[str], mis_shaped: list) -> list[str]:
+def _hints(missing: list[str], unexpected: list[str], mis_shaped: list, n_model: int) -> list[str]:
     hints = []
     if any(".ls1." in k for k in unexpected):
         hints.append("the checkpoint has LayerScale (ls1/ls2) but the build has none: pass init_values")
@@ -599,7 +610,7 @@ def _hints(missing: list[str], unexpected: list[str], mis_shaped: list) -> list[
         hints.append("the checkpoint has a classifier head; the card builds num_classes=0 (use a card filter)")
     if "patch_embed.proj.weight" in [k for k, *_ in mis_shaped]:
         hints.append("the patch size or embedding width differs: this is probably another model's checkpoint")
-    if len(missing) > 0.8 * max(1, len(missing) + len(mis_shaped)) and unexpected:
+    if len(missing) > 0.8 * max(1, n_model) and unexpected:
         hints.append("almost nothing matches: another model's checkpoint, or a key layout mitobench does not know")
     return hints
 
@@ -621,7 +632,7 @@ def check_fit(model: nn.Module, state: dict[str, torch.Tensor], source: Path, ca
     if mis_shaped:
         lines.append("  mis-shaped: " + ", ".join(f"{k} file {a} vs model {b}" for k, a, b in mis_shaped[:4])
                      + (" ..." if len(mis_shaped) > 4 else ""))
-    lines += [f"  hint: {h}" for h in _hints(missing, unexpected, mis_shaped)]
+    lines += [f"  hint: {h}" for h in _hints(missing, unexpected, mis_shaped, n_model)]
     lines.append(f"  Check the file belongs to {card.key} ({card.hf_repo or card.arch}).")
     raise WeightsMismatchError("\n".join(lines), missing, unexpected, mis_shaped)
 
