@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--dropout-draw", action="store_true", help="time only the CPU dropout mask draw")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.dropout_draw:
         body = dropout_draw_table(args.rounds)
         print(body)
@@ -161,8 +163,6 @@ def main() -> None:
             append_results(HEADING, body)
         return
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if device.type == "cpu":
         from mitobench.methods.cpu_memory import keep_freed_memory
 

@@ -144,9 +144,22 @@ def test_resume_refuses_options_it_would_ignore(cli, fixture_root, tmp_path):
     result = cli("run", "--resume", str(run), "--model", "timm/resnet18", "--set", "n_boot=7",
                  "--set", "train.eval_batch_size=16", env=WIDE)
     assert_clear_error(result, "--resume", "model", "--set n_boot=7", "ignored", "train.eval_batch_size")
-    assert "--set train.eval_batch_size=16" not in result.stderr.split("ignored:")[1].split(".")[0]  # that one may change
+    ignored = " ".join(result.stderr.split()).split("ignored:")[1].split(". Drop")[0]
+    assert "n_boot" in ignored and "eval_batch_size" not in ignored  # that one may change on resume
     assert json.loads((run / "status.json").read_text())["state"] == "interrupted"  # untouched
     assert "eval_batch_size" not in (run / "config.yaml").read_text()
+
+
+def test_resume_may_change_the_evaluation_batch_size(cli, fixture_root, tmp_path):
+    assert run_cmd(cli, fixture_root, tmp_path).returncode == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    (run / "folds" / "fold_3.npz").unlink()
+    (run / "status.json").write_text(json.dumps({"state": "interrupted"}))
+    result = cli("run", "--resume", str(run), "--set", "train.eval_batch_size=16", env=WIDE)
+    assert result.returncode == 0, result.stderr
+    assert "train.eval_batch_size=16" in result.stderr
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["eval_batch_size"] == 16
+    assert json.loads((run / "status.json").read_text())["state"] == "complete"
 
 
 def test_bad_yaml_in_set_and_a_data_root_that_is_a_file(cli, fixture_root, tmp_path):

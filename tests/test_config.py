@@ -173,6 +173,8 @@ def test_exponent_floats_without_a_decimal_point_are_numbers(tmp_path):
     config = load_config(path, {"train.weight_decay": read_yaml("5E-2")})
     assert config.train.lr == 0.001 and config.train.weight_decay == 0.05 and config.train.tta_crops == [1.0, 0.875]
     assert read_yaml("3e-4") == 0.0003 and read_yaml("e5") == "e5" and read_yaml("12") == 12
+    assert read_yaml("1.5e3") == 1500.0 and read_yaml("2.5E4") == 25000.0 and read_yaml(".5e-1") == 0.05
+    assert read_yaml("1.5") == 1.5 and read_yaml("1e") == "1e" and read_yaml("0x10") == 16
 
 
 def test_set_accepts_the_help_texts_example(cli, fixture_root, tmp_path):

@@ -373,7 +373,8 @@ def test_resume_inside_a_fold_gives_the_same_weights(fixture_root, tmp_path, mon
 
 
 def test_lora_resume_inside_a_fold_draws_the_same_dropout(fixture_root, tmp_path, monkeypatch, tiny_vit_card):
-    """LoRA with dropout (drawn on the GPU's generator on CUDA, whose state the checkpoint keeps there)."""
+    """LoRA with dropout. On the CPU this checks the CPU generator's state; where the tests run on a GPU, the
+    dropout draws on the CUDA generator, whose state the checkpoint keeps there."""
     config = make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT,
                          train={"img_size": 32, "lora_dropout": 0.3, "augment": "dihedral"})
     assert_resume_matches(config, tmp_path, monkeypatch)
@@ -517,6 +518,34 @@ def test_non_finite_predictions_fail_their_fold_only(fixture_root, tmp_path, mon
     assert "fold 3 FAILED" in out.getvalue() and "non-finite probabilities" in out.getvalue()
     assert list(RunDir(run).status()["failed_folds"]) == ["3"]
     assert np.isfinite(pd.read_csv(run / "predictions.csv")["probability"]).all()
+
+
+def test_non_finite_validation_predictions_fail_their_fold_only(fixture_root, tmp_path, monkeypatch):
+    """The same inside training: a NaN in an epoch's validation probabilities stops that fold, not the run."""
+    real = TrainMethod._predict
+    folds = []
+
+    def nan_in_fold_2(self, model, images, tta, batch_size):
+        p = real(self, model, images, tta, batch_size)
+        if self.fold_now == 2:
+            p[0] = np.nan
+        return p
+
+    real_fit = TrainMethod.fit_predict
+
+    def tracking(self, fold, *args, **kwargs):
+        self.fold_now = fold
+        folds.append(fold)
+        return real_fit(self, fold, *args, **kwargs)
+
+    monkeypatch.setattr(TrainMethod, "_predict", nan_in_fold_2)
+    monkeypatch.setattr(TrainMethod, "fit_predict", tracking)
+    out = io.StringIO()
+    run = run_benchmark(make_config(fixture_root, tmp_path, train={"epochs": 1, "img_size": 32}),
+                        console=Console(file=out, width=300))
+    assert folds == [1, 2, 3, 4, 5]
+    assert "fold 2 FAILED" in out.getvalue() and "validation fold at epoch 1" in out.getvalue()
+    assert list(RunDir(run).status()["failed_folds"]) == ["2"]
 
 
 def test_huge_lr_gives_nan_error(fixture_root, tmp_path):
@@ -992,11 +1021,15 @@ def test_lora_keeps_batchnorm_statistics_so_predict_matches_the_run(fixture_root
     np.testing.assert_allclose(method.predict(fresh, x_val, False), result.probs["validation"], rtol=0, atol=1e-5)
 
 
-def test_out_of_memory_in_the_optimiser_step_or_evaluation_names_the_knob(fixture_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 2147483648 bytes.")])
+def test_out_of_memory_in_the_optimiser_step_or_evaluation_names_the_knob(fixture_root, tmp_path, monkeypatch, error):
+    """On a GPU (OutOfMemoryError) and on the CPU (the allocator's plain RuntimeError) alike."""
     config = make_config(fixture_root, tmp_path, train={"img_size": 32, "epochs": 1})
 
     def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise error
 
     monkeypatch.setattr(torch.optim.AdamW, "step", no_memory)
     with pytest.raises(MitobenchError, match=r"out of memory .* batch size 8 .*train\.batch_size.*new run"):

@@ -198,6 +198,25 @@ def test_sixteen_bit_grey_keeps_its_high_byte(tmp_path):
     assert len(np.unique(array)) > 200
 
 
+def test_sixteen_bit_png_opened_as_mode_i_is_sixteen_bit_too(tmp_path, monkeypatch):
+    """Pillow < 10.3 opens a 16-bit grey PNG as mode I (32-bit): still 16-bit grey, not refused."""
+    from PIL import Image
+
+    import mitobench.data.images as images_mod
+
+    values = (np.arange(128 * 128).reshape(128, 128) * 4 % 65536).astype(np.int32)
+
+    def old_pillow_open(path):
+        img = Image.fromarray(values)  # mode I
+        img.format = "PNG"
+        return img
+
+    monkeypatch.setattr(images_mod.Image, "open", old_pillow_open)
+    with pytest.warns(ImageModeWarning, match="16-bit grey"):
+        array = decode_patch(tmp_path / "deep.png")
+    np.testing.assert_array_equal(array[..., 0], (values >> 8).astype(np.uint8))
+
+
 @pytest.mark.parametrize("dtype, kind", [(np.int32, "integer"), (np.float32, "floating-point")])
 def test_thirty_two_bit_images_are_refused(tmp_path, dtype, kind):
     from PIL import Image

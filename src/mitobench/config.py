@@ -123,12 +123,13 @@ SELECT_RULES = ("ba", "auroc", "last")
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, plus YAML 1.2's floats without a decimal point (``3e-4``, ``1E-3``), which YAML 1.1
-    reads as strings: the way learning rates are usually written."""
+    """PyYAML's safe loader, plus YAML 1.2's exponent floats that YAML 1.1 reads as strings (``3e-4``, ``1E-3``,
+    ``1.5e3``: no decimal point, or no sign in the exponent): the way learning rates are usually written."""
 
 
-_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
-                                  list("-+0123456789"))
+_YamlLoader.add_implicit_resolver(  # consulted after YAML 1.1's own int and float patterns, so it changes no other value
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
 
 def read_yaml(text: str) -> Any:

@@ -21,7 +21,7 @@ import numpy as np
 
 from mitobench import __version__
 from mitobench.io import atomic_save_npy, atomic_write_json
-from mitobench.models.cards import ModelCard
+from mitobench.models.cards import RANDOM_INIT, ModelCard
 
 if TYPE_CHECKING:  # pragma: no cover  (a warm run reads the cache without importing torch)
     import torch
@@ -29,7 +29,6 @@ if TYPE_CHECKING:  # pragma: no cover  (a warm run reads the cache without impor
     from mitobench.models.registry import Backbone
 
 log = logging.getLogger(__name__)
-RANDOM_INIT = "random-init"  # the weights id of a backbone built without pretrained weights
 
 
 def dtype_key(dtype: "torch.dtype | str") -> str:
@@ -173,7 +172,7 @@ class EmbeddingCache:
 
         if isinstance(dtype, str):
             dtype = pick_dtype(dtype, device or "cpu")
-        if backbone.weights_id == RANDOM_INIT:  # every build draws other weights: one run's features, never reused
+        if not backbone.pretrained:  # every build draws other weights: one run's features, never reused
             return extract(backbone, patches, batch_size, device, dtype, f"embed {name} ({backbone.card.key})",
                            workers=workers)
         key = embedding_key(backbone, patch_key, dtype)

@@ -38,6 +38,8 @@ def read_patch(path: str | Path, patch_size: int | None = 128) -> tuple[np.ndarr
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode == "I" and img.format == "PNG":  # 16-bit grey as Pillow < 10.3 opens it (PNG has no int32)
+                img = img.convert("I;16")  # lossless: PNG's 16-bit samples lie in 0..65535
             if img.mode in ("I", "F"):
                 kind = "integer" if img.mode == "I" else "floating-point"
                 raise MitobenchError(f"{path}: a 32-bit {kind} image (PIL mode {img.mode}) has no agreed 8-bit scale. "

@@ -32,6 +32,13 @@ from mitobench.progress import progress_bar, say
 NONFINITE_CHECK_EVERY = 16  # steps between reads of the on-device non-finite-loss flag when training on CUDA
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A GPU's ``OutOfMemoryError`` (``torch.OutOfMemoryError`` from torch 2.5, ``torch.cuda`` before) or the CPU
+    allocator's plain ``RuntimeError``: both get the message that names the knob."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or "can't allocate memory" in str(exc)
+
+
 def nonfinite_check_every(device: torch.device) -> int:
     """Steps between reads of the non-finite-loss flag: every step on the CPU (a read costs nothing there)."""
     return 1 if device.type == "cpu" else NONFINITE_CHECK_EVERY
@@ -197,7 +204,9 @@ class TrainMethod:
         batch_size = batch_size or self.config.train.eval_batch_size
         try:
             return self._predict(model, images, tta, batch_size)
-        except torch.OutOfMemoryError as exc:
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
             raise MitobenchError(
                 f"out of memory on {self.device} predicting {len(images)} images at batch size {batch_size} "
                 f"({self.config.model}, {self.config.train.img_size} px). Lower it (e.g. N={max(1, batch_size // 4)}): "
@@ -343,7 +352,9 @@ class TrainMethod:
                                 sched.step()
                             if ema is not None:
                                 ema.update_parameters(model)
-                    except torch.OutOfMemoryError as exc:
+                    except RuntimeError as exc:
+                        if not is_out_of_memory(exc):
+                            raise
                         raise MitobenchError(self._oom_message(exc)) from exc
                     n_seen += len(idx)
             t_train += time.perf_counter() - t0
@@ -351,6 +362,11 @@ class TrainMethod:
             eval_model = ema.module if ema is not None else model
             if state["epoch"] % cfg.eval_every == 0 or state["epoch"] == cfg.epochs:
                 p_val = self.predict(eval_model, x_val, tta=False)
+                if not np.isfinite(p_val).all():
+                    raise FoldFailedError(f"fold {fold}: the model predicted non-finite probabilities (NaN or inf) on "
+                                          f"the validation fold at epoch {state['epoch']}; this fold was stopped, the "
+                                          "other folds go on. Lower the learning rate (train.lr) or train in float32 "
+                                          "(train.precision=fp32).")
                 ba = float(balanced_accuracy_score(y_val, p_val >= 0.5))
                 auc = float(roc_auc_score(y_val, p_val))
                 val_by_epoch.append(p_val.astype(np.float32))

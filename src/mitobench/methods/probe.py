@@ -102,7 +102,7 @@ class TorchProbe(ClassifierMixin, BaseEstimator):
         Xt, yt = self._z(X), torch.as_tensor(y, dtype=torch.float32)
         head = torch.nn.Linear(X.shape[1], 1)
         opt = torch.optim.Adam(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        # the reference scripts' scheduler: halve the lr after 3 epochs without a better validation BA
+        # the reference scripts' scheduler: halve the lr once more than 3 epochs in a row bring no better validation BA
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3, min_lr=1e-7)
         self.lr_history_ = []
         counts = np.bincount(y, minlength=2)
@@ -163,7 +163,7 @@ class ProbeMethod:
     def prepare(self, ctx) -> None:
         from mitobench.device import device_type, dtype_name
         from mitobench.embed import EmbeddingCache
-        from mitobench.models.cards import backbone_identity
+        from mitobench.models.cards import RANDOM_INIT, backbone_identity
 
         t0 = time.perf_counter()
         device = device_type(self.config.device)
@@ -176,7 +176,7 @@ class ProbeMethod:
                 found = cache.lookup(self.card, weights_id, ctx.patch_keys[name], len(patches), dtype)
                 if found is not None:
                     self.embeddings[name] = found
-        self.pretrained = weights_id != "random-init"
+        self.pretrained = weights_id != RANDOM_INIT
         missing = [name for name in ctx.patches if name not in self.embeddings]
         if missing:
             from mitobench.device import pick_device, pick_dtype

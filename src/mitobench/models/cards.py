@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+RANDOM_INIT = "random-init"  # the weights id of a backbone built without pretrained weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -133,7 +134,7 @@ def backbone_identity(key: str, weights: str | Path | None = None, pretrained: b
             return None if found is None else weights_digest(_weight_files(found, card)[0])
     except MitobenchError:
         return None  # the build reports it properly
-    return "random-init"
+    return RANDOM_INIT
 
 
 def replace_card(card: ModelCard, **changes: Any) -> ModelCard:

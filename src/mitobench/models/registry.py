@@ -16,7 +16,7 @@ from torch import nn
 
 from mitobench.errors import MitobenchError
 from mitobench.models.cards import (  # noqa: F401  (re-exported: the registry's public names)
-    IMAGENET_MEAN, IMAGENET_STD, ModelCard, backbone_identity, get_card, list_cards, register, replace_card,
+    IMAGENET_MEAN, IMAGENET_STD, RANDOM_INIT, ModelCard, backbone_identity, get_card, list_cards, register, replace_card,
 )
 from mitobench.models.lazy import resolve_lazy
 
@@ -41,7 +41,7 @@ class Backbone(nn.Module):
 
     @property
     def pretrained(self) -> bool:
-        return self.weights_id != "random-init"
+        return self.weights_id != RANDOM_INIT
 
     @property
     def embed_dim(self) -> int:
@@ -122,7 +122,7 @@ def create_backbone(key: str, weights: str | Path | None = None, pretrained: boo
             raise
         raise MitobenchError(f"model {key!r} does not take a stochastic-depth rate (train.drop_path={drop_path}): "
                              "set train.drop_path to 0 for this model") from exc
-    weights_id, source = "random-init", "random init (no weights file given)"
+    weights_id, source = RANDOM_INIT, "random init (no weights file given)"
     if weights is not None:
         from mitobench.models.weights import load_weights_strict
 
@@ -138,7 +138,7 @@ def create_backbone(key: str, weights: str | Path | None = None, pretrained: boo
         found = resolve_weights(card, allow_download=allow_download)
         if found is not None:
             weights_id, source = load_weights_strict(model, found, card)
-    if weights_id == "random-init":
+    if weights_id == RANDOM_INIT:
         log.warning("%s: RANDOM INIT, no pretrained weights loaded", key)
     model.eval()
     return Backbone(model, card, weights_id, source)
