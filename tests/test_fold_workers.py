@@ -28,6 +28,14 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=200)
 
 
+def test_a_resumed_fold_keeps_its_planned_round_and_threads():
+    from mitobench.fold_workers import planned_rounds
+
+    assert planned_rounds(5, 2, None, 2) == [[(1, 1), (2, 1)], [(3, 1), (4, 1)], [(5, 2)]]
+    assert planned_rounds(5, 2, 3, 2) == [[(1, 3), (2, 3)], [(3, 3), (4, 3)], [(5, 3)]]
+    assert planned_rounds(3, 4, None, 8) == [[(1, 3), (2, 3), (3, 2)]]
+
+
 def test_thread_shares_split_the_cores():
     assert thread_shares(2, 2) == [1, 1]
     assert thread_shares(2, 1) == [2]
@@ -67,7 +75,9 @@ def test_parallel_folds_give_the_serial_results_and_resume(fixture_root, tmp_pat
     console = quiet()
     assert run_benchmark(resume=parallel, console=console, relocate={"data_root": str(moved)},
                          adjust={"train.eval_batch_size": 7}) == parallel
-    assert "folds 2, 4 training at once (threads: 1/1)" in console.file.getvalue()
+    # each in its place of an uninterrupted run's rounds (1+2, 3+4, 5) and with its thread count there
+    assert "fold 2 training (threads: 1)" in console.file.getvalue()
+    assert "fold 4 training (threads: 1)" in console.file.getvalue()
     saved = load_config(parallel / "config.yaml")
     assert saved.data_root == str(moved.resolve()) and saved.train.eval_batch_size == 7
     assert run.fold_file(1).stat().st_mtime_ns == kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import io
@@ -171,14 +172,20 @@ def test_predict_refuses_a_damaged_probe(probe_run, fixture_root, tmp_path, dama
 
 
 def test_predict_refuses_a_probe_of_another_model(probe_run, fixture_root, tmp_path):
-    """config.yaml edited to another model: its embeddings (512) do not fit the probes (1280 weights)."""
+    """config.yaml edited to another model: the backbone's weights differ from those recorded; in a run from before
+    that record, its embeddings (512) do not fit the probes (1280 weights)."""
     import yaml
 
     run_dir, tmp = probe_run
     run = _copy(run_dir, tmp_path)
     config = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "model": "timm/resnet10t"}))
-    message = _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path, tmp / "cache", "fold_1/probe.safetensors")
+    _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path / "a", tmp / "cache", "the backbone built now")
+    info = json.loads((run / "fold_info.json").read_text())
+    (run / "fold_info.json").write_text(json.dumps({k: {i: v[i] for i in v if i != "backbone_weights"}
+                                                    for k, v in info.items()}))
+    message = _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path / "b", tmp / "cache",
+                       "fold_1/probe.safetensors")
     assert "the checkpoint does not fit the model" in message and "512" in message
 
 
@@ -334,3 +341,59 @@ def test_predict_out_below_a_file_is_a_clear_error(probe_run, fixture_root, tmp_
     with pytest.raises(MitobenchError, match=f"{out}: cannot create it: {tmp_path / 'afile'} is a file"):
         predict(run_dir, fixture_root / "AtNorM-Br" / "Atypical", out)
     assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+# --- predict applies exactly the run's models -------------------------------------------------------------------
+
+def test_probe_predict_embeds_in_the_run_s_dtype(fixture_root, tmp_path):
+    run_dir = _run(fixture_root, tmp_path, dtype="bfloat16")
+    _, table = predict(run_dir, fixture_root / "AtNorM-Br", tmp_path / "p.csv", cache_dir=str(tmp_path / "cache"))
+    expected = _ensemble(run_dir, "AtNorM-Br")
+    np.testing.assert_allclose(table.set_index("image")["p_ensemble"].loc[expected.index].to_numpy(),
+                               expected.to_numpy(), atol=1e-5)
+
+
+def test_predict_refuses_a_random_init_probe_or_other_weights(probe_run, fixture_root, tmp_path):
+    from mitobench.models.registry import create_backbone
+
+    run_dir, tmp = probe_run
+    info = json.loads((run_dir / "fold_info.json").read_text())
+    assert {i["backbone_weights"] for i in info.values()} == {create_backbone("efficientnet_lite0").weights_id}
+    for weights, match in (("random-init", "was random init"), ("0123456789abcdef", "the backbone built now")):
+        run = _copy(run_dir, tmp_path / weights)
+        (run / "fold_info.json").write_text(json.dumps({k: {**v, "backbone_weights": weights} for k, v in info.items()}))
+        _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path / weights, tmp / "cache", match)
+
+
+def test_predict_names_failed_folds(probe_run, fixture_root, tmp_path):
+    run_dir, tmp = probe_run
+    run = _copy(run_dir, tmp_path)
+    info = json.loads((run / "fold_info.json").read_text())
+    del info["3"]
+    (run / "fold_info.json").write_text(json.dumps(info))
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, "failed_folds": {"3": "the loss became nan"}}))
+    _refused(run, fixture_root / "AtNorM-Br" / "Atypical", tmp_path, tmp / "cache", r"fold\(s\) \[3\] failed.*--resume")
+
+
+def test_predict_refuses_class_folders_with_images_elsewhere(probe_run, fixture_root, tmp_path):
+    import shutil
+
+    run_dir, tmp = probe_run
+    source = shutil.copytree(fixture_root / "AtNorM-Br", tmp_path / "mine")
+    stray = next((source / "Normal").iterdir())
+    (source / "Unsure").mkdir()
+    shutil.copy(stray, source / "Unsure" / "u.png")
+    _refused(run_dir, source, tmp_path, tmp / "cache", r"1 image\(s\) lie outside its Atypical/ and Normal/.*u\.png")
+
+
+def test_printed_paths_are_not_rich_markup(probe_run, fixture_root, tmp_path, cli):
+    run_dir, tmp = probe_run
+    out = tmp_path / "out" / "[new]" / "p.csv"
+    result = cli("predict", str(run_dir), str(fixture_root / "AtNorM-Br" / "Atypical"), "--out", str(out),
+                 env={"MITOBENCH_CACHE": str(tmp / "cache"), "COLUMNS": "1000"})
+    assert result.returncode == 0, result.stderr
+    assert str(out) in result.stdout + result.stderr and out.is_file()
+    again = cli("predict", str(run_dir), str(fixture_root / "AtNorM-Br" / "Atypical"), "--out", str(out),
+                env={"MITOBENCH_CACHE": str(tmp / "cache"), "COLUMNS": "1000"})
+    assert again.returncode == 2 and str(out) in again.stderr

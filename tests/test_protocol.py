@@ -392,3 +392,23 @@ def test_saved_paths_are_absolute_so_a_run_resumes_from_anywhere(fixture_root, t
     monkeypatch.chdir(tmp_path)  # elsewhere: the relative data root given at the start would not resolve here
     assert run_benchmark(resume=run, console=quiet()) == run
     assert RunDir(run).status()["state"] == "complete"
+
+
+def test_environment_records_mitobench_s_own_commit_only(tmp_path, monkeypatch):
+    """A package inside some other git repository (a user's project) must not record that repository's commit."""
+    import shutil
+
+    import mitobench.runs as runs_mod
+
+    own, dirty = runs_mod.source_commit()
+    package_root = Path(runs_mod.__file__).resolve().parents[2]
+    if (package_root / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=package_root).stdout
+        assert own == head.strip() and isinstance(dirty, bool)
+    other = tmp_path / "project"
+    copy = other / "vendored" / "mitobench"
+    shutil.copytree(Path(runs_mod.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=other, check=True, capture_output=True)
+    monkeypatch.setattr(runs_mod, "__file__", str(copy / "runs.py"))
+    assert runs_mod.source_commit() == (None, None)

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mitobench.errors import MitobenchError
 
@@ -100,7 +101,7 @@ def run(
                 raise MitobenchError(f"--set {item!r}: write it as key=value, e.g. train.lr=3e-4")
             overrides[key.strip()] = _yaml_value(item, value)
         path = run_benchmark(load_config(config, overrides))
-    console.print(f"results: {path}", soft_wrap=True)
+    console.print(f"results: {path}", soft_wrap=True, markup=False)  # a path is never rich markup
 
 
 @app.command()
@@ -141,7 +142,7 @@ def embed(
             arr, key = patches.load(frame, name, verify=True)  # embedding reads every pixel: check them first
             feats = cache.get(backbone, arr, key, batch_size=batch_size, device=dev, dtype=dtype, name=name,
                               workers=cpu_workers(workers))
-            console.print(f"{name}: {feats.shape[0]} x {feats.shape[1]} ({time.perf_counter() - t0:.1f}s)")
+            console.print(f"{name}: {feats.shape[0]} x {feats.shape[1]} ({time.perf_counter() - t0:.1f}s)", markup=False)
     finally:
         shutdown_workers()
 
@@ -164,7 +165,7 @@ def predict(
     if table["label"].notna().all() and table["label"].nunique() == 2:
         m = binary_metrics(table["label"].astype(int), table["p_ensemble"], float(table["threshold"].iloc[0]))
         console.print("ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
-    console.print(f"predictions: {path}", soft_wrap=True)
+    console.print(f"predictions: {path}", soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -221,7 +222,7 @@ def data_fetch(data_root: Optional[str] = DataRoot,
     from mitobench.data.records import resolve_data_root
 
     path = fetch(resolve_data_root(data_root), force=force)
-    console.print(f"data ready in {path}", soft_wrap=True)
+    console.print(f"data ready in {path}", soft_wrap=True, markup=False)
 
 
 @data_app.command("check")
@@ -281,7 +282,7 @@ def main() -> None:
     try:
         app()
     except MitobenchError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")  # paths and values in messages are not markup
         sys.exit(exc.exit_code)
     except SystemExit:
         if _signalled:  # click turned the interrupt into "Aborted!", exit 1; say which signal stopped us

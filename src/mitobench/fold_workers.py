@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from mitobench.errors import MitobenchError
 from mitobench.runs import RunDir, load_run_config
@@ -46,19 +47,37 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def run_folds(run: RunDir, folds: list[int], workers: int, num_threads: int | None, console: Console) -> None:
-    """Train ``folds`` of ``run`` in rounds of ``workers`` processes; each saves its fold in the run folder.
-    ``num_threads`` (``train.num_threads``) fixes each worker's threads; None shares out the cores."""
+def planned_rounds(n_folds: int, workers: int, num_threads: int | None, cores: int) -> list[list[tuple[int, int]]]:
+    """Rounds of ``(fold, threads)`` of a whole run: folds 1..n in order, ``workers`` at a time, the cores shared out
+    within each round. A fold's thread count is part of its arithmetic, so a resumed fold keeps its planned one."""
+    rounds = []
+    for start in range(1, n_folds + 1, workers):
+        batch = list(range(start, min(start + workers, n_folds + 1)))
+        shares = [num_threads] * len(batch) if num_threads else thread_shares(cores, len(batch))
+        rounds.append(list(zip(batch, shares)))
+    return rounds
+
+
+def run_folds(run: RunDir, folds: list[int], workers: int, num_threads: int | None, console: Console,
+              n_folds: int | None = None) -> None:
+    """Train ``folds`` of ``run`` in the rounds of ``planned_rounds`` (only the given folds of each; a resumed run
+    trains each fold as an uninterrupted run would, in its round's place, with its thread count); each worker saves
+    its fold in the run folder. ``num_threads`` (``train.num_threads``) fixes each worker's threads; None shares
+    out the cores."""
     failures: list[str] = []
     running: list[tuple[int, subprocess.Popen, Path]] = []
+    plan = planned_rounds(n_folds or max(folds), workers, num_threads, cpu_cores())
     try:
-        for start in range(0, len(folds), workers):
-            batch = folds[start:start + workers]
-            shares = [num_threads] * len(batch) if num_threads else thread_shares(cpu_cores(), len(batch))
+        for planned in plan:
+            batch = [fold for fold, _ in planned if fold in folds]
+            shares = [threads for fold, threads in planned if fold in folds]
+            if not batch:
+                continue
             for fold, threads in zip(batch, shares):
                 running.append((fold, *_launch(run, fold, threads)))
             what = f"folds {', '.join(map(str, batch))} training at once" if len(batch) > 1 else f"fold {batch[0]} training"
             console.print(f"{what} (threads: {'/'.join(map(str, shares))}); progress in {run.path / 'folds'}/fold_N.log",
+                          markup=False,
                           soft_wrap=True)
             for fold, proc, log in running:
                 code = proc.wait()
@@ -66,7 +85,7 @@ def run_folds(run: RunDir, folds: list[int], workers: int, num_threads: int | No
                 if code != 0 or saved is None:
                     failures.append(f"fold {fold}: its worker exited with code {code}; the end of {log}:\n{_log_tail(log)}")
                 elif saved[1].get("failed"):
-                    console.print(f"[bold red]fold {fold} FAILED:[/] {saved[1]['failed']}")
+                    console.print(f"[bold red]fold {fold} FAILED:[/] {escape(str(saved[1]['failed']))}")
                 else:
                     console.print(f"fold {fold} done in {saved[1].get('seconds', 0):.1f}s")
             running = []

@@ -83,9 +83,12 @@ class FoldPredictor:
             from mitobench.device import cpu_workers
 
             if not hasattr(self, "_feats"):
+                from mitobench.device import pick_dtype
+
+                dtype = pick_dtype(self.config.dtype, self.device, self.backbone.card.dtype)  # as the run embedded
                 try:  # on CPU: the frozen graph in one single-threaded worker per core, batch size chosen for it
                     self._feats = extract(self.backbone, patches, None if self.device.type == "cpu" else batch_size,
-                                          self.device, name="embed", workers=cpu_workers(self.config.embed_workers))
+                                          self.device, dtype, name="embed", workers=cpu_workers(self.config.embed_workers))
                 finally:
                     shutdown_workers()
             w, b = self._probe(fold, self._feats.shape[1])
@@ -170,6 +173,11 @@ def _read_json(path: Path) -> dict:
 def _thresholds(run_dir: Path, n_folds: int) -> list[float]:
     path = run_dir / "fold_info.json"
     info = _read_json(path)
+    failed = sorted(f for f in range(1, n_folds + 1) if str(f) not in info)
+    status = _read_json(run_dir / "status.json")
+    if failed and status.get("failed_folds"):
+        raise MitobenchError(f"{run_dir}: fold(s) {failed} failed in training, so the run has no {n_folds}-fold ensemble "
+                             f"to apply. Retry them with `mitobench run --resume {run_dir}` first.")
     try:
         thresholds = [float(info[str(f)]["threshold"]) for f in range(1, n_folds + 1)]
     except (KeyError, TypeError, ValueError) as exc:
@@ -178,6 +186,26 @@ def _thresholds(run_dir: Path, n_folds: int) -> list[float]:
     if not np.isfinite(thresholds).all():
         raise MitobenchError(f"{path}: a fold's threshold is not finite ({thresholds}); the run folder is damaged.")
     return thresholds
+
+
+def _check_backbone(run_dir: Path, config, weights_id: str) -> None:
+    """A probe or LoRA fold model only fits the frozen backbone it was trained on: refuse another (other weights
+    found now) or a random-init one (its draw cannot be rebuilt). Runs from before this record are not checked."""
+    if config.method == "finetune":  # the checkpoint holds every weight
+        return
+    from mitobench.models.cards import RANDOM_INIT
+
+    used = {info.get("backbone_weights") for info in _read_json(run_dir / "fold_info.json").values()
+            if isinstance(info, dict)} - {None}
+    if RANDOM_INIT in used:
+        raise MitobenchError(f"{run_dir}: this {config.method} run's backbone ({config.model}) was random init; its fold "
+                             "models only fit the weights drawn then, which cannot be rebuilt. Train with pretrained "
+                             "weights (--weights) to get a run that predict can apply.")
+    if used and used != {weights_id}:
+        raise MitobenchError(f"{run_dir}: the run's {config.method} models were trained on a backbone with weights "
+                             f"{', '.join(sorted(used))}, but the backbone built now ({config.model}, config.yaml) has "
+                             f"{weights_id}. Make the run's weights ({config.weights or 'the default resolution'}) "
+                             "available again, and leave config.yaml as the run wrote it.")
 
 
 def _check_folder(out: Path) -> None:
@@ -233,6 +261,7 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = No
         config.cache_dir = cache_dir
     patches, _ = PatchCache(default_cache_dir(config), config.patch_size).load(records, source.name, verify=True)
     predictor = FoldPredictor(run_dir, pick_device(device))
+    _check_backbone(run_dir, config, predictor.backbone.weights_id)
     table = records[["image", "path", "label"]].copy()
     for fold in range(1, config.n_folds + 1):
         p = np.asarray(predictor.probabilities(fold, patches, batch_size), dtype=np.float64)

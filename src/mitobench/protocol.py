@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 
 from mitobench.config import RunConfig, save_config
 from mitobench.data.cache import PatchCache
@@ -143,7 +144,7 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
                                   f"{', '.join(broken)}; this fold was stopped, the other folds go on. Lower the "
                                   "learning rate (train.lr) or train in float32 (train.precision=fp32).")
     except FoldFailedError as exc:
-        console.print(f"[bold red]fold {fold} FAILED:[/] {exc}")
+        console.print(f"[bold red]fold {fold} FAILED:[/] {escape(str(exc))}")
         run.save_fold(fold, {}, {"failed": str(exc)})
         (run.scratch(fold) / "last.pt").unlink(missing_ok=True)  # a resume retries it from scratch
         return None, str(exc)
@@ -228,9 +229,9 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         run = RunDir(new_run_dir(config.runs_dir, config.model, config.method))
         save_config(config, run.path / "config.yaml")
         atomic_write_json(run.path / "environment.json", environment())
-        console.print(f"run folder: {run.path}", soft_wrap=True)  # one line: a path to copy
+        console.print(f"run folder: {run.path}", soft_wrap=True, markup=False)  # one line: a path to copy
     else:
-        console.print(f"resuming {run.path}", soft_wrap=True)
+        console.print(f"resuming {run.path}", soft_wrap=True, markup=False)
     run.set_status("running")
     try:
         fold_table = train[["image", "group", "domain", "label"]].assign(fold=folds)
@@ -248,10 +249,10 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
                 results[fold] = FoldResult(*saved)
             else:
                 pending.append(fold)
-        if config.fold_workers > 1 and len(pending) > 1:  # the workers prepare the method themselves
+        if config.fold_workers > 1 and pending:  # the workers prepare the method themselves
             from mitobench.fold_workers import run_folds
 
-            run_folds(run, pending, config.fold_workers, config.train.num_threads, console)
+            run_folds(run, pending, config.fold_workers, config.train.num_threads, console, config.n_folds)
             for fold in pending:
                 probs, info = run.load_fold(fold) or ({}, {"failed": "its worker saved no result"})
                 if info.get("failed"):
@@ -277,7 +278,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         run.set_status("interrupted" if interrupted else "failed", error=str(exc))
         if interrupted:
             console.print(f"interrupted: finished folds and each fold's last epoch are kept; continue with "
-                          f"`mitobench run --resume {run.path}`", soft_wrap=True)
+                          f"`mitobench run --resume {run.path}`", soft_wrap=True, markup=False)
         raise
     complete_environment(run.path / "environment.json")
     ctx.timings["total_s"] = time.perf_counter() - t_start

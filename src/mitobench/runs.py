@@ -68,14 +68,27 @@ def _torch_facts() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def environment() -> dict:
+def source_commit() -> tuple[str | None, bool | None]:
+    """The git commit of mitobench's own source checkout and whether it has uncommitted changes; ``(None, None)``
+    for an installed package, also one that sits inside some other git repository (a user's project)."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=package).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
+        top = git("rev-parse", "--show-toplevel")
+        if not top or (Path(top).resolve() / "src" / "mitobench") != package:
+            return None, None
+        return git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        return None, None
+
+
+def environment() -> dict:
+    commit, dirty = source_commit()
     return {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), **_torch_facts(), "git_commit": commit,
+            "cpu_count": os.cpu_count(), **_torch_facts(), "git_commit": commit, "git_uncommitted_changes": dirty,
             "packages": _package_versions(), "started": datetime.now(timezone.utc).isoformat()}
 
 

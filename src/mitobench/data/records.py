@@ -73,10 +73,12 @@ def _list_images(folder: Path) -> list[Path]:
     return [folder / name for name in sorted(names)]
 
 
-def scan_class_folders(root: Path) -> pd.DataFrame:
+def scan_class_folders(root: Path, only_classes: bool = False) -> pd.DataFrame:
     """Rows ``name, path, label`` for ``root/Atypical/*`` and ``root/Normal/*``.
 
-    A file name present in both class folders is ambiguous: refuse it rather than guess.
+    A file name present in both class folders is ambiguous: refuse it rather than guess. ``only_classes`` (a user's
+    own set): an image anywhere else under ``root`` (another folder, a sub-folder, the top) is refused too, since
+    leaving it out would make a result look complete that is not.
     """
     rows = []
     seen: dict[str, str] = {}
@@ -98,6 +100,14 @@ def scan_class_folders(root: Path) -> pd.DataFrame:
             rows.append({"name": path.name, "path": str(path), "label": LABELS[class_name.lower()]})
     if not rows:
         raise MitobenchError(f"{root}: the class folders hold no images ({sorted(IMAGE_SUFFIXES)}).")
+    if only_classes:
+        listed = {row["path"] for row in rows}
+        others = sorted(str(p) for p in Path(root).resolve().rglob("*")
+                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and str(p) not in listed)
+        if others:
+            raise MitobenchError(f"{root}: {len(others)} image(s) lie outside its Atypical/ and Normal/ folders, e.g. "
+                                 f"{others[0]}; only the images directly in those two folders would be used. Move them "
+                                 "into a class folder, or out of this folder.")
     return pd.DataFrame(rows)
 
 
@@ -201,7 +211,7 @@ def load_custom(source: str | Path, name: str | None = None) -> pd.DataFrame:
     source = Path(source).expanduser().resolve()
     name = name or source.stem
     if source.is_dir():
-        files = scan_class_folders(source)
+        files = scan_class_folders(source, only_classes=True)
         cls = files["label"].map({1: "Atypical", 0: "Normal"})
         frame = pd.DataFrame({"image": cls + "/" + files["name"], "path": files["path"], "label": files["label"]})
     elif source.is_file():

@@ -156,7 +156,7 @@ class TrainMethod:
         self.module = _method_module(config.method)
         if config.method == "lora" and not (config.train.lora_targets or self.card.lora_target):
             raise MitobenchError(f"model {config.model!r} has no LoRA target regex; pass train.lora_targets or use finetune.")
-        self.pretrained = True
+        self.pretrained, self.weights_id = True, None
 
     def prepare(self, ctx) -> None:
         from mitobench.device import pick_device
@@ -178,7 +178,7 @@ class TrainMethod:
 
         backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download,
                                    drop_path=self.config.train.drop_path)
-        self.pretrained = backbone.pretrained
+        self.pretrained, self.weights_id = backbone.pretrained, backbone.weights_id
         match_input_size(backbone, self.config.train.img_size)
         model = Classifier(backbone, dropout=self.config.train.dropout)
         if self.config.train.grad_checkpointing:
@@ -406,7 +406,7 @@ class TrainMethod:
             probs[name] = self.predict(final, self.images[name], cfg.tta)
         info = {"best_epoch": state["best_epoch"], "best_val_ba": state["best"], "epochs_run": state["epoch"],
                 "history": state["history"], "train_images_per_s": n_seen / t_train if t_train else None,
-                "pretrained": self.pretrained}
+                "pretrained": self.pretrained, "backbone_weights": self.weights_id}
         return FoldResult(probs, info)
 
     def _oom_message(self, exc: Exception) -> str:

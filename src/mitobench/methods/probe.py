@@ -156,7 +156,7 @@ class ProbeMethod:
         self.config = config
         self.card = get_card(config.model)  # unknown key -> clear error before any work
         self.embeddings: dict[str, np.ndarray] = {}
-        self.pretrained = True
+        self.pretrained, self.weights_id = True, None
         self._fitted: dict[int, tuple] = {}  # folds fitted ahead by the worker pool
         self._pool_tried = False
 
@@ -177,6 +177,7 @@ class ProbeMethod:
                 if found is not None:
                     self.embeddings[name] = found
         self.pretrained = weights_id != RANDOM_INIT
+        self.weights_id = weights_id  # recorded per fold: predict needs the same frozen backbone
         missing = [name for name in ctx.patches if name not in self.embeddings]
         if missing:
             from mitobench.device import pick_device, pick_dtype
@@ -186,7 +187,7 @@ class ProbeMethod:
             device = pick_device(self.config.device)
             dtype = pick_dtype(self.config.dtype, device, self.card.dtype)
             backbone = create_backbone(self.config.model, self.config.weights, allow_download=self.config.allow_download)
-            self.pretrained = backbone.pretrained
+            self.pretrained, self.weights_id = backbone.pretrained, backbone.weights_id
             if not backbone.pretrained:  # random-init features are never cached: embed every set with this network
                 missing = list(ctx.patches)
             from mitobench.data.cache import PatchCache
@@ -233,7 +234,7 @@ class ProbeMethod:
         for name in ctx.holdouts:
             probs[name] = est.predict_proba(self.embeddings[name])[:, 1]
         info = {"head": self.config.probe.head, "C": getattr(est, "C_", None),
-                "best_val_ba": getattr(est, "best_val_ba_", None)}
+                "best_val_ba": getattr(est, "best_val_ba_", None), "backbone_weights": self.weights_id}
         return probs, info, linear_weights(est)
 
     def _fit_remaining_in_parallel(self, first: int, ctx) -> None:
