@@ -151,6 +151,9 @@ def time_variants(model, key: str, method: str, device: torch.device, args, refe
             print(f"| {key} {method} {label} | {v:.1f} | {v_mem:.1f} | {v / reference:.1f}x |", flush=True)
         except torch.OutOfMemoryError:
             print(f"| {key} {method} {label} | out of memory | | |", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a compile failure of one variant must not cost the others
+            print(f"| {key} {method} {label} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]} | | |",
+                  flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -169,7 +172,10 @@ def time_variants(model, key: str, method: str, device: torch.device, args, refe
             if n_layers:
                 show(f"train.compile{mode}, peft's LoRA forward (train.fused_lora false), batch {args.batch}", args.batch)
     if args.profile:
-        profile(model, device, args.batch)
+        try:
+            profile(model, device, args.batch)
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            print(f"(profile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]})", flush=True)
     show(f"train.compile{mode}, batch {args.batch * 2}", args.batch * 2)
     if method == "lora" and args.diagnostics:
         with without_lora_dropout(model) as n_dropouts:

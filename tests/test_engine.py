@@ -1018,7 +1018,8 @@ def test_lora_keeps_batchnorm_statistics_so_predict_matches_the_run(fixture_root
     fresh = lora.prepare(Classifier(create_backbone("efficientnet_lite0")), config)
     fresh.load_state_dict(load_file(str(tmp_path / "fold" / "adapter_and_head.safetensors")), strict=False)
     x_val = method.images["AMi-Br-train"][va]
-    np.testing.assert_allclose(method.predict(fresh, x_val, False), result.probs["validation"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(method.predict(fresh.to(method.device), x_val, False), result.probs["validation"],
+                               rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),

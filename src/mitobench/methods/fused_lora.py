@@ -11,9 +11,11 @@ the adapter's contribution joins the base product itself:
   its output).
 
 The backward pass needs no gradient for the frozen base weight: the input gradient ``g @ W + dropout'(g @ s B @ A)``,
-``grad B = s g^T u``, ``grad A = (g s B)^T dropout(x)``. On CUDA the dropout mask is the one ``F.dropout`` draws,
-the same random numbers as peft's ``nn.Dropout``, so a run is the same run with or without this option (up to
-float rounding); on the CPU it is drawn faster (see ``_dropout``), from the same distribution.
+``grad B = s g^T u``, ``grad A = (g s B)^T dropout(x)``. On CUDA the dropout mask is the one ``F.dropout`` draws on
+the layer's input in the compute dtype: peft's own mask where that input already is in it; where it is float32 under
+bf16 autocast (a LayerNorm's output: qkv, fc1), peft draws over the float32 input and CUDA's kernel maps its random
+numbers to elements differently per dtype, so the masks differ (same distribution, not the same run). On the CPU
+the mask is drawn faster (see ``_dropout``), from the same distribution.
 
 The layers keep their state-dict keys and peft's adapter saving (the class is swapped for a subclass, as
 methods/precision.py does for depthwise convolutions); any case the fast path does not cover (several or merged
@@ -50,7 +52,8 @@ def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``dropout(x)`` and its mask for the backward pass: a bool keep-mask (CUDA) or the kept elements' scale in
     ``x``'s dtype, 0 where dropped (CPU, where a multiply-add with a bool tensor converts it at every use).
 
-    On CUDA the fused kernel that ``F.dropout`` runs (the same random numbers as peft's ``nn.Dropout``). On the CPU,
+    On CUDA the fused kernel that ``F.dropout`` runs (peft's ``nn.Dropout`` draws the same numbers for an input of
+    the same dtype; see the module docstring). On the CPU,
     where PyTorch draws random numbers one at a time on one thread (a fifth of a bf16 LoRA step went to drawing
     dropout masks), each 32-bit draw serves two elements: its two 16-bit halves, 15 uniform bits each, are
     compared with the rate, and the kept values are scaled by the exact inverse of the resulting keep probability.
