@@ -130,35 +130,14 @@ def test_missing_metadata_or_bit_flip_is_rebuilt(tmp_path, records, count_decode
     assert (np.asarray(rebuilt) == good).all()
 
 
-@pytest.mark.parametrize("method, rebuilt", [("finetune", True), ("probe", False)])
-def test_training_runs_verify_the_cached_pixels(fixture_root, tmp_path, method, rebuilt):
-    """A training run reads every pixel, so it checks the digest (a warm probe run never reads them)."""
+def corrupted_patch_cache(root, tmp_path, method="probe"):
+    """A context built once on ``root`` (filling the patch cache), then one flipped byte in AtNorM-Br's cached
+    array (same size: only the digest can tell): ``(config, sets, folds, the array as it was)``."""
     from mitobench.config import load_config
     from mitobench.protocol import build_context, load_sets
     from mitobench.splits import paper_folds
 
-    config = load_config(None, {"data_root": str(fixture_root), "cache_dir": str(tmp_path / "cache"), "method": method})
-    sets, _ = load_sets(config)
-    folds = paper_folds(sets["AMi-Br-train"], config.n_folds, config.seed)
-    key = build_context(config, sets, folds).patch_keys["AtNorM-Br"]
-    array_path = tmp_path / "cache" / "patches" / f"{key}.npy"
-    good = np.load(array_path)
-    raw = bytearray(array_path.read_bytes())
-    raw[-100] ^= 0xFF  # same size: only the digest can tell
-    array_path.write_bytes(bytes(raw))
-    patches = np.asarray(build_context(config, sets, folds).patches["AtNorM-Br"])
-    assert (patches == good).all() == rebuilt
-
-
-def test_a_cold_probe_embeds_verified_pixels(fixture_root, tmp_path):
-    """A probe that must embed a set reads every pixel and caches the result for good: it checks the patches'
-    digest first, so a same-size corruption of the patch cache is rebuilt, not embedded."""
-    from mitobench.config import load_config
-    from mitobench.methods.probe import ProbeMethod
-    from mitobench.protocol import build_context, load_sets
-    from mitobench.splits import paper_folds
-
-    config = load_config(None, {"data_root": str(fixture_root), "cache_dir": str(tmp_path / "cache")})
+    config = load_config(None, {"data_root": str(root), "cache_dir": str(tmp_path / "cache"), "method": method})
     sets, _ = load_sets(config)
     folds = paper_folds(sets["AMi-Br-train"], config.n_folds, config.seed)
     key = build_context(config, sets, folds).patch_keys["AtNorM-Br"]
@@ -167,6 +146,26 @@ def test_a_cold_probe_embeds_verified_pixels(fixture_root, tmp_path):
     raw = bytearray(array_path.read_bytes())
     raw[-100] ^= 0xFF
     array_path.write_bytes(bytes(raw))
+    return config, sets, folds, good
+
+
+@pytest.mark.parametrize("method, rebuilt", [("finetune", True), ("probe", False)])
+def test_training_runs_verify_the_cached_pixels(fixture_root, tmp_path, method, rebuilt):
+    """A training run reads every pixel, so it checks the digest (a warm probe run never reads them)."""
+    from mitobench.protocol import build_context
+
+    config, sets, folds, good = corrupted_patch_cache(fixture_root, tmp_path, method)
+    patches = np.asarray(build_context(config, sets, folds).patches["AtNorM-Br"])
+    assert (patches == good).all() == rebuilt
+
+
+def test_a_cold_probe_embeds_verified_pixels(fixture_root, tmp_path):
+    """A probe that must embed a set reads every pixel and caches the result for good: it checks the patches'
+    digest first, so a same-size corruption of the patch cache is rebuilt, not embedded."""
+    from mitobench.methods.probe import ProbeMethod
+    from mitobench.protocol import build_context
+
+    config, sets, folds, good = corrupted_patch_cache(fixture_root, tmp_path)
     ctx = build_context(config, sets, folds)  # a probe run does not verify up front (a warm run reads no pixel)
     assert not (np.asarray(ctx.patches["AtNorM-Br"]) == good).all()
     method = ProbeMethod(config)

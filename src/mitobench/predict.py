@@ -170,11 +170,10 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-def _thresholds(run_dir: Path, n_folds: int) -> list[float]:
+def _thresholds(run_dir: Path, info: dict, status: dict, n_folds: int) -> list[float]:
+    """Each fold's threshold from ``fold_info.json`` (``info``); ``status``: the run's status.json."""
     path = run_dir / "fold_info.json"
-    info = _read_json(path)
     failed = sorted(f for f in range(1, n_folds + 1) if str(f) not in info)
-    status = _read_json(run_dir / "status.json")
     if failed and status.get("failed_folds"):
         raise MitobenchError(f"{run_dir}: fold(s) {failed} failed in training, so the run has no {n_folds}-fold ensemble "
                              f"to apply. Retry them with `mitobench run --resume {run_dir}` first.")
@@ -188,15 +187,14 @@ def _thresholds(run_dir: Path, n_folds: int) -> list[float]:
     return thresholds
 
 
-def _check_backbone(run_dir: Path, config, weights_id: str) -> None:
+def _check_backbone(run_dir: Path, info: dict, config, weights_id: str) -> None:
     """A probe or LoRA fold model only fits the frozen backbone it was trained on: refuse another (other weights
     found now) or a random-init one (its draw cannot be rebuilt). Runs from before this record are not checked."""
     if config.method == "finetune":  # the checkpoint holds every weight
         return
     from mitobench.models.cards import RANDOM_INIT
 
-    used = {info.get("backbone_weights") for info in _read_json(run_dir / "fold_info.json").values()
-            if isinstance(info, dict)} - {None}
+    used = {fold.get("backbone_weights") for fold in info.values() if isinstance(fold, dict)} - {None}
     if RANDOM_INIT in used:
         raise MitobenchError(f"{run_dir}: this {config.method} run's backbone ({config.model}) was random init; its fold "
                              "models only fit the weights drawn then, which cannot be rebuilt. Train with pretrained "
@@ -250,7 +248,8 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = No
         raise MitobenchError(f"{run_dir} is not a complete mitobench run (status {status.get('state', 'missing')}); "
                              "finish it with `mitobench run --resume` first.")
     config = load_run_config(run_dir)
-    thresholds = _thresholds(run_dir, config.n_folds)
+    fold_info = _read_json(run_dir / "fold_info.json")
+    thresholds = _thresholds(run_dir, fold_info, status, config.n_folds)
     explicit = out is not None
     out = Path(out) if out else run_dir / "predictions" / f"{source.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv"
     if explicit and (out.exists() or out.is_symlink()):
@@ -261,7 +260,7 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = No
         config.cache_dir = cache_dir
     patches, _ = PatchCache(default_cache_dir(config), config.patch_size).load(records, source.name, verify=True)
     predictor = FoldPredictor(run_dir, pick_device(device))
-    _check_backbone(run_dir, config, predictor.backbone.weights_id)
+    _check_backbone(run_dir, fold_info, config, predictor.backbone.weights_id)
     table = records[["image", "path", "label"]].copy()
     for fold in range(1, config.n_folds + 1):
         p = np.asarray(predictor.probabilities(fold, patches, batch_size), dtype=np.float64)
