@@ -291,6 +291,88 @@ def test_train_csv_checked_after_unpacking(tmp_path, server, source):
         run_fetch(root, server, source, expected={"amibr_train_split.csv": "2" * 64})
     assert not any((root / item).exists() for item in DATA_ITEMS)
     assert not [p for p in root.iterdir() if p.name.startswith(".fetch-")]
+    assert not (root / ARCHIVE_NAME).exists()  # a wrong download is deleted, never reused
+    with pytest.raises(MitobenchError, match="not the pinned version"):
+        run_fetch(root, server, source, expected={"amibr_train_split.csv": "2" * 64})
+    assert len(server.requests_for(ARCHIVE_PATH)) == 2
+
+
+def test_placed_archive_that_is_not_the_pinned_version_is_kept_and_named(tmp_path, server, source):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / ARCHIVE_NAME).write_bytes(source.archive)
+    with pytest.raises(MitobenchError, match=f"not the pinned version.*Delete .*{ARCHIVE_NAME}"):
+        run_fetch(root, server, source, expected={"amibr_train_split.csv": "2" * 64})
+    assert (root / ARCHIVE_NAME).read_bytes() == source.archive
+
+
+def test_fetch_interrupted_while_unpacking_resumes_with_its_own_download(tmp_path, server, source, monkeypatch):
+    """The archive it downloaded is reused, not fetched again, and still deleted once unpacked; a temp folder that a
+    killed fetch left behind is removed."""
+    root = tmp_path / "root"
+    real_unpack = fetch_mod.unpack
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fetch_mod, "unpack", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_fetch(root, server, source)
+    assert (root / ARCHIVE_NAME).is_file() and not (root / "AMi-Br").exists()
+    (root / ".fetch-unpack-killed" / "AMi-Br").mkdir(parents=True)
+    monkeypatch.setattr(fetch_mod, "unpack", real_unpack)
+    run_fetch(root, server, source)
+    assert len(server.requests_for(ARCHIVE_PATH)) == 1
+    assert not (root / ARCHIVE_NAME).exists() and (root / "AMi-Br").is_dir()
+    assert not [p for p in root.iterdir() if p.name.startswith(".fetch-")]
+    assert "pending_archive" not in json.loads((root / MANIFEST).read_text())
+
+
+def test_disk_full_while_unpacking_is_one_clear_error(tmp_path, server, source, monkeypatch):
+    root = tmp_path / "root"
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fetch_mod.shutil, "copyfileobj", no_space)
+    with pytest.raises(MitobenchError, match="cannot unpack.*No space left.*MB free"):
+        run_fetch(root, server, source)
+    assert not any((root / item).exists() for item in DATA_ITEMS)
+    assert not [p for p in root.iterdir() if p.name.startswith(".fetch-")]
+    monkeypatch.undo()
+    monkeypatch.setenv("MITOBENCH_QUIET", "1")
+    run_fetch(root, server, source)  # after freeing space: the download is reused
+    assert len(server.requests_for(ARCHIVE_PATH)) == 1 and (root / "AMi-Br").is_dir()
+
+
+def test_unwritable_destination_is_one_clear_error(tmp_path, server):
+    (tmp_path / "a-file").write_text("")  # as a folder it cannot be written into, even by root
+    dest = tmp_path / "a-file" / "AMI-BR.csv"
+    with pytest.raises(MitobenchError, match="cannot write .*AMI-BR.csv.part.*writable --data-root"):
+        fetch_mod.download(server.url(LABELS_PATH), dest)
+
+
+def test_set_present_only_as_a_folder_entry_counts_as_absent(tmp_path, source):
+    """A bare ``AtNorM-MD/`` entry (a submodule placeholder) unpacks nothing, and --force keeps the user's copy."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for rel, data in source.data_files.items():
+            if not rel.startswith("AtNorM-MD"):
+                zf.writestr(f"{TOP}/{rel}", data)
+        zf.writestr(f"{TOP}/AtNorM-MD/", b"")
+    srv = Server({ARCHIVE_PATH: buffer.getvalue(), LABELS_PATH: source.labels_csv})
+    try:
+        root = tmp_path / "root"
+        run_fetch(root, srv, source)
+        assert (root / "AMi-Br").is_dir() and not (root / "AtNorM-MD").exists()
+        assert "AtNorM-MD" in json.loads((root / MANIFEST).read_text())["archive"]["not_in_archive"]
+        mine = root / "AtNorM-MD" / "Atypical" / "mine.png"
+        mine.parent.mkdir(parents=True)
+        mine.write_bytes(b"my own patch")
+        run_fetch(root, srv, source, force=True)
+        assert mine.read_bytes() == b"my own patch"
+    finally:
+        srv.close()
 
 
 def test_default_checksums_are_pinned():

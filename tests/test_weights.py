@@ -107,6 +107,24 @@ def test_pickled_objects_are_refused(tmp_path):
         W.load_weights_strict(build_model(small_card()), tmp_path / "evil.pth", small_card())
 
 
+def test_torchscript_file_gets_a_conversion_command_that_works(tmp_path, monkeypatch):
+    import re
+    import subprocess
+    import sys
+    import warnings
+
+    card = small_card()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(build_model(card)).save(str(tmp_path / "model.pt"))
+    with pytest.raises(MitobenchError, match="TorchScript model, not a state dict") as err:
+        W.load_weights_strict(build_model(card), tmp_path / "model.pt", card)
+    command = re.search(r'python -c "(.*?)"', str(err.value)).group(1)
+    subprocess.run([sys.executable, "-c", command], cwd=tmp_path, check=True, capture_output=True)
+    model = build_model(card)
+    W.load_weights_strict(model, tmp_path / "OUT.safetensors", card)
+
+
 def test_mismatched_checkpoint_is_one_clear_error_and_nothing_is_loaded(tmp_path):
     card = small_card()
     state = build_model(card).state_dict()
@@ -213,8 +231,8 @@ def test_digest_is_cached(tmp_path, monkeypatch):
 # -------------------------------------------------------------------------------------- resolution
 def fake_card(**changes):
     card = small_card("lunit_vits16")
-    return replace_card(card, hf_repo="fake-org/fake-model", weight_files=("model.safetensors", "pytorch_model.bin"),
-                        **changes)
+    return replace_card(card, **{"hf_repo": "fake-org/fake-model",
+                                 "weight_files": ("model.safetensors", "pytorch_model.bin"), **changes})
 
 
 def test_mapping_file_named_by_env(tmp_path, monkeypatch):
@@ -263,6 +281,7 @@ def test_nothing_found_and_no_download_gives_none(tmp_path, monkeypatch):
 class _FakeHub(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     gated: set[str] = set()
+    failing: set[str] = set()  # repos whose every request gets HTTP 500
     requests: list[str] = []
 
     def log_message(self, *args):  # quiet
@@ -278,6 +297,10 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         repo, fname = "/".join(parts[:2]), "/".join(parts[4:])
+        if repo in self.failing:
+            self.send_response(500)
+            self.end_headers()
+            return
         if repo in self.gated:
             self.send_response(403)
             self.send_header("X-Error-Code", "GatedRepo")
@@ -316,7 +339,7 @@ def fake_hub(monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "login", lambda *a, **k: pytest.fail("huggingface_hub.login() called"))
-    _FakeHub.files, _FakeHub.gated, _FakeHub.requests = {}, set(), []
+    _FakeHub.files, _FakeHub.gated, _FakeHub.failing, _FakeHub.requests = {}, set(), set(), []
     yield _FakeHub
     server.shutdown()
     server.server_close()
@@ -351,6 +374,38 @@ def test_download_of_gated_repo_explains_access(fake_hub):
     fake_hub.gated = {"fake-org/fake-model"}
     with pytest.raises(MitobenchError, match="HF_TOKEN"):
         W.resolve_weights(fake_card(gated=True), allow_download=True)
+
+
+def test_download_from_an_unreachable_or_failing_hub_says_so(fake_hub, monkeypatch):
+    """Not "the repo holds none of the files": huggingface_hub's no-connection error is a kind of EntryNotFoundError."""
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http.time, "sleep", lambda s: None)  # huggingface_hub's own retries, without their waits
+    fake_hub.failing = {"fake-org/fake-model"}
+    with pytest.raises(MitobenchError, match="could not reach|failed") as err:
+        W.resolve_weights(fake_card(), allow_download=True)
+    assert "holds none" not in str(err.value) and "--weights PATH" in str(err.value)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(MitobenchError, match="could not reach|failed") as err:
+        W.resolve_weights(fake_card(), allow_download=True)
+    assert "holds none" not in str(err.value)
+
+
+def test_download_of_a_sharded_repo_with_a_missing_shard_names_it(fake_hub):
+    index = {"weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                            "b.weight": "model-00002-of-00002.safetensors"}}
+    fake_hub.files = {"fake-org/fake-model/model.safetensors.index.json": json.dumps(index).encode(),
+                      "fake-org/fake-model/model-00001-of-00002.safetensors": b"x"}
+    with pytest.raises(MitobenchError, match="model-00002-of-00002.safetensors"):
+        W.resolve_weights(fake_card(weight_files=("model.safetensors.index.json",)), allow_download=True)
+
+
+def test_config_json_that_is_not_utf8_is_one_clear_error(tmp_path):
+    card = get_card("lunit_vits16")
+    save_file({k: v.contiguous() for k, v in build_model(card).state_dict().items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{\x00}\x00")  # UTF-16, as Windows PowerShell writes it
+    with pytest.raises(MitobenchError, match="config.json is not valid UTF-8 JSON"):
+        W.load_weights_strict(build_model(card), tmp_path, card)
 
 
 # -------------------------------------------------------------------------------------------- doctor

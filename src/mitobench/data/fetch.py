@@ -61,6 +61,10 @@ CHUNK = 1 << 16
 TIMEOUT_S = 60
 
 
+class WrongArchiveError(MitobenchError):
+    """The archive is readable but not the one expected: a downloaded copy is deleted, never reused."""
+
+
 def _log(message: str) -> None:
     if not os.environ.get("MITOBENCH_QUIET"):
         console.print(message, highlight=False)
@@ -162,7 +166,12 @@ def download(url: str, dest: Path, *, sha256: str | None = None, force: bool = F
                 _log(f"[yellow]{url}: the server does not support resuming; downloading {dest.name} again.[/]")
             mode, resumed_from, total = "wb", 0, length
         _check_space(dest.parent, (total - resumed_from) if total else None, f"downloading {dest.name}")
-        with open(part, mode) as fh, progress_bar(f"download {dest.name} (bytes)", total) as advance:
+        try:
+            fh = open(part, mode)
+        except OSError as exc:  # a read-only or full data root
+            raise MitobenchError(f"cannot write {part} ({exc.strerror or exc}). Choose a writable --data-root, or "
+                                 "free some space.") from exc
+        with fh, progress_bar(f"download {dest.name} (bytes)", total) as advance:
             advance(resumed_from)
             while True:
                 try:
@@ -291,11 +300,15 @@ def unpack(archive: Path, root: Path, items: list[str], *, expected: dict, force
         archive.unlink(missing_ok=True)
         raise MitobenchError(f"{archive} is not a valid zip archive ({exc}); it was deleted. Run "
                              "`mitobench data fetch` again to download it anew.") from exc
+    for stale in root.glob(".fetch-unpack-*"):  # left by a fetch that was killed while unpacking
+        shutil.rmtree(stale, ignore_errors=True)
     with zf:
         prefixes, members = _plan_members(zf)
+        with_files = {rel[0] for _, rel in members}
+        prefixes = {item: prefix for item, prefix in prefixes.items() if item in with_files}  # a bare folder entry
         missing_required = [i for i in REQUIRED_ITEMS if i not in prefixes]
         if missing_required:
-            raise MitobenchError(f"{archive} does not contain {missing_required}: it is not the AMi-Br_Benchmark "
+            raise WrongArchiveError(f"{archive} does not contain {missing_required}: it is not the AMi-Br_Benchmark "
                                  f"archive mitobench expects ({BENCHMARK_URL}). Check the URL.")
         wanted = [i for i in items if i in prefixes]
         members = [(info, rel) for info, rel in members if rel[0] in wanted]
@@ -317,15 +330,19 @@ def unpack(archive: Path, root: Path, items: list[str], *, expected: dict, force
                 archive.unlink(missing_ok=True)
                 raise MitobenchError(f"{archive} is corrupt ({exc}); it was deleted and nothing was unpacked. "
                                      "Run `mitobench data fetch` again to download it anew.") from exc
+            except OSError as exc:  # no space left, a quota, a permission on the destination
+                raise MitobenchError(f"cannot unpack {archive.name} into {root} ({exc.strerror or exc}); nothing was "
+                                     f"unpacked. It needs about {total / 1e6:,.0f} MB free: free some space or choose "
+                                     "another --data-root, then run `mitobench data fetch` again.") from exc
             for rel, digest in expected.items():
                 if rel in ("archive", AMIBR_LABEL_CSV) or not digest or rel.split("/")[0] not in wanted:
                     continue
                 path = tmp / rel
                 if not path.is_file():
-                    raise MitobenchError(f"{archive} lacks {rel}, whose sha256 is pinned. Nothing was unpacked.")
+                    raise WrongArchiveError(f"{archive} lacks {rel}, whose sha256 is pinned. Nothing was unpacked.")
                 actual = _verify_file(path, digest)
                 if actual:
-                    raise MitobenchError(f"{rel} in {archive} has sha256 {actual}, expected {digest}: the archive "
+                    raise WrongArchiveError(f"{rel} in {archive} has sha256 {actual}, expected {digest}: the archive "
                                          "is not the pinned version. Nothing was unpacked.")
             unpacked = []
             for item in wanted:
@@ -334,7 +351,12 @@ def unpack(archive: Path, root: Path, items: list[str], *, expected: dict, force
                     if not force:  # never replace the user's files without --force
                         continue
                     os.replace(final, tmp / f".replaced-{item}")
-                os.replace(tmp / item, final)
+                try:
+                    os.replace(tmp / item, final)
+                except OSError:
+                    if (tmp / f".replaced-{item}").exists():  # put the user's copy back before the temp folder goes
+                        os.replace(tmp / f".replaced-{item}", final)
+                    raise
                 unpacked.append(item)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -411,7 +433,13 @@ def fetch(data_root: Path, *, benchmark_url: str | None = None, labels_url: str 
                                  "downloaded into it. Choose a writable --data-root.")
         archive = root / archive_file_name(benchmark_url)
         downloaded = not (archive.is_file() and not force)
-        if not downloaded:
+        pending = old.get("pending_archive") or {}
+        if not downloaded and pending.get("file") == archive.name and pending.get("size") == archive.stat().st_size \
+                and pending.get("sha256") == sha256_file(archive):
+            downloaded = True  # an earlier fetch downloaded it and stopped before unpacking it: still ours to delete
+            info = {k: v for k, v in pending.items() if k != "file"}
+            _log(f"Using the archive an earlier fetch downloaded, {archive}.")
+        elif not downloaded:
             _log(f"Using the archive already at {archive}.")
             actual = _verify_file(archive, checks.get("archive"))
             if actual:
@@ -422,7 +450,15 @@ def fetch(data_root: Path, *, benchmark_url: str | None = None, labels_url: str 
         else:
             _log(f"Downloading {benchmark_url} (needed for {', '.join(need_download)})")
             info = download(benchmark_url, archive, sha256=checks.get("archive"), force=force)
-        result = unpack(archive, root, need_download, expected=checks, force=force)
+            _write_manifest(root, {**manifest, "pending_archive": {**info, "file": archive.name}}, old)
+        try:
+            result = unpack(archive, root, need_download, expected=checks, force=force)
+        except WrongArchiveError as exc:
+            if not downloaded:
+                raise MitobenchError(f"{exc} Delete {archive} (or run with --force) to download it again.") from exc
+            archive.unlink(missing_ok=True)
+            _write_manifest(root, manifest, {})  # without the pending download it recorded
+            raise MitobenchError(f"{exc} The download was deleted; check the URL ({benchmark_url}).") from exc
         absent = [i for i in need_download if i not in result["found"]]
         for item in absent:
             _log(f"[yellow]{item}: not in the archive.[/]")

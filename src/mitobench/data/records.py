@@ -149,8 +149,9 @@ def load_amibr(root: Path) -> pd.DataFrame:
         where = f"{train_csv} row {i + 2} ({rec.dataset_uid})"
         label = parse_label(rec.final_label, where)
         if rec.dataset_uid not in file_path:
-            raise MitobenchError(f"{where}: image {image_dir}/{rec.final_label}/{rec.dataset_uid} is missing. "
-                                 "Restore it (`mitobench data fetch`) or fix the data root.")
+            raise MitobenchError(f"{where}: image {image_dir}/{rec.final_label}/{rec.dataset_uid} is missing. Restore "
+                                 f"it (move {image_dir} away, then `mitobench data fetch` downloads it again) or fix "
+                                 "the data root.")
         if file_label[rec.dataset_uid] != label:
             raise MitobenchError(f"{where}: labelled {rec.final_label} but the file is in the other class folder.")
         rows.append({"image": rec.dataset_uid, "path": file_path[rec.dataset_uid], "label": label,

@@ -31,6 +31,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,8 +116,8 @@ def read_mapping() -> tuple[Path | None, dict[str, Path]]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, OSError, ValueError) as exc:  # ValueError: not UTF-8
         raise MitobenchError(f"{path} (named by {ENV_MAPPING}) is not valid YAML: {exc}") from exc
     if isinstance(data, dict) and set(data) == {"weights"} and isinstance(data["weights"], dict):
         data = data["weights"]
@@ -187,7 +188,7 @@ def _index_shards(path: Path) -> list[str]:
 def _download(card: "ModelCard") -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        RepositoryNotFoundError)
+                                        LocalEntryNotFoundError, RepositoryNotFoundError)
 
     repo = card.hf_repo
     kwargs: dict[str, Any] = {"cache_dir": str(hf_cache_dir())}
@@ -196,24 +197,44 @@ def _download(card: "ModelCard") -> Path:
     access = (f"{repo} is gated: accept its terms at https://huggingface.co/{repo} with your account, then put a "
               "read token in the environment variable HF_TOKEN (or run `hf auth login` yourself once); "
               "mitobench never logs in for you.")
-    for fname in _card_files(card):
+    yourself = f"Download it yourself and pass --weights PATH, or list it in the file named by ${ENV_MAPPING}."
+
+    def fetch_one(fname: str) -> Path:
         try:
-            log.info("%s: downloading %s/%s", card.key, repo, fname)
-            path = Path(hf_hub_download(repo, fname, **kwargs))
+            return Path(hf_hub_download(repo, fname, **kwargs))
         except GatedRepoError as exc:
             raise MitobenchError(access) from exc
         except RepositoryNotFoundError as exc:
             raise MitobenchError(f"{repo} was not found or you have no access to it. "
                                  + (access if card.gated else "Check the repository id.")) from exc
+        except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: the Hub could not be reached
+            raise MitobenchError(f"could not reach {kwargs.get('endpoint', 'https://huggingface.co')} to download "
+                                 f"{repo}/{fname} (offline, a proxy, or the Hub failed: {_first_line(exc)}). "
+                                 + yourself) from exc
+        except EntryNotFoundError:
+            raise
+        except (HfHubHTTPError, OSError) as exc:
+            raise MitobenchError(f"downloading {repo}/{fname} failed: {_first_line(exc)}. " + yourself) from exc
+
+    for fname in _card_files(card):
+        log.info("%s: downloading %s/%s", card.key, repo, fname)
+        try:
+            path = fetch_one(fname)
         except EntryNotFoundError:
             log.info("%s: %s has no %s, trying the next file name", card.key, repo, fname)
             continue
-        except (HfHubHTTPError, OSError) as exc:
-            raise MitobenchError(f"downloading {repo}/{fname} failed: {exc}. Download it yourself and pass "
-                                 f"--weights PATH, or list it in the file named by ${ENV_MAPPING}.") from exc
         if fname.endswith(".index.json"):
-            for shard in sorted(set(json.loads(path.read_text()).get("weight_map", {}).values())):
-                hf_hub_download(repo, shard, **kwargs)
+            try:
+                shards = sorted(set(json.loads(path.read_text()).get("weight_map", {}).values()))
+            except (OSError, ValueError, AttributeError) as exc:
+                raise MitobenchError(f"{path} (downloaded from {repo}) is not a valid shard index: "
+                                     f"{_first_line(exc)}. " + yourself) from exc
+            for shard in shards:
+                try:
+                    fetch_one(shard)
+                except EntryNotFoundError as exc:
+                    raise MitobenchError(f"{repo}: the shard {shard} listed in {fname} is not on the Hub. "
+                                         + yourself) from exc
         try:  # config.json lets load_weights_strict check the card's unverified facts
             hf_hub_download(repo, "config.json", **kwargs)
         except Exception as exc:  # noqa: BLE001
@@ -374,9 +395,18 @@ def read_checkpoint(path: Path) -> Any:
         except Exception as exc:  # noqa: BLE001 - SafetensorError and friends on a damaged file
             raise MitobenchError(f"weights file {path} {_TRUNCATED} (safetensors: {_first_line(exc)}).") from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's "looks like a TorchScript archive" warning: the error below says more
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - EOFError, RuntimeError, OSError, UnpicklingError on a damaged file
         text = str(exc)
+        if "TorchScript" in text:
+            raise MitobenchError(
+                f"{path} is a TorchScript model, not a state dict. If you trust the file, convert it once: python -c "
+                "\"import torch; from safetensors.torch import save_file; "
+                f"m = torch.jit.load('{path}', map_location='cpu'); "
+                "save_file({k: v.contiguous() for k, v in m.state_dict().items()}, 'OUT.safetensors')\" "
+                "and pass OUT.safetensors.") from exc
         damaged = isinstance(exc, (EOFError, OSError)) or any(
             s in text for s in ("Unsupported operand", "truncated", "EOF", "corrupted", "zip archive"))
         refused = "weights_only" in text or "Weights only" in text or isinstance(exc, pickle.UnpicklingError)
@@ -384,7 +414,8 @@ def read_checkpoint(path: Path) -> Any:
             raise MitobenchError(
                 f"{path} holds pickled Python objects besides tensors, and mitobench only loads checkpoints with "
                 "torch.load(weights_only=True). If you trust the file, convert it once: python -c \"import torch; "
-                "from safetensors.torch import save_file; sd = torch.load('IN', map_location='cpu', weights_only=False); "
+                "from safetensors.torch import save_file; "
+                f"sd = torch.load('{path}', map_location='cpu', weights_only=False); "
                 "sd = sd.get('state_dict', sd.get('model', sd.get('teacher', sd))); "
                 "save_file({k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}, 'OUT.safetensors')\""
             ) from exc
@@ -650,9 +681,10 @@ def load_weights_strict(model: nn.Module, path: Path, card: "ModelCard") -> tupl
     notes: list[str] = []
     if config_path is not None:
         try:
-            config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise MitobenchError(f"{config_path} is not valid JSON: {exc}") from exc
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, or not UTF-8 (a UTF-16 file, a binary)
+            raise MitobenchError(f"{config_path} is not valid UTF-8 JSON ({_first_line(exc)}): re-download it, or "
+                                 "delete it if the weights file beside it is all you have.") from exc
         if isinstance(config, dict):
             notes += verify_config(card, model, config, config_path)
     raw: dict[str, torch.Tensor] = {}
