@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from torch import nn
 from safetensors.torch import load_file
 
 from mitobench.methods.compile import compile_model, repeated_blocks
@@ -35,6 +36,39 @@ def test_compile_in_place_keeps_keys_and_values():
     assert list(model.state_dict()) == keys  # no "_orig_mod." prefix: checkpoints and resume see the same names
     assert all(block._compiled_call_impl is not None for block in model.blocks)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+class _Widening(nn.Module):
+    def __init__(self, width_in: int, width_out: int):
+        super().__init__()
+        self.fc = nn.Linear(width_in, width_out)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+def test_every_distinct_block_stays_compiled_in_training_and_evaluation(monkeypatch):
+    """Blocks of one class that differ (Swin-B's stage widths and shifted windows, a CNN's stages) are each a cache
+    entry of the one shared code object, in training and again under inference_mode: 10 distinct blocks need 20,
+    and past dynamo's default limit of 8 the rest would silently run eagerly (Swin-B: 16 of its 24 blocks)."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default, whatever an earlier test set
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend="eager"))  # same guards, no codegen
+    torch._dynamo.reset()
+    counters.clear()
+    model = nn.Module()
+    model.blocks = nn.Sequential(*[_Widening(4 + i, 5 + i) for i in range(10)])
+    assert compile_model(model) == 10
+    model.blocks(torch.randn(2, 4)).sum().backward()
+    with torch.inference_mode():
+        model.blocks(torch.randn(2, 4))
+    assert counters["stats"]["unique_graphs"] == 20  # every block compiled, in training and in evaluation
+    torch._dynamo.reset()
 
 
 def test_lora_with_compile_saves_adapters_and_head(fixture_root, tmp_path, tiny_vit_card):  # noqa: F811

@@ -161,6 +161,18 @@ def test_cases_outside_the_fast_path_run_pefts_forward():
         LoraLinearFunction.apply = original
 
 
+def test_fused_layers_with_dropout_trace_without_graph_breaks():
+    """train.compile: the CPU mask draw (Tensor.random_) cannot be traced, so a traced layer draws with the
+    compiler's own dropout; otherwise every adapted layer would split the compiled block."""
+    import torch._dynamo
+
+    _, fused = peft_pair(12, 40, bias=True, dropout=0.3)
+    fused.train()
+    explained = torch._dynamo.explain(fused)(torch.randn(3, 12))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch._dynamo.reset()
+
+
 def test_fusing_keeps_keys_and_is_idempotent():
     model, fused = peft_pair(12, 40, False, 0.1)
     assert list(fused.state_dict()) == list(model.state_dict())

@@ -31,11 +31,26 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def allow_recompiles(regions: int) -> None:
+    """Raise dynamo's limit of compiled versions per code object to fit every region.
+
+    The compiled blocks share one code object (``nn.Module._call_impl``), and each distinct block (Swin's stage
+    widths x shifted/unshifted windows, a CNN's stages) is one cache entry of it in training and another in
+    evaluation; past the default limit (8) dynamo warns once and runs the rest eagerly (Swin-B: 16 of 24 blocks)."""
+    import torch._dynamo
+
+    want = max(64, 4 * regions)
+    for name in ("recompile_limit", "cache_size_limit"):  # torch >= 2.6 / older
+        if getattr(torch._dynamo.config, name, want) < want:
+            setattr(torch._dynamo.config, name, want)
+
+
 def compile_model(model: nn.Module, mode: str | None = None) -> int:
     """Compile ``model`` in place, block by block where it has repeated blocks, else as a whole.
 
     Returns the number of compiled regions (1 for a whole-model compile)."""
     blocks = repeated_blocks(model)
+    allow_recompiles(len(blocks))
     for block in blocks:
         block.compile(mode=mode)
     if not blocks:

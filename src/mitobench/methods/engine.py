@@ -357,6 +357,8 @@ class TrainMethod:
                             raise
                         raise MitobenchError(self._oom_message(exc)) from exc
                     n_seen += len(idx)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the last step's backward and optimiser step are still queued
             t_train += time.perf_counter() - t0
             state["epoch"] += 1
             eval_model = ema.module if ema is not None else model

@@ -45,6 +45,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return dtype if enabled else x.dtype
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces: it cannot trace ``Tensor.random_`` (one graph break per adapted layer)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()
+
+
 _THRESHOLD_BITS = 15  # the CPU mask compares 15-bit uniforms with the rate: P(keep) within 2**-16 of 1 - p
 
 
@@ -61,7 +69,7 @@ def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     1.7-2.9x faster than ``F.dropout`` (ATen's CPU ``bernoulli_``) on this project's 2-core CPU
     (``benchmarks/bench_lora_step.py --dropout-draw``).
     """
-    if x.device.type in ("cuda", "xpu"):
+    if x.device.type in ("cuda", "xpu") or _compiling():  # traced (train.compile): the compiler's own RNG
         return torch.native_dropout(x, p, True)
     n = x.numel()
     draws = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # 31 uniform bits each
