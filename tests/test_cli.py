@@ -150,6 +150,44 @@ def test_resume_refuses_options_it_would_ignore(cli, fixture_root, tmp_path):
     assert "eval_batch_size" not in (run / "config.yaml").read_text()
 
 
+def test_a_run_still_training_is_neither_resumed_twice_nor_called_unfinished(cli, fixture_root, tmp_path):
+    """A live process holds the run folder's lock: --resume is refused (nothing written), predict and report say to
+    wait; once that process is gone (killed), they say to resume it."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "runs" / "r"
+    (run / "folds").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data_root": str(fixture_root)}))
+    (run / "metrics.csv").write_text("dataset,fold,metric,value\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                               "from mitobench.runs import RunDir; r = RunDir(sys.argv[2]); r.lock(); "
+                               "r.set_status('running'); print('locked', flush=True); sys.stdin.read()",
+                               str(Path(__file__).resolve().parents[1] / "src"), str(run)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        status = (run / "status.json").read_text()
+        assert f'"pid": {holder.pid}' in status
+        assert_clear_error(cli("run", "--resume", str(run), env=WIDE), str(run), f"pid {holder.pid}", "wait")
+        assert (run / "status.json").read_text() == status  # untouched
+        assert_clear_error(cli("report", str(run), env=WIDE), "still being run", "wait for it")
+        assert_clear_error(cli("predict", str(run), str(fixture_root / "AtNorM-Br"), env=WIDE), "still being run")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_clear_error(cli("report", str(run), env=WIDE), "status running", f"mitobench run --resume {run}")
+
+
+def test_resume_names_the_flags_it_would_ignore(cli, fixture_root, tmp_path):
+    run = tmp_path / "runs" / "r"
+    (run / "folds").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data_root": str(fixture_root)}))
+    (run / "status.json").write_text(json.dumps({"state": "interrupted"}))
+    result = cli("run", "--resume", str(run), "--fold-workers", "2", "--probe-head", "torch", "--epochs", "3", env=WIDE)
+    assert_clear_error(result, "--fold-workers", "--probe-head", "--epochs")
+
+
 def test_resume_may_change_the_evaluation_batch_size(cli, fixture_root, tmp_path):
     assert run_cmd(cli, fixture_root, tmp_path).returncode == 0
     (run,) = (tmp_path / "runs").iterdir()
@@ -169,6 +207,18 @@ def test_bad_yaml_in_set_and_a_data_root_that_is_a_file(cli, fixture_root, tmp_p
     assert_clear_error(cli("run", "--data-root", str(not_a_folder), "--runs-dir", str(tmp_path / "runs"), env=WIDE),
                        str(not_a_folder), "is a file, not a folder")
     assert_no_complete_run(tmp_path / "runs")
+
+
+def test_missing_weights_path_or_gpu_is_one_clear_error_before_any_run_folder(cli, fixture_root, tmp_path):
+    missing = tmp_path / "nowhere" / "w.pth"
+    assert_clear_error(run_cmd(cli, fixture_root, tmp_path, "--weights", str(missing)), str(missing),
+                       "no such file or folder")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    import torch
+
+    if not torch.cuda.is_available():
+        assert_clear_error(run_cmd(cli, fixture_root, tmp_path, "--device", "cuda"), "--device cuda", "--device cpu")
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_report_refuses_an_unfinished_run(cli, tmp_path):

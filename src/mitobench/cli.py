@@ -79,7 +79,9 @@ def run(
     if resume is not None:  # a resumed run keeps its recipe; only moved data/cache and result-neutral settings change
         from mitobench.protocol import RESUME_SETTINGS
 
-        ignored = [key for key, value in overrides.items() if value is not None and key not in ("data_root", "cache_dir")]
+        flag = {"probe.head": "--probe-head", "datasets": "--dataset"}
+        ignored = [flag.get(key, "--" + key.split(".")[-1].replace("_", "-")) for key, value in overrides.items()
+                   if value is not None and key not in ("data_root", "cache_dir")]
         ignored += ["--config"] * (config is not None)
         adjust = {}
         for item in set_ or []:
@@ -174,23 +176,13 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
     import pandas as pd
     from rich.table import Table
 
-    from mitobench.runs import RunDir
+    from mitobench.runs import require_complete_run
 
     rows = []
     names = [run_dir.name for run_dir in run_dirs]
     for run_dir in run_dirs:
         path = run_dir / "metrics.csv"
-        if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
-            inside = sorted(p.parent.name for p in run_dir.glob("*/config.yaml")) if run_dir.is_dir() else []
-            raise MitobenchError(f"{run_dir}: " + ("no such folder" if not run_dir.exists() else "not a mitobench run "
-                                 "folder (no config.yaml)") + ". Give the folders that `mitobench run` printed"
-                                 + (f"; this one holds {len(inside)}, e.g. {run_dir / inside[-1]}" if inside else "")
-                                 + ".")
-        state = RunDir(run_dir).status().get("state", "missing")
-        if state != "complete" or not path.is_file():
-            raise MitobenchError(f"{run_dir} is not a complete run (status {state}"
-                                 + ("" if path.is_file() else ", no metrics.csv") + "): finish it with "
-                                 f"`mitobench run --resume {run_dir}`, or leave it out.")
+        require_complete_run(run_dir, needs=("metrics.csv",))
         try:
             m = pd.read_csv(path, dtype={"fold": str})
             m = m[m["metric"].isin(["balanced_accuracy", "auroc"])][["dataset", "metric", "fold", "value", "ci_low", "ci_high"]]

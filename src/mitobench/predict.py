@@ -20,7 +20,7 @@ from mitobench.data.cache import PatchCache
 from mitobench.data.records import IMAGE_SUFFIXES, load_custom, parse_label, read_csv
 from mitobench.errors import MitobenchError
 from mitobench.io import atomic_write_csv
-from mitobench.runs import load_run_config
+from mitobench.runs import load_run_config, require_complete_run
 
 
 def _records(source: Path) -> pd.DataFrame:
@@ -241,12 +241,8 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = No
     from mitobench.protocol import default_cache_dir
 
     run_dir, source = Path(run_dir), Path(source).expanduser().resolve()
-    if not run_dir.is_dir():
-        raise MitobenchError(f"{run_dir}: no such run folder (give a folder that `mitobench run` made).")
-    status = _read_json(run_dir / "status.json") if (run_dir / "status.json").is_file() else {}
-    if status.get("state") != "complete":
-        raise MitobenchError(f"{run_dir} is not a complete mitobench run (status {status.get('state', 'missing')}); "
-                             "finish it with `mitobench run --resume` first.")
+    require_complete_run(run_dir)
+    status = _read_json(run_dir / "status.json")
     config = load_run_config(run_dir)
     fold_info = _read_json(run_dir / "fold_info.json")
     thresholds = _thresholds(run_dir, fold_info, status, config.n_folds)

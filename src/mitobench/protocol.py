@@ -24,7 +24,8 @@ from mitobench.data.records import HOLDOUT_SETS, discover, evaluation_sets, load
 from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.evaluation.report import render_report, tidy_metrics
 from mitobench.io import atomic_write_csv, atomic_write_json, atomic_write_text
-from mitobench.runs import RunDir, complete_environment, environment, load_run_config, new_run_dir
+from mitobench.runs import (RunDir, complete_environment, environment, load_run_config, new_run_dir,
+                            require_run_dir)
 from mitobench.splits import paper_folds
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,11 @@ def absolute_paths(config: RunConfig) -> None:
     if config.cache_dir:
         config.cache_dir = str(Path(config.cache_dir).expanduser().resolve())
     config.datasets = [str(Path(d).expanduser().resolve()) for d in config.datasets]
-    if config.weights and Path(config.weights).expanduser().exists():
+    if config.weights:
+        if not Path(config.weights).expanduser().exists():
+            raise MitobenchError(f"--weights {config.weights}: no such file or folder. Give the weights file or the "
+                                 "Hugging Face snapshot folder of the model (`mitobench models list` says what each "
+                                 "model needs).")
         config.weights = str(Path(config.weights).expanduser().resolve())
 
 
@@ -197,9 +202,8 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
     if resume is not None:
-        run = RunDir(resume)
-        if not (run.path / "config.yaml").is_file():
-            raise MitobenchError(f"{run.path} is not a mitobench run folder (no config.yaml).")
+        run = require_run_dir(resume)
+        run.lock()  # before anything is changed: a run still training elsewhere is refused
         if run.status().get("state") == "complete" and not run.status().get("failed_folds"):
             raise MitobenchError(f"{run.path} is already complete; start a new run instead.")
         config = load_run_config(run.path)
@@ -216,6 +220,10 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
     config = config or RunConfig()
     if resume is None:
         absolute_paths(config)
+        if config.device not in ("auto", "cpu"):  # a GPU this machine lacks: refused before any folder exists
+            from mitobench.device import pick_device
+
+            pick_device(config.device)
     method = make_method(config)  # unknown model keys fail here, before any folder exists
     sets, absent = load_sets(config)
     train = sets["AMi-Br-train"]
@@ -227,6 +235,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
 
             config.train.precision = resolve_precision("native", pick_device(config.device))
         run = RunDir(new_run_dir(config.runs_dir, config.model, config.method))
+        run.lock()
         save_config(config, run.path / "config.yaml")
         atomic_write_json(run.path / "environment.json", environment())
         console.print(f"run folder: {run.path}", soft_wrap=True, markup=False)  # one line: a path to copy
@@ -275,7 +284,8 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         _finalise(run, config, ctx, results, absent, method, console, failed)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
-        run.set_status("interrupted" if interrupted else "failed", error=str(exc))
+        run.set_status("interrupted" if interrupted else "failed",
+                       error=str(exc) if isinstance(exc, MitobenchError) else f"{type(exc).__name__}: {exc}")
         if interrupted:
             console.print(f"interrupted: finished folds and each fold's last epoch are kept; continue with "
                           f"`mitobench run --resume {run.path}`", soft_wrap=True, markup=False)

@@ -102,12 +102,54 @@ def complete_environment(path: Path) -> None:
         atomic_write_json(path, env)
 
 
+LOCK_FILE = ".lock"
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock = None
 
     def set_status(self, state: str, **extra) -> None:
+        if state == "running":  # who runs it: predict and report tell a live run from a killed one
+            extra = {"pid": os.getpid(), "host": platform.node(), **extra}
         atomic_write_json(self.path / "status.json", {"state": state, "time": time.time(), **extra})
+
+    def lock(self) -> None:
+        """Hold the folder for this process until it exits: a second ``--resume`` of a run still training would
+        write the same checkpoints and mark it interrupted when stopped. (No-op where fcntl is missing.)"""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        handle = open(self.path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise MitobenchError(f"{self.path} is {self.who()}: wait for it to finish, or stop that process "
+                                 "first; a run folder is never trained by two processes.") from None
+        self._lock = handle
+
+    def in_use(self) -> bool:
+        """Whether a live process holds the folder (see :meth:`lock`)."""
+        try:
+            import fcntl
+        except ImportError:
+            return False
+        try:
+            with open(self.path / LOCK_FILE) as handle:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        return False
+
+    def who(self) -> str:
+        status = self.status()
+        pid, host = status.get("pid"), status.get("host")
+        return "still being run by another mitobench process" + (f" (pid {pid} on {host})" if pid else "")
 
     def status(self) -> dict:
         try:
@@ -142,6 +184,31 @@ class RunDir:
         path = self.path / "folds" / f"fold_{fold}"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def require_run_dir(run_dir: str | Path) -> RunDir:
+    """A folder that ``mitobench run`` made, else one error that says what the path is (missing, the runs folder)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
+        inside = sorted(p.parent.name for p in run_dir.glob("*/config.yaml")) if run_dir.is_dir() else []
+        raise MitobenchError(f"{run_dir}: " + ("no such folder" if not run_dir.exists() else "not a mitobench run "
+                             "folder (no config.yaml)") + ". Give a folder that `mitobench run` printed"
+                             + (f"; this one holds {len(inside)}, e.g. {run_dir / inside[-1]}" if inside else "") + ".")
+    return RunDir(run_dir)
+
+
+def require_complete_run(run_dir: str | Path, needs: tuple[str, ...] = ()) -> RunDir:
+    """A finished run folder holding ``needs``; else one error: still running (wait), or unfinished (resume)."""
+    run = require_run_dir(run_dir)
+    state = run.status().get("state", "missing")
+    missing = [name for name in needs if not (run.path / name).is_file()]
+    if state == "complete" and not missing:
+        return run
+    what = f"status {state}" + (f", no {', '.join(missing)}" if missing else "")
+    if state == "running" and run.in_use():
+        raise MitobenchError(f"{run.path} is not complete yet ({what}): it is {run.who()}; wait for it to finish.")
+    raise MitobenchError(f"{run.path} is not a complete run ({what}): finish it with "
+                         f"`mitobench run --resume {run.path}`, or leave it out.")
 
 
 def load_run_config(run_dir: str | Path, overrides: dict | None = None):

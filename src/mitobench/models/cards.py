@@ -132,7 +132,7 @@ def backbone_identity(key: str, weights: str | Path | None = None, pretrained: b
 
             found = resolve_weights(card, allow_download=False)
             return None if found is None else weights_digest(_weight_files(found, card)[0])
-    except MitobenchError:
+    except (MitobenchError, OSError):
         return None  # the build reports it properly
     return RANDOM_INIT
 
