@@ -129,6 +129,15 @@ def test_every_preset_and_the_defaults_pass_the_value_checks():
     for method in ("probe", "finetune", "lora"):
         for preset in (None, *PRESETS):
             load_config(None, {"method": method, "train.preset": preset})
+
+
+def test_training_flags_on_a_probe_run_are_refused_not_ignored(cli, fixture_root, tmp_path):
+    """Else config.yaml would claim a preset or epochs the linear probe never used."""
+    result = cli("run", "--data-root", str(fixture_root), "--runs-dir", str(tmp_path / "runs"), "--preset", "paper",
+                 "--epochs", "3", "--tta", "--set", "train.lr=0.1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--preset, --epochs, --tta, --set train.lr: training settings" in " ".join(result.stderr.split())
+    assert not (tmp_path / "runs").exists()
     for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
         assert load_config(None, {"device": device}).device == device
 

@@ -102,7 +102,13 @@ def run(
             if not sep:
                 raise MitobenchError(f"--set {item!r}: write it as key=value, e.g. train.lr=3e-4")
             overrides[key.strip()] = _yaml_value(item, value)
-        path = run_benchmark(load_config(config, overrides))
+        resolved = load_config(config, overrides)
+        training = [{"train.preset": "--preset", "train.epochs": "--epochs", "train.tta": "--tta"}.get(k, f"--set {k}")
+                    for k, v in overrides.items() if k.startswith("train.") and v is not None]
+        if resolved.method == "probe" and training:  # else config.yaml would claim a recipe the probe never used
+            raise MitobenchError(f"{', '.join(training)}: training settings, which a probe run ignores. Add --method "
+                                 "finetune (or lora) to train with them, or drop them for a linear probe.")
+        path = run_benchmark(resolved)
     console.print(f"results: {path}", soft_wrap=True, markup=False)  # a path is never rich markup
 
 
