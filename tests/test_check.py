@@ -74,8 +74,10 @@ def test_atnorm_br_duplicates_are_warnings(tmp_path):
                                 ("AtNorM-Br", "Normal/92.png")]
     assert conflict.labels == [1, 0, 0]
     assert len(result.duplicate_groups) == 2
-    assert any("conflicting labels" in w and "Atypical/1.png" in w for w in result.warnings)
+    assert any("conflicting labels" in w and "Atypical/1.png" in w and "mitobench run --dedup" in w
+               for w in result.warnings)
     assert "Normal/91.png" in rendered(result)
+    assert result.pixel_duplicate_groups == []  # byte-identical copies are exact duplicates only
 
 
 def test_conflicting_duplicates_elsewhere_fail(tmp_path):
@@ -148,6 +150,95 @@ def test_train_image_in_holdout_fails(tmp_path):
     assert any("more than one hold-out set" in w for w in result.warnings)
 
 
+def reencode(source: Path, target: Path) -> Path:
+    """Re-save ``source`` with Pillow (other compression, a text chunk): same decoded pixels, different bytes."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", "re-encoded for a test")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(source) as img:
+        img.save(target, format="PNG", compress_level=0, pnginfo=info)
+    assert target.read_bytes() != source.read_bytes()
+    return target
+
+
+def test_reencoded_train_image_in_holdout_fails(tmp_path):
+    fx = make_amibr(tmp_path)
+    make_atnorm_br(tmp_path)
+    make_atnorm_md(tmp_path)
+    first = fx.train[0]
+    train_image = tmp_path / "AMi-Br" / first["final_label"] / first["dataset_uid"]
+    reencode(train_image, tmp_path / "AtNorM-Br" / first["final_label"] / "99.png")
+    result = check_data(tmp_path)
+    assert not result.ok
+    assert result.train_holdout_duplicates == []  # not byte-identical ...
+    [leak] = result.train_holdout_pixel_duplicates  # ... but the same pixels: leakage all the same
+    assert leak.members == [("AMi-Br-train", first["dataset_uid"]), ("AtNorM-Br", f"{first['final_label']}/99.png")]
+    assert not leak.conflicting
+    [error] = [e for e in result.errors if "leaky" in e]
+    assert "re-encoded" in error
+    assert f"AMi-Br-train:{first['dataset_uid']}" in error and f"AtNorM-Br:{first['final_label']}/99.png" in error
+    text = rendered(result)
+    assert "FAILED" in text and "train/hold-out leak" in text
+    json.dumps(result.to_dict())
+
+    # and the command exits non-zero
+    from typer.testing import CliRunner
+
+    from mitobench.cli import app
+
+    run = CliRunner().invoke(app, ["data", "check", "--data-root", str(tmp_path)])
+    assert run.exit_code == 1, run.output
+    assert "FAILED" in run.output
+
+
+def test_reencoded_copy_within_holdout_is_a_named_warning(tmp_path):
+    make_data_root(tmp_path)
+    reencode(tmp_path / "AtNorM-Br" / "Normal" / "5.png", tmp_path / "AtNorM-Br" / "Normal" / "99.png")
+    result = check_data(tmp_path)
+    assert result.ok, result.errors
+    assert result.duplicate_groups == [] and result.train_holdout_pixel_duplicates == []
+    [group] = result.pixel_duplicate_groups
+    assert group.members == [("AtNorM-Br", "Normal/5.png"), ("AtNorM-Br", "Normal/99.png")]
+    assert group.labels == [0, 0] and not group.conflicting
+    [warning] = [w for w in result.warnings if "identical pixels" in w]
+    assert "AtNorM-Br:Normal/5.png" in warning and "AtNorM-Br:Normal/99.png" in warning
+    assert "OK" in rendered(result)
+
+
+def test_reencoded_copy_of_test_image_in_other_holdout_is_a_warning(tmp_path):
+    fx = make_amibr(tmp_path)
+    make_atnorm_md(tmp_path)
+    row = fx.test[0]
+    reencode(tmp_path / "AMi-Br" / row["final_label"] / row["dataset_uid"],
+             tmp_path / "AtNorM-MD" / row["final_label"] / "99.png")
+    result = check_data(tmp_path)
+    assert result.ok, result.errors  # no training image involved: not leakage
+    assert any("identical pixels" in w and f"AMi-Br-test:{row['dataset_uid']}" in w for w in result.warnings)
+
+
+def test_reencoded_copies_with_conflicting_labels(tmp_path):
+    # in the user's own data: an error, as for exact duplicates
+    folder = make_custom_folder(tmp_path / "mine")
+    reencode(folder / "Atypical" / "1.png", folder / "Normal" / "copy.png")
+    result = check_data(datasets={"mine": load_custom(folder)})
+    assert not result.ok
+    [group] = result.conflicting_pixel_groups
+    assert group.labels == [1, 0]
+    assert any("conflicting labels" in e and "mine:Atypical/1.png" in e and "mine:Normal/copy.png" in e
+               for e in result.errors)
+    # inside AtNorM-Br (known label defects): a warning, as for exact duplicates
+    make_data_root(tmp_path / "root")
+    br = tmp_path / "root" / "AtNorM-Br"
+    reencode(br / "Atypical" / "1.png", br / "Normal" / "99.png")
+    result = check_data(tmp_path / "root")
+    assert result.ok, result.errors
+    assert any("conflicting labels" in w and "AtNorM-Br:Normal/99.png" in w and "--dedup" in w
+               for w in result.warnings)
+
+
 def test_dataset_that_cannot_load_is_an_error(tmp_path):
     make_data_root(tmp_path)
     (tmp_path / "amibr_train_split.csv").unlink()
@@ -212,7 +303,8 @@ def test_real_data_integrity(real_result):
     assert real_result.ok, real_result.errors
     assert real_result.unreadable == [] and real_result.converted == []
     assert real_result.slide_overlap == []
-    assert real_result.train_holdout_duplicates == []
+    assert real_result.train_holdout_duplicates == [] and real_result.train_holdout_pixel_duplicates == []
+    assert real_result.pixel_duplicate_groups == []  # no re-encoded copies in the public data
     rows = {r.set: r for r in real_result.integrity}
     assert (rows["AtNorM-Br"].images, rows["AtNorM-Br"].duplicate_copies, rows["AtNorM-Br"].unique) == (746, 35, 711)
     assert rows["AMi-Br-train"].duplicate_copies == rows["AMi-Br-test"].duplicate_copies == 0

@@ -3,14 +3,15 @@
 For every set found (AMi-Br train / test, AtNorM-Br, AtNorM-MD, or records the caller passes) the
 check reports counts per class and domain, decodes every image with the project's image policy
 (:func:`mitobench.data.images.decode_patch`) and collects the files that fail, finds exact
-duplicates (same file bytes; same decoded pixels is reported too) within and across sets and the
-duplicate groups whose labels conflict, and verifies that the AMi-Br train and test splits share
-no slide.
+duplicates (same file bytes) and re-encoded copies (different files whose decoded pixels are
+identical) within and across sets and the groups whose labels conflict, and verifies that the
+AMi-Br train and test splits share no slide.
 
 Verdict (``CheckResult.ok``) fails on: a dataset that cannot be loaded, unreadable images,
-duplicate groups with conflicting labels (except inside AtNorM-Br, a known defect of the public
-set reported as a warning), a slide in both AMi-Br train and test, and an image of the training
-split duplicated in a hold-out set (leakage). Everything else is a warning or information.
+duplicate groups (exact or re-encoded) with conflicting labels (except inside AtNorM-Br, a known
+defect of the public set reported as a warning), a slide in both AMi-Br train and test, and an
+image of the training split that is in a hold-out set, as an exact or a re-encoded copy (leakage).
+Everything else is a warning or information.
 """
 
 from __future__ import annotations
@@ -53,21 +54,15 @@ class BadImage:
     error: str
 
 
-@dataclass
-class DuplicateGroup:
-    """Images with identical file bytes (``sha256``)."""
+class _Members:
+    """What exact and pixel duplicate groups share: ``members`` ((set, image) in record order) and ``labels``."""
 
-    sha256: str
-    members: list[tuple[str, str]]  # (set, image) in record order
+    members: list[tuple[str, str]]
     labels: list[int]
 
     @property
     def sets(self) -> list[str]:
         return sorted({s for s, _ in self.members})
-
-    @property
-    def conflicting(self) -> bool:
-        return len(set(self.labels)) > 1
 
     @property
     def across_sets(self) -> bool:
@@ -76,6 +71,45 @@ class DuplicateGroup:
     def describe(self) -> str:
         names = {1: "Atypical", 0: "Normal"}
         return " = ".join(f"{s}:{img} ({names.get(lab, lab)})" for (s, img), lab in zip(self.members, self.labels))
+
+
+@dataclass
+class DuplicateGroup(_Members):
+    """Images with identical file bytes (``sha256``)."""
+
+    sha256: str
+    members: list[tuple[str, str]]  # (set, image) in record order
+    labels: list[int]
+
+    @property
+    def conflicting(self) -> bool:
+        return len(set(self.labels)) > 1
+
+
+@dataclass
+class PixelDuplicateGroup(_Members):
+    """Images whose decoded pixels are identical (``pixels``: sha256 of the RGB array) although the files are not
+    all byte-identical: re-encoded copies (e.g. re-saved by an image library). ``file_sha256`` is each member's
+    file hash; members with the same file hash are also in an exact :class:`DuplicateGroup`."""
+
+    pixels: str
+    members: list[tuple[str, str]]  # (set, image) in record order
+    labels: list[int]
+    file_sha256: list[str]
+
+    @property
+    def conflicting(self) -> bool:
+        """Two different files of the group carry different labels. (The group holds at least two different files,
+        so any two labels in it differ between two different files.)"""
+        return len(set(self.labels)) > 1
+
+    @property
+    def train_holdout(self) -> bool:
+        """A training image and a hold-out image of the group are different files (a re-encoded leak; a
+        byte-identical one is reported by the exact groups)."""
+        train = {h for (s, _), h in zip(self.members, self.file_sha256) if s == TRAIN_SET}
+        holdout = {h for (s, _), h in zip(self.members, self.file_sha256) if s != TRAIN_SET}
+        return bool(train and holdout) and not (len(train) == len(holdout) == 1 and train == holdout)
 
 
 @dataclass
@@ -99,9 +133,12 @@ class CheckResult:
     unreadable: list[BadImage] = field(default_factory=list)
     converted: list[BadImage] = field(default_factory=list)
     duplicate_groups: list[DuplicateGroup] = field(default_factory=list)
-    pixel_duplicate_groups: int = 0  # groups of identical decoded pixels that are not byte-identical files
+    # groups of identical decoded pixels that are not all byte-identical files (re-encoded copies)
+    pixel_duplicate_groups: list[PixelDuplicateGroup] = field(default_factory=list)
     slide_overlap: list[str] = field(default_factory=list)
     train_holdout_duplicates: list[DuplicateGroup] = field(default_factory=list)
+    # training images with a re-encoded copy (different file, identical pixels) in a hold-out set
+    train_holdout_pixel_duplicates: list[PixelDuplicateGroup] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -112,6 +149,10 @@ class CheckResult:
     @property
     def conflicting_groups(self) -> list[DuplicateGroup]:
         return [g for g in self.duplicate_groups if g.conflicting]
+
+    @property
+    def conflicting_pixel_groups(self) -> list[PixelDuplicateGroup]:
+        return [g for g in self.pixel_duplicate_groups if g.conflicting]
 
     def duplicates_in(self, name: str) -> list[DuplicateGroup]:
         """Exact-duplicate groups with at least two members in set ``name``."""
@@ -126,9 +167,10 @@ class CheckResult:
         out["ok"] = self.ok
         for row, src in zip(out["counts"], self.counts):
             row["total"] = src.total
-        for row, src in zip(out["duplicate_groups"], self.duplicate_groups):
-            row["conflicting"] = src.conflicting
-            row["sets"] = src.sets
+        for key in ("duplicate_groups", "pixel_duplicate_groups"):
+            for row, src in zip(out[key], getattr(self, key)):
+                row["conflicting"] = src.conflicting
+                row["sets"] = src.sets
         return out
 
 
@@ -232,9 +274,11 @@ def check_data(data_root: str | Path | None = None, *, datasets: dict[str, pd.Da
                 labels=[int(v) for v in group["label"]]))
     # identical pixels in files that differ byte-wise (re-encoded copies)
     decoded = table[table["pixels"].notna()]
-    for _, group in decoded.groupby("pixels", sort=False):
+    for digest, group in decoded.groupby("pixels", sort=False):
         if group["sha256"].nunique() > 1:
-            result.pixel_duplicate_groups += 1
+            result.pixel_duplicate_groups.append(PixelDuplicateGroup(
+                pixels=str(digest), members=list(zip(group["set"], group["image"])),
+                labels=[int(v) for v in group["label"]], file_sha256=[str(v) for v in group["sha256"]]))
 
     for name in sets:
         in_set = table[table["set"] == name]
@@ -264,10 +308,18 @@ def check_data(data_root: str | Path | None = None, *, datasets: dict[str, pd.Da
     for g in result.conflicting_groups:
         if set(g.sets) <= set(KNOWN_CONFLICT_SETS):
             result.warnings.append(f"identical images with conflicting labels (known defect of the public set; "
-                                   f"use the de-duplicated evaluation to drop them): {g.describe()}")
+                                   f"`mitobench run --dedup` also reports the set without them): {g.describe()}")
         else:
             result.errors.append(f"identical images with conflicting labels: {g.describe()}. Keep one copy with "
                                  "the right label.")
+    for g in result.conflicting_pixel_groups:
+        if set(g.sets) <= set(KNOWN_CONFLICT_SETS):
+            result.warnings.append(f"re-encoded copies (identical pixels, different files) with conflicting labels "
+                                   f"(in a set with known label defects; `mitobench run --dedup` drops only "
+                                   f"byte-identical copies and keeps these): {g.describe()}")
+        else:
+            result.errors.append(f"re-encoded copies (identical pixels, different files) with conflicting labels: "
+                                 f"{g.describe()}. Keep one copy with the right label.")
     if result.slide_overlap:
         result.errors.append(f"{len(result.slide_overlap)} slide(s) are in both the AMi-Br train and test splits "
                              f"(e.g. {result.slide_overlap[0]}): the test split is not slide-disjoint.")
@@ -276,21 +328,36 @@ def check_data(data_root: str | Path | None = None, *, datasets: dict[str, pd.Da
     if result.train_holdout_duplicates:
         result.errors.append(f"{len(result.train_holdout_duplicates)} training image(s) also appear in a hold-out "
                              f"set (e.g. {result.train_holdout_duplicates[0].describe()}): results would be leaky.")
+    result.train_holdout_pixel_duplicates = [g for g in result.pixel_duplicate_groups if g.train_holdout]
+    if result.train_holdout_pixel_duplicates:
+        result.errors.append(f"{len(result.train_holdout_pixel_duplicates)} training image(s) also appear in a "
+                             f"hold-out set as re-encoded copies (identical pixels, different files): "
+                             f"{_describe_groups(result.train_holdout_pixel_duplicates)}: results would be leaky. "
+                             "Remove the copies from the hold-out set.")
     for row in result.integrity:
         if row.duplicate_copies:
+            hint = "" if row.set == TRAIN_SET else "; `mitobench run --dedup` also reports the set without them"
             result.warnings.append(f"{row.set}: {row.duplicate_copies} exact-duplicate image(s) "
-                                   f"({row.unique} unique of {row.images}).")
+                                   f"({row.unique} unique of {row.images}{hint}).")
     other_cross = [g for g in result.duplicate_groups if g.across_sets and g not in result.train_holdout_duplicates]
     if other_cross:
         result.warnings.append(f"{len(other_cross)} image(s) appear in more than one hold-out set "
                                f"(e.g. {other_cross[0].describe()}).")
-    if result.pixel_duplicate_groups:
-        result.warnings.append(f"{result.pixel_duplicate_groups} group(s) of different files decode to identical "
-                               "pixels (re-encoded copies; not counted as exact duplicates).")
+    # re-encoded copies not already reported as an error or a conflict warning above
+    other_pixel = [g for g in result.pixel_duplicate_groups if not g.conflicting and not g.train_holdout]
+    if other_pixel:
+        result.warnings.append(f"{len(other_pixel)} group(s) of different files decode to identical pixels "
+                               f"(re-encoded copies; not counted as exact duplicates, and `mitobench run --dedup` "
+                               f"keeps them): {_describe_groups(other_pixel)}.")
     if result.converted:
         result.warnings.append(f"{len(result.converted)} image(s) are not RGB and are converted on load "
                                f"(first: {result.converted[0].error}).")
     return result
+
+
+def _describe_groups(groups: list, limit: int = 5) -> str:
+    text = "; ".join(g.describe() for g in groups[:limit])
+    return text + (f"; and {len(groups) - limit} more" if len(groups) > limit else "")
 
 
 def deduplicate(records: pd.DataFrame, hashes: pd.Series | None = None) -> pd.DataFrame:
@@ -365,6 +432,18 @@ def render_check(result: CheckResult, console=None, max_items: int = 20) -> None
         for g in result.conflicting_groups[:max_items]:
             table.add_row(g.sha256[:12], g.describe())
         console.print(table)
+    if result.pixel_duplicate_groups:
+        table = Table(title="Re-encoded copies (different files, identical decoded pixels)")
+        table.add_column("pixels sha256")
+        table.add_column("members (label)")
+        table.add_column("problem")
+        for g in result.pixel_duplicate_groups[:max_items]:
+            problem = ", ".join(p for p, bad in (("[red]train/hold-out leak[/]", g.train_holdout),
+                                                 ("conflicting labels", g.conflicting)) if bad)
+            table.add_row(g.pixels[:12], g.describe(), problem or "-")
+        console.print(table)
+        if len(result.pixel_duplicate_groups) > max_items:
+            console.print(f"... and {len(result.pixel_duplicate_groups) - max_items} more.")
 
     for message in result.warnings:
         console.print(f"[yellow]warning:[/] {message}", highlight=False)
@@ -372,7 +451,7 @@ def render_check(result: CheckResult, console=None, max_items: int = 20) -> None
         console.print(f"[red]error:[/] {message}", highlight=False)
     if result.ok:
         console.print("[bold green]OK[/]: every image decodes, no conflicting labels outside known defects, "
-                      "AMi-Br train and test are slide-disjoint.")
+                      "no training image in a hold-out set, AMi-Br train and test are slide-disjoint.")
     else:
         console.print(f"[bold red]FAILED[/]: {len(result.errors)} problem(s) above.")
 
