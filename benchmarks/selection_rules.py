@@ -67,7 +67,10 @@ def fold_table(run: Path, fold: int, frame: pd.DataFrame, min_epochs: int, n_spl
     if by_epoch.shape != (len(epochs), len(val)):
         raise SystemExit(f"fold {fold}: {by_epoch.shape} per-epoch probabilities for {len(epochs)} epochs and "
                          f"{len(val)} validation images; is folds.csv from this run?")
-    keep = epochs >= min_epochs
+    keep = epochs >= min_epochs  # min_epochs is already capped at the configured epochs (main), as the engine does
+    if not keep.any():
+        raise SystemExit(f"fold {fold}: no epoch to compare: the run kept epochs {', '.join(map(str, epochs)) or 'none'} "
+                         f"but the engine keeps none before epoch {min_epochs}; is config.yaml from this run?")
     by_epoch, epochs = by_epoch[keep], epochs[keep]
     rng = np.random.default_rng(seed + fold)
     out = {rule: {"ba": [], "auc": [], "epoch": []} for rule in RULES}
@@ -103,7 +106,8 @@ def split_half_run(description: str, argv: list[str] | None) -> tuple[argparse.N
 
 def main(argv: list[str] | None = None) -> None:
     args, config, frame, folds = split_half_run(__doc__, argv)
-    min_epochs = config["train"]["min_epochs"]
+    # the engine's rule: no epoch before min_epochs is kept, except the last one when epochs is shorter
+    min_epochs = min(config["train"]["min_epochs"], config["train"]["epochs"])
     per_fold = {f: fold_table(args.run, f, frame, min_epochs, args.splits, config["seed"], args.min_per_class) for f in folds}
     rows = ["| rule (`train.select`) | BA on the other half, fold mean +- SD | AUROC on the other half | mean kept epoch | BA per fold |",
             "|---|---|---|---|---|"]

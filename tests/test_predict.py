@@ -112,8 +112,37 @@ def test_report_command_compares_runs(probe_run, cli):
     out = cli("report", str(run_dir), str(run_dir))
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("AtNorM-Br") >= 4  # two runs x two metrics
+    # each run in full, with how it trained, above the table (rows say #1, #2): never a name cut short
+    assert f"#1  {run_dir}: efficientnet_lite0 / probe (logistic head, C by inner CV)" in out.stdout
+    assert f"#2  {run_dir}:" in out.stdout
     bad = cli("report", str(run_dir.parent))
     assert bad.returncode == 2 and "not a mitobench run" in bad.stderr and "holds 1" in bad.stderr.replace("\n", " ")
+    bad = cli("predict", str(run_dir.parent), str(run_dir))  # the runs folder, not a run: no advice to resume
+    assert bad.returncode == 2 and "holds 1" in bad.stderr.replace("\n", " ") and "--resume" not in bad.stderr
+
+
+def test_report_counts_every_validation_fold(probe_run):
+    run_dir, _ = probe_run
+    metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"fold": str})
+    ba = metrics[metrics["metric"] == "balanced_accuracy"]
+    folds = ba[ba["fold"].str.isdigit()]
+    validation = folds[folds["dataset"].str.contains("validation")]
+    total, atypical = int(validation["n"].sum()), int(validation["n_atypical"].sum())
+    assert total == validation["n"].iloc[0] * len(validation) != validation["n"].iloc[0]  # not fold 1's count alone
+    row = next(line for line in (run_dir / "report.txt").read_text().splitlines() if "validation" in line)
+    assert f"{total} ({atypical})" in row
+    assert ",n,n_atypical" in (run_dir / "metrics.csv").read_text().splitlines()[0] + ","  # header
+    assert ".0," not in "".join(line.split(",", 9)[-1] for line in (run_dir / "metrics.csv").read_text().splitlines())
+
+
+def test_predict_into_a_folder_names_the_file_itself(probe_run, fixture_root, tmp_path):
+    run_dir, tmp = probe_run
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    out, _ = predict(run_dir, fixture_root / "AtNorM-Br", folder, cache_dir=str(tmp / "cache"))
+    assert out.parent == folder and out.suffix == ".csv" and out.name.startswith("AtNorM-Br-")
+    out2, _ = predict(run_dir, fixture_root / "AtNorM-Br", f"{tmp_path}/new-folder/", cache_dir=str(tmp / "cache"))
+    assert out2.parent == tmp_path / "new-folder" and out2.suffix == ".csv"
 
 
 # --- a damaged or mismatched run folder: one MitobenchError naming the file, nothing written --------------------

@@ -316,6 +316,7 @@ def test_sigkilled_finetune_run_resumes_to_the_same_numbers(fixture_root, tmp_pa
     assert RunDir(run).status()["state"] == "complete"
     for k in range(1, 6):
         assert (run / "folds" / f"fold_{k}" / "model.safetensors").is_file()
+        assert not list((run / "folds" / f"fold_{k}").glob("*.pt"))  # resume checkpoints go once the fold is done
     ours, ref = pd.read_csv(run / "metrics.csv"), pd.read_csv(reference / "metrics.csv")
     pd.testing.assert_frame_equal(ours, ref)
     pd.testing.assert_frame_equal(pd.read_csv(run / "predictions.csv"), pd.read_csv(reference / "predictions.csv"))

@@ -176,6 +176,16 @@ def predict(
     console.print(f"predictions: {path}", soft_wrap=True, markup=False)
 
 
+def _run_recipe(run_dir: Path) -> str:
+    """The few words of the run's report title on how it trained (probe head; preset, precision, size, epochs)."""
+    try:
+        first = (run_dir / "report.txt").read_text().strip().splitlines()[0].strip()
+    except (OSError, IndexError):
+        return ""
+    start, end = first.find(" ("), first.rfind(")")
+    return f" ({first[start + 2:end]})" if 0 <= start < end else ""
+
+
 @app.command()
 def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete run folders.")) -> None:
     """Compare runs side by side: fold mean +- SD and ensemble BA / AUROC per hold-out set."""
@@ -186,29 +196,34 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
 
     rows = []
     names = [run_dir.name for run_dir in run_dirs]
-    for run_dir in run_dirs:
+    legend = []
+    for number, run_dir in enumerate(run_dirs, 1):
         path = run_dir / "metrics.csv"
         require_complete_run(run_dir, needs=("metrics.csv",))
         try:
             m = pd.read_csv(path, dtype={"fold": str})
+            how = f"{m['model'].iloc[0]} / {m['method'].iloc[0]}" if len(m) else "?"
             m = m[m["metric"].isin(["balanced_accuracy", "auroc"])][["dataset", "metric", "fold", "value", "ci_low", "ci_high"]]
         except (ValueError, KeyError, pd.errors.ParserError) as exc:
             raise MitobenchError(f"{path}: not a mitobench metrics file ({exc}); the run folder is damaged.") from exc
         if m.empty:
             raise MitobenchError(f"{path}: no balanced accuracy or AUROC rows; the run folder is damaged.")
         label = str(run_dir) if names.count(run_dir.name) > 1 else run_dir.name  # same-named runs stay apart
+        legend.append(f"#{number}  {label}: {how}{_run_recipe(run_dir)}")
         for (dataset, metric), part in m.groupby(["dataset", "metric"], sort=False):
             get = dict(zip(part["fold"], part["value"]))
             ens = part[part["fold"] == "ensemble"]
-            rows.append({"run": label, "dataset": dataset, "metric": metric,
+            rows.append({"run": f"#{number}", "dataset": dataset, "metric": metric,
                          "folds": f"{get.get('mean', float('nan')):.4f} +- {get.get('sd', float('nan')):.4f}",
                          "ensemble": (f"{ens['value'].iloc[0]:.4f} [{ens['ci_low'].iloc[0]:.4f}, {ens['ci_high'].iloc[0]:.4f}]"
                                       if len(ens) else "-")})
     table = Table(title="mitobench runs (positive class = atypical)")
     for col in ("run", "dataset", "metric", "fold mean +- SD", "ensemble [95% CI]"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col != "dataset")
     for r in rows:
         table.add_row(r["run"], r["dataset"], r["metric"], r["folds"], r["ensemble"])
+    for line in legend:  # full names, never cut: two runs' names often differ only at their end
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
     console.print(table)
 
 
@@ -251,8 +266,11 @@ def models_check(key: str, weights: Optional[str] = typer.Option(None, help="Wei
     """Build offline, load weights strictly, run one real patch; print dim, dtype, device, images/s."""
     from mitobench.models.doctor import check_model
 
-    for k, v in check_model(key, weights, image, data_root=data_root).items():
-        console.print(f"{k}: {v}")
+    result = check_model(key, weights, image, data_root=data_root)
+    for k, v in result.items():
+        console.print(f"{k}: {v}", markup=False)
+    if "error" in result:  # a card with published weights that ran on random init: its weights were not found
+        raise typer.Exit(1)
 
 
 _signalled: list[int] = []

@@ -9,6 +9,7 @@ and the predicted class at the run's threshold.
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -246,8 +247,13 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = No
     config = load_run_config(run_dir)
     fold_info = _read_json(run_dir / "fold_info.json")
     thresholds = _thresholds(run_dir, fold_info, status, config.n_folds)
-    explicit = out is not None
-    out = Path(out) if out else run_dir / "predictions" / f"{source.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv"
+    default_name = f"{source.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv"
+    if out is not None and (str(out).endswith(("/", os.sep)) or Path(out).is_dir()):  # a folder: our name inside it
+        out = Path(out) / default_name
+        explicit = False
+    else:
+        explicit = out is not None
+        out = Path(out) if out else run_dir / "predictions" / default_name
     if explicit and (out.exists() or out.is_symlink()):
         raise MitobenchError(f"{out} exists; mitobench never overwrites results. Choose another --out.")
     _check_folder(out)

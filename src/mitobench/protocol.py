@@ -22,14 +22,13 @@ from mitobench.config import RunConfig, save_config
 from mitobench.data.cache import PatchCache
 from mitobench.data.records import HOLDOUT_SETS, discover, evaluation_sets, load_custom, resolve_data_root
 from mitobench.errors import FoldFailedError, MitobenchError
-from mitobench.evaluation.report import render_report, tidy_metrics
+from mitobench.evaluation.report import VALIDATION, render_report, tidy_metrics
 from mitobench.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from mitobench.runs import (RunDir, complete_environment, environment, load_run_config, new_run_dir,
                             require_run_dir)
 from mitobench.splits import paper_folds
 
 log = logging.getLogger(__name__)
-VALIDATION = "AMi-Br-train (validation fold)"
 
 
 def default_cache_dir(config: RunConfig) -> Path:
@@ -154,14 +153,16 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
                                 if config.threshold == "validation" else 0.5)
     result.info["seconds"] = time.perf_counter() - t_fold
     run.save_fold(fold, result.probs, result.info)
+    run.drop_checkpoints(fold)
     console.print(f"fold {fold}/{config.n_folds} done in {result.info['seconds']:.1f}s")
     return result, ""
 
 
 def recipe(config: RunConfig) -> str:
-    """How a finetune/LoRA run trained, in a few words for its report: preset, precision, input size, epochs, TTA."""
+    """How the fold models were made, in a few words for the report's title: the probe's head, or for finetune/LoRA
+    the preset, precision, input size, epochs and TTA."""
     if config.method == "probe":
-        return ""
+        return "logistic head, C by inner CV" if config.probe.head == "logistic" else "torch head (the paper's)"
     from mitobench.device import pick_device
     from mitobench.methods.precision import autocast_dtype
 
@@ -256,6 +257,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
             saved = run.load_fold(fold)
             if saved is not None and not saved[1].get("failed"):
                 results[fold] = FoldResult(*saved)
+                run.drop_checkpoints(fold)  # left if the process died between saving the fold and deleting them
             else:
                 pending.append(fold)
         if config.fold_workers > 1 and pending:  # the workers prepare the method themselves

@@ -179,6 +179,12 @@ class RunDir:
             return None  # half-written: redo this fold
         return probs, info
 
+    def drop_checkpoints(self, fold: int) -> None:
+        """Delete a finished fold's ``last.pt``/``best.pt``: resume aids only (its model is saved), and a ViT-H's are
+        gigabytes."""
+        for name in ("last.pt", "best.pt"):
+            (self.path / "folds" / f"fold_{fold}" / name).unlink(missing_ok=True)
+
     def scratch(self, fold: int) -> Path:
         """Per-fold folder for training checkpoints (resume inside a fold)."""
         path = self.path / "folds" / f"fold_{fold}"

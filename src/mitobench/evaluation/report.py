@@ -34,6 +34,7 @@ def tidy_metrics(predictions: pd.DataFrame, thresholds: dict[str, float], model:
         agg = summary.apply(lambda v: fn(v.to_numpy())).reset_index()
         agg["fold"], agg["model"], agg["method"] = stat, model, method
         frame = pd.concat([frame, agg], ignore_index=True)
+    frame[["n", "n_atypical"]] = frame[["n", "n_atypical"]].astype("Int64")  # counts, blank on the mean/sd rows
     return frame
 
 
@@ -45,6 +46,23 @@ def _get(metrics: pd.DataFrame, dataset: str, fold: str, metric: str) -> pd.Seri
 THRESHOLDS = {"fixed": "threshold 0.5 (the paper's)",
               "validation": "threshold chosen on each fold's validation data (best BA there, so the validation "
                             "row's BA is optimistic), the ensemble's at their mean; the paper used 0.5"}
+
+
+#: the dataset name of the fold models' scores on their own validation folds
+VALIDATION = "AMi-Br-train (validation fold)"
+
+
+def _fold_counts(metrics: pd.DataFrame, dataset: str) -> str:
+    """``n (atypical)`` the fold models were scored on: a hold-out set's size, or, for the validation folds (each
+    fold model on its own fold), their sum: the whole training split when no fold failed."""
+    rows = metrics[(metrics["dataset"] == dataset) & (metrics["metric"] == "balanced_accuracy")
+                   & metrics["fold"].astype(str).str.isdigit()]
+    if rows.empty:
+        return "-"
+    n, atypical = rows["n"].astype(int), rows["n_atypical"].astype(int)
+    if dataset == VALIDATION:
+        return f"{n.sum()} ({atypical.sum()})"
+    return f"{n.iloc[0]} ({atypical.iloc[0]})"
 
 
 def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list[str], absent: list[str],
@@ -68,10 +86,10 @@ def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list
         ba_m, ba_s = _get(metrics, dataset, "mean", "balanced_accuracy"), _get(metrics, dataset, "sd", "balanced_accuracy")
         au_m, au_s = _get(metrics, dataset, "mean", "auroc"), _get(metrics, dataset, "sd", "auroc")
         ba_e, au_e = _get(metrics, dataset, "ensemble", "balanced_accuracy"), _get(metrics, dataset, "ensemble", "auroc")
-        first = _get(metrics, dataset, "1", "balanced_accuracy")
+        scored = _fold_counts(metrics, dataset)
         pub, best = published_figure(model, method, dataset), best_published(dataset)
         table.add_row(
-            dataset, f"{int(first['n'])} ({int(first['n_atypical'])})" if first is not None else "-",
+            dataset, scored,
             f"{ba_m['value']:.4f} +- {ba_s['value']:.4f}" if ba_m is not None else "-",
             f"{au_m['value']:.4f} +- {au_s['value']:.4f}" if au_m is not None else "-",
             f"{ba_e['value']:.4f} [{ba_e['ci_low']:.4f}, {ba_e['ci_high']:.4f}]" if ba_e is not None else "-",

@@ -3,6 +3,9 @@
 ``list_models()`` returns one dict per card (and never touches the network); ``models_table(rows)``
 turns them into a ``rich.table.Table``. ``check_model(key)`` builds the architecture offline, loads
 the weights strictly, runs one real 128-px patch through the card's recipe and measures images/s.
+Its dict has a ``warning`` field only when there is something to warn about (an image converted to RGB,
+random init of a card without published weights) and an ``error`` field only when the check failed: a card
+with published weights whose weights were not found (random init); the CLI exits 1 then.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def _default_patch(data_root: str | Path | None = None) -> tuple[np.ndarray, str
     folder = resolve_data_root(data_root) / "AMi-Br" / "Normal"
     pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if pngs:
-        return _read_image(pngs[0]), str(pngs[0])
+        return _read_image(pngs[0])[0], str(pngs[0])
     try:
         from skimage import data
     except ImportError:
@@ -92,22 +95,31 @@ def _default_patch(data_root: str | Path | None = None) -> tuple[np.ndarray, str
     return np.ascontiguousarray(img[top:top + 128, left:left + 128]), "skimage.data.chelsea() centre crop 128 px"
 
 
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image
+def _read_image(path: Path) -> tuple[np.ndarray, str | None]:
+    """The image as mitobench reads every patch (``read_patch``: RGBA, grey, palette, CMYK to RGB, 16-bit grey by
+    its high byte, 32-bit images refused), any size; and what was converted (the ``ImageModeWarning`` text), or None."""
+    from mitobench.data.images import read_patch
 
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as exc:
-        raise MitobenchError(f"cannot read image {path}: {exc}") from exc
+    if not path.is_file():
+        raise MitobenchError(f"cannot read image {path}: no such file")
+    return read_patch(path, patch_size=None)
+
+
+def has_published_weights(card: ModelCard) -> bool:
+    """Whether the card names pretrained weights (a Hugging Face repo or a package), i.e. random init is a failure."""
+    return card.hf_repo is not None or card.weights_loader is not None
 
 
 def check_model(key: str, weights: str | Path | None = None, image_path: str | Path | None = None,
                 device: str | None = None, seconds: float = 2.0, data_root: str | Path | None = None) -> dict[str, Any]:
     """Build ``key`` offline, load weights strictly, embed one real patch; report dim, dtype, device, images/s."""
     card = get_card(key)
+    converted = None  # what mitobench's image policy converted (its ImageModeWarning), reported as a warning
+    if image_path:
+        (patch, converted), source = _read_image(Path(image_path)), str(image_path)
+    else:
+        patch, source = _default_patch(data_root)
     backbone = create_backbone(key, weights=weights, pretrained=True, allow_download=False)
-    patch, source = (_read_image(Path(image_path)), str(image_path)) if image_path else _default_patch(data_root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, card.dtype) if dev.type == "cuda" else torch.float32
     backbone = backbone.to(dev)
@@ -132,11 +144,19 @@ def check_model(key: str, weights: str | Path | None = None, image_path: str | P
         elapsed = time.perf_counter() - start
         if elapsed >= seconds or n >= 256:
             break
-    return {"key": key, "pretrained": backbone.pretrained, "weights_id": backbone.weights_id,
-            "weights_source": backbone.weights_source, "image": source, "dim": int(emb.shape[1]),
-            "dtype": str(dtype).replace("torch.", ""), "device": str(dev) if dev.type == "cpu"
-            else f"{dev} ({torch.cuda.get_device_name(dev)})", "images_per_s": round(n / elapsed, 2),
-            "embedding_norm": round(float(emb.norm()), 4),
-            "warning": "" if backbone.pretrained else
-            "no weights found: RANDOM INIT. Pass --weights PATH, list the key in the file named by "
-            "$MITOBENCH_WEIGHTS, or put the weights in the Hugging Face cache (see docs/models.md)."}
+    out = {"key": key, "pretrained": backbone.pretrained, "weights_id": backbone.weights_id,
+           "weights_source": backbone.weights_source, "image": source, "dim": int(emb.shape[1]),
+           "dtype": str(dtype).replace("torch.", ""), "device": str(dev) if dev.type == "cpu"
+           else f"{dev} ({torch.cuda.get_device_name(dev)})", "images_per_s": round(n / elapsed, 2),
+           "embedding_norm": round(float(emb.norm()), 4)}
+    warnings = [converted] if converted else []
+    if not backbone.pretrained and not has_published_weights(card):
+        warnings.append("RANDOM INIT: this card has no published weights; pass --weights PATH to check your own")
+    if warnings:
+        out["warning"] = "; ".join(warnings)
+    if not backbone.pretrained and has_published_weights(card):
+        out["error"] = (f"weights not found for {key} ({card.hf_repo or 'package weights'}): the check ran on "
+                        "RANDOM INIT. Pass --weights PATH (a file or a Hugging Face snapshot folder), list the key "
+                        "in the file named by $MITOBENCH_WEIGHTS, or put the weights in the Hugging Face cache "
+                        "(see docs/models.md).")
+    return out
