@@ -221,6 +221,13 @@ def test_missing_weights_path_or_gpu_is_one_clear_error_before_any_run_folder(cl
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_a_foundation_model_without_its_weights_is_refused_not_probed_on_random_init(cli, fixture_root, tmp_path):
+    env = {**WIDE, "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache"), "MITOBENCH_WEIGHTS": ""}
+    result = cli("run", "--data-root", str(fixture_root), "--runs-dir", str(tmp_path / "runs"), "--model", "uni", env=env)
+    assert_clear_error(result, "uni", "RANDOM INIT", "--weights PATH", "--allow-download", "allow_random_init=true")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_report_refuses_an_unfinished_run(cli, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

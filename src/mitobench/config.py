@@ -112,6 +112,9 @@ class RunConfig:
     dedup: bool = False  # also evaluate de-duplicated hold-out sets
     n_boot: int = 1000
     allow_download: bool = False
+    # a probe or LoRA of a model with published weights that are not found here is refused (its features would be
+    # random); true runs it on random init anyway
+    allow_random_init: bool = False
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

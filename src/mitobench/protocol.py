@@ -175,6 +175,26 @@ def recipe(config: RunConfig) -> str:
     return ", ".join(parts)
 
 
+def check_weights_found(config: RunConfig) -> None:
+    """A probe or LoRA of a model with published weights that are not on this machine would run on random-init
+    features for an hour and give a run `predict` refuses: one clear error instead, before any folder exists."""
+    if config.method == "finetune" or config.weights or config.allow_download or config.allow_random_init:
+        return
+    from mitobench.models.registry import get_card
+    from mitobench.models.weights import ENV_MAPPING, locate_weights
+
+    card = get_card(config.model)
+    if card.hf_repo is None:
+        return
+    path, where = locate_weights(card)
+    if path is None:
+        raise MitobenchError(
+            f"{card.key}: its weights ({card.hf_repo}) are not on this machine ({where}), so this {config.method} "
+            f"run would use RANDOM INIT features. Pass --weights PATH (the weights file or snapshot folder), list it "
+            f"in the file named by ${ENV_MAPPING}, or add --allow-download (gated models: accept their terms and set "
+            "HF_TOKEN); --set allow_random_init=true runs it on random init anyway.")
+
+
 def absolute_paths(config: RunConfig) -> None:
     """The paths a run reads, made absolute (the data root resolved as it is now), so that ``--resume``, fold
     workers and ``predict`` find them from any working directory and environment."""
@@ -221,6 +241,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
     config = config or RunConfig()
     if resume is None:
         absolute_paths(config)
+        check_weights_found(config)
         if config.device not in ("auto", "cpu"):  # a GPU this machine lacks: refused before any folder exists
             from mitobench.device import pick_device
 
