@@ -173,6 +173,7 @@ def test_parallel_probe_fits_equal_serial(probe_run, fixture_root, tmp_path):
     for run in (serial, parallel):
         pd.testing.assert_frame_equal(pd.read_csv(run / "predictions.csv"), pd.read_csv(path / "predictions.csv"))
     fold_info = json.loads((parallel / "fold_info.json").read_text())
+    assert all(fold_info[str(f)]["fitted_in_parallel"] and fold_info[str(f)]["fit_seconds"] > 0 for f in range(1, 6))
     assert [fold_info[str(f)]["C"] for f in range(1, 6)] == [
         json.loads((serial / "fold_info.json").read_text())[str(f)]["C"] for f in range(1, 6)]
 

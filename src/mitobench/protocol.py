@@ -154,7 +154,11 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
     result.info["seconds"] = time.perf_counter() - t_fold
     run.save_fold(fold, result.probs, result.info)
     run.drop_checkpoints(fold)
-    console.print(f"fold {fold}/{config.n_folds} done in {result.info['seconds']:.1f}s")
+    if result.info.get("fitted_in_parallel"):  # the folds' fits ran at once in worker processes
+        console.print(f"fold {fold}/{config.n_folds} done (fitted in {result.info['fit_seconds']:.1f}s in a worker "
+                      "process, alongside the other folds)")
+    else:
+        console.print(f"fold {fold}/{config.n_folds} done in {result.info['seconds']:.1f}s")
     return result, ""
 
 

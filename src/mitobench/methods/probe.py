@@ -222,6 +222,7 @@ class ProbeMethod:
     def _fit_fold(self, train_idx: np.ndarray, val_idx: np.ndarray, ctx) -> tuple[dict[str, np.ndarray], dict, dict]:
         """Fit one fold's probe: its probabilities on the validation fold and every hold-out set, its info
         and its affine weights."""
+        t0 = time.perf_counter()
         X = self.embeddings["AMi-Br-train"]
         train = ctx.sets["AMi-Br-train"]
         y, groups = train["label"].to_numpy(), train["group"].to_numpy()
@@ -234,7 +235,8 @@ class ProbeMethod:
         for name in ctx.holdouts:
             probs[name] = est.predict_proba(self.embeddings[name])[:, 1]
         info = {"head": self.config.probe.head, "C": getattr(est, "C_", None),
-                "best_val_ba": getattr(est, "best_val_ba_", None), "backbone_weights": self.weights_id}
+                "best_val_ba": getattr(est, "best_val_ba_", None), "backbone_weights": self.weights_id,
+                "fit_seconds": time.perf_counter() - t0}  # its own fit, also when a worker fitted it alongside others
         return probs, info, linear_weights(est)
 
     def _fit_remaining_in_parallel(self, first: int, ctx) -> None:
@@ -275,6 +277,8 @@ class ProbeMethod:
         ahead = self._fitted.pop(fold, None)
         if ahead is None or not np.array_equal(val_idx, np.flatnonzero(ctx.folds == fold)):
             ahead = self._fit_fold(train_idx, val_idx, ctx)
+        else:
+            ahead[1]["fitted_in_parallel"] = True
         probs, info, weights = ahead
         ctx.timings["probe_fit_s"] = ctx.timings.get("probe_fit_s", 0.0) + time.perf_counter() - t0
         save_weights(weights, scratch / "probe.safetensors")
