@@ -56,18 +56,18 @@ def test_every_distinct_block_stays_compiled_in_training_and_evaluation(monkeypa
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default, whatever an earlier test set
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", functools.partial(real_compile, backend="eager"))  # same guards, no codegen
     torch._dynamo.reset()
     counters.clear()
-    model = nn.Module()
-    model.blocks = nn.Sequential(*[_Widening(4 + i, 5 + i) for i in range(10)])
-    assert compile_model(model) == 10
-    model.blocks(torch.randn(2, 4)).sum().backward()
-    with torch.inference_mode():
-        model.blocks(torch.randn(2, 4))
-    assert counters["stats"]["unique_graphs"] == 20  # every block compiled, in training and in evaluation
+    with torch._dynamo.config.patch(recompile_limit=8):  # the default, whatever an earlier test set; restored after
+        model = nn.Module()
+        model.blocks = nn.Sequential(*[_Widening(4 + i, 5 + i) for i in range(10)])
+        assert compile_model(model) == 10
+        model.blocks(torch.randn(2, 4)).sum().backward()
+        with torch.inference_mode():
+            model.blocks(torch.randn(2, 4))
+        assert counters["stats"]["unique_graphs"] == 20  # every block compiled, in training and in evaluation
     torch._dynamo.reset()
 
 
