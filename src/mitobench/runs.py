@@ -211,6 +211,9 @@ def require_complete_run(run_dir: str | Path, needs: tuple[str, ...] = ()) -> Ru
     if state == "complete" and not missing:
         return run
     what = f"status {state}" + (f", no {', '.join(missing)}" if missing else "")
+    if state == "unknown":  # status.json there but unreadable: a damaged folder, not an unfinished run
+        raise MitobenchError(f"{run.path / 'status.json'}: cannot read it; the run folder is damaged. Restore it, "
+                             "or train a new run with `mitobench run`.")
     if state == "running" and run.in_use():
         raise MitobenchError(f"{run.path} is not complete yet ({what}): it is {run.who()}; wait for it to finish.")
     raise MitobenchError(f"{run.path} is not a complete run ({what}): finish it with "
