@@ -184,12 +184,13 @@ def check_weights_found(config: RunConfig) -> None:
     features for an hour and give a run `predict` refuses: one clear error instead, before any folder exists."""
     if config.method == "finetune" or config.weights or config.allow_download or config.allow_random_init:
         return
-    from mitobench.models.registry import get_card
-    from mitobench.models.weights import ENV_MAPPING, locate_weights
+    from mitobench.models.cards import get_card  # not the registry: a warm probe run never imports torch
 
     card = get_card(config.model)
     if card.hf_repo is None:
         return
+    from mitobench.models.weights import ENV_MAPPING, locate_weights
+
     path, where = locate_weights(card)
     if path is None:
         raise MitobenchError(
