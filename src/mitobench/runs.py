@@ -125,10 +125,13 @@ class RunDir:
         handle = open(self.path / LOCK_FILE, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             handle.close()
             raise MitobenchError(f"{self.path} is {self.who()}: wait for it to finish, or stop that process "
                                  "first; a run folder is never trained by two processes.") from None
+        except OSError:  # a file system without locks (some network mounts): run unlocked, as before
+            handle.close()
+            return
         self._lock = handle
 
     def in_use(self) -> bool:
@@ -140,10 +143,10 @@ class RunDir:
         try:
             with open(self.path / LOCK_FILE) as handle:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except FileNotFoundError:
-            return False
-        except OSError:
+        except BlockingIOError:
             return True
+        except OSError:  # no lock file, or a file system without locks
+            return False
         return False
 
     def who(self) -> str:
