@@ -132,12 +132,17 @@ def test_slide_overlap_fails(tmp_path):
     assert any("slide-disjoint" in e for e in result.errors)
 
 
-def test_train_image_in_holdout_fails(tmp_path):
+def root_with_every_set(tmp_path: Path):
+    """A data root with AMi-Br, AtNorM-Br and AtNorM-MD; returns the fixture, its first training row and its file."""
     fx = make_amibr(tmp_path)
     make_atnorm_br(tmp_path)
     make_atnorm_md(tmp_path)
     first = fx.train[0]
-    train_image = tmp_path / "AMi-Br" / first["final_label"] / first["dataset_uid"]
+    return fx, first, tmp_path / "AMi-Br" / first["final_label"] / first["dataset_uid"]
+
+
+def test_train_image_in_holdout_fails(tmp_path):
+    fx, first, train_image = root_with_every_set(tmp_path)
     (tmp_path / "AtNorM-Br" / first["final_label"] / "99.png").write_bytes(train_image.read_bytes())
     test_image = tmp_path / "AMi-Br" / fx.test[0]["final_label"] / fx.test[0]["dataset_uid"]
     (tmp_path / "AtNorM-MD" / fx.test[0]["final_label"] / "99.png").write_bytes(test_image.read_bytes())
@@ -165,11 +170,7 @@ def reencode(source: Path, target: Path) -> Path:
 
 
 def test_reencoded_train_image_in_holdout_fails(tmp_path):
-    fx = make_amibr(tmp_path)
-    make_atnorm_br(tmp_path)
-    make_atnorm_md(tmp_path)
-    first = fx.train[0]
-    train_image = tmp_path / "AMi-Br" / first["final_label"] / first["dataset_uid"]
+    _, first, train_image = root_with_every_set(tmp_path)
     reencode(train_image, tmp_path / "AtNorM-Br" / first["final_label"] / "99.png")
     result = check_data(tmp_path)
     assert not result.ok

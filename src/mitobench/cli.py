@@ -41,6 +41,11 @@ def _yaml_value(item: str, value: str):
                              "it for the shell, e.g. --set 'train.tta_crops=[1.0, 0.875]'.") from exc
 
 
+def _flag(key: str) -> str:
+    """The command-line flag that sets option ``key`` of ``mitobench run`` (``train.epochs`` -> ``--epochs``)."""
+    return {"probe.head": "--probe-head", "datasets": "--dataset"}.get(key, "--" + key.split(".")[-1].replace("_", "-"))
+
+
 @app.command()
 def run(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with any option; flags override it."),
@@ -76,12 +81,11 @@ def run(
                  "datasets": list(dataset) if dataset else None, "dedup": dedup, "runs_dir": runs_dir,
                  "cache_dir": cache_dir, "device": device, "dtype": dtype, "train.tta": tta, "allow_download": allow_download,
                  "fold_workers": fold_workers}
+    flagged = {key for key, value in overrides.items() if value is not None}
     if resume is not None:  # a resumed run keeps its recipe; only moved data/cache and result-neutral settings change
         from mitobench.protocol import RESUME_SETTINGS
 
-        flag = {"probe.head": "--probe-head", "datasets": "--dataset"}
-        ignored = [flag.get(key, "--" + key.split(".")[-1].replace("_", "-")) for key, value in overrides.items()
-                   if value is not None and key not in ("data_root", "cache_dir")]
+        ignored = [_flag(key) for key in flagged if key not in ("data_root", "cache_dir")]
         ignored += ["--config"] * (config is not None)
         adjust = {}
         for item in set_ or []:
@@ -103,7 +107,7 @@ def run(
                 raise MitobenchError(f"--set {item!r}: write it as key=value, e.g. train.lr=3e-4")
             overrides[key.strip()] = _yaml_value(item, value)
         resolved = load_config(config, overrides)
-        training = [{"train.preset": "--preset", "train.epochs": "--epochs", "train.tta": "--tta"}.get(k, f"--set {k}")
+        training = [_flag(k) if k in flagged else f"--set {k}"
                     for k, v in overrides.items() if k.startswith("train.") and v is not None]
         if resolved.method == "probe" and training:  # else config.yaml would claim a recipe the probe never used
             raise MitobenchError(f"{', '.join(training)}: training settings, which a probe run ignores. Add --method "

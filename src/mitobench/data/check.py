@@ -65,6 +65,10 @@ class _Members:
         return sorted({s for s, _ in self.members})
 
     @property
+    def conflicting(self) -> bool:
+        return len(set(self.labels)) > 1
+
+    @property
     def across_sets(self) -> bool:
         return len(self.sets) > 1
 
@@ -81,10 +85,6 @@ class DuplicateGroup(_Members):
     members: list[tuple[str, str]]  # (set, image) in record order
     labels: list[int]
 
-    @property
-    def conflicting(self) -> bool:
-        return len(set(self.labels)) > 1
-
 
 @dataclass
 class PixelDuplicateGroup(_Members):
@@ -96,12 +96,6 @@ class PixelDuplicateGroup(_Members):
     members: list[tuple[str, str]]  # (set, image) in record order
     labels: list[int]
     file_sha256: list[str]
-
-    @property
-    def conflicting(self) -> bool:
-        """Two different files of the group carry different labels. (The group holds at least two different files,
-        so any two labels in it differ between two different files.)"""
-        return len(set(self.labels)) > 1
 
     @property
     def train_holdout(self) -> bool:
@@ -305,21 +299,16 @@ def check_data(data_root: str | Path | None = None, *, datasets: dict[str, pd.Da
     if result.unreadable:
         result.errors.append(f"{len(result.unreadable)} image(s) cannot be read or decoded "
                              f"(first: {result.unreadable[0].path}). Replace or remove them.")
-    for g in result.conflicting_groups:
+    conflicts = [(g, "identical images", "known defect of the public set; `mitobench run --dedup` also reports the "
+                  "set without them") for g in result.conflicting_groups]
+    conflicts += [(g, "re-encoded copies (identical pixels, different files)", "in a set with known label defects; "
+                   "`mitobench run --dedup` drops only byte-identical copies and keeps these")
+                  for g in result.conflicting_pixel_groups]
+    for g, what, known in conflicts:
         if set(g.sets) <= set(KNOWN_CONFLICT_SETS):
-            result.warnings.append(f"identical images with conflicting labels (known defect of the public set; "
-                                   f"`mitobench run --dedup` also reports the set without them): {g.describe()}")
+            result.warnings.append(f"{what} with conflicting labels ({known}): {g.describe()}")
         else:
-            result.errors.append(f"identical images with conflicting labels: {g.describe()}. Keep one copy with "
-                                 "the right label.")
-    for g in result.conflicting_pixel_groups:
-        if set(g.sets) <= set(KNOWN_CONFLICT_SETS):
-            result.warnings.append(f"re-encoded copies (identical pixels, different files) with conflicting labels "
-                                   f"(in a set with known label defects; `mitobench run --dedup` drops only "
-                                   f"byte-identical copies and keeps these): {g.describe()}")
-        else:
-            result.errors.append(f"re-encoded copies (identical pixels, different files) with conflicting labels: "
-                                 f"{g.describe()}. Keep one copy with the right label.")
+            result.errors.append(f"{what} with conflicting labels: {g.describe()}. Keep one copy with the right label.")
     if result.slide_overlap:
         result.errors.append(f"{len(result.slide_overlap)} slide(s) are in both the AMi-Br train and test splits "
                              f"(e.g. {result.slide_overlap[0]}): the test split is not slide-disjoint.")
