@@ -98,6 +98,18 @@ def test_patch_key_follows_file_bytes_and_order(tmp_path, records, count_decodes
     assert patch_cache_mod.content_key(records["path"].tolist(), 64) != key2
 
 
+def test_arrays_decoded_by_an_older_decoder_are_not_reused(records, tmp_path, count_decodes, monkeypatch):
+    # a cache filled before a decoding fix (format 1 clipped 16-bit grey to white) must be decoded again
+    current = patch_cache_mod.CACHE_FORMAT
+    assert current >= 2
+    monkeypatch.setattr(patch_cache_mod, "CACHE_FORMAT", 1)
+    _, old_key = PatchCache(tmp_path / "cache").load(records)
+    monkeypatch.setattr(patch_cache_mod, "CACHE_FORMAT", current)
+    _, key = PatchCache(tmp_path / "cache").load(records)
+    assert key != old_key
+    assert len(count_decodes) == 2 * len(records)
+
+
 def test_truncated_patch_entry_is_rebuilt(tmp_path, records, count_decodes):
     cache = PatchCache(tmp_path / "cache")
     good, key = cache.load(records)

@@ -273,6 +273,27 @@ def test_deduplicate(tmp_path):
     assert out["image"].tolist() == [i for i in records["image"] if i in kept]
 
 
+def test_deduplicate_drops_reencoded_copies(tmp_path):
+    # what `data check` names as re-encoded copies, --dedup drops like byte-identical ones
+    make_atnorm_br(tmp_path)
+    br = tmp_path / "AtNorM-Br"
+    reencode(br / "Normal" / "5.png", br / "Normal" / "97.png")  # same label: keep the first
+    reencode(br / "Atypical" / "1.png", br / "Normal" / "98.png")  # conflicting labels: drop both
+    (br / "Normal" / "99.png").write_bytes((br / "Normal" / "97.png").read_bytes())  # a byte copy of the copy
+    records = load_atnorm_br(tmp_path)
+    assert len(records) == 15
+    out = deduplicate(records)
+    kept = set(out["image"])
+    assert "Normal/5.png" in kept and not kept & {"Normal/97.png", "Normal/98.png", "Normal/99.png",
+                                                   "Atypical/1.png"}
+    assert len(out) == 11
+    assert out["image"].tolist() == [i for i in records["image"] if i in kept]
+    # the hashes `data check` computed give the same answer without reading the files again
+    from mitobench.data.check import image_hashes
+
+    pd.testing.assert_frame_equal(deduplicate(records, image_hashes(records)), out)
+
+
 def test_deduplicate_without_duplicates_is_identity(tmp_path):
     make_atnorm_br(tmp_path)
     records = load_atnorm_br(tmp_path)

@@ -205,6 +205,25 @@ def test_absent_holdout_is_named(fixture_root_no_md, tmp_path):
     assert {"AMi-Br-test", "AtNorM-Br"} <= set(preds["dataset"])
 
 
+def test_dedup_run_reports_each_holdout_set_without_its_copies(tmp_path):
+    from fixtures import make_data_root
+    from test_check import reencode
+
+    root = make_data_root(tmp_path / "root", duplicates=True)  # a byte copy, and a byte copy with another label
+    br = root / "AtNorM-Br"
+    reencode(br / "Normal" / "6.png", br / "Atypical" / "99.png")  # a re-encoded copy with another label
+    path = run_benchmark(config(root, tmp_path, dedup=True), console=quiet())
+    metrics = pd.read_csv(path / "metrics.csv")
+    counts = metrics[metrics["fold"] == "ensemble"].groupby("dataset")["n"].first()
+    # 16 images; dropped: the byte copy of Normal/5.png, both conflicting groups whole (3 + 2 files)
+    assert counts["AtNorM-Br"] == 16 and counts["AtNorM-Br (dedup)"] == 10
+    assert "AMi-Br-test (dedup)" not in counts  # a set without copies is not repeated
+    preds = pd.read_csv(path / "predictions.csv")
+    deduped = set(preds.loc[preds["dataset"] == "AtNorM-Br (dedup)", "image"])
+    assert not deduped & {"Normal/90.png", "Normal/91.png", "Atypical/1.png", "Normal/6.png", "Atypical/99.png"}
+    assert "AtNorM-Br (dedup)" in (path / "report.txt").read_text()
+
+
 def test_validation_threshold_is_chosen_on_validation_fold(fixture_root, tmp_path):
     path = run_benchmark(config(fixture_root, tmp_path, threshold="validation"), console=quiet())
     info = json.loads((path / "fold_info.json").read_text())

@@ -22,7 +22,9 @@ from mitobench.data.images import ImageModeWarning, read_patch
 from mitobench.io import atomic_save_npy, atomic_write_json
 from mitobench.progress import progress_bar
 
-CACHE_FORMAT = 1
+#: Part of every key: raise it when decoding changes, so arrays decoded the old way are never reused
+#: (2: 16-bit grey keeps its high byte; version 1 clipped it to white).
+CACHE_FORMAT = 2
 
 
 def content_key(paths: list[str], patch_size: int) -> str:

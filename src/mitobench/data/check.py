@@ -302,7 +302,7 @@ def check_data(data_root: str | Path | None = None, *, datasets: dict[str, pd.Da
     conflicts = [(g, "identical images", "known defect of the public set; `mitobench run --dedup` also reports the "
                   "set without them") for g in result.conflicting_groups]
     conflicts += [(g, "re-encoded copies (identical pixels, different files)", "in a set with known label defects; "
-                   "`mitobench run --dedup` drops only byte-identical copies and keeps these")
+                   "`mitobench run --dedup` also reports the set without them")
                   for g in result.conflicting_pixel_groups]
     for g, what, known in conflicts:
         if set(g.sets) <= set(KNOWN_CONFLICT_SETS):
@@ -336,8 +336,8 @@ def check_data(data_root: str | Path | None = None, *, datasets: dict[str, pd.Da
     other_pixel = [g for g in result.pixel_duplicate_groups if not g.conflicting and not g.train_holdout]
     if other_pixel:
         result.warnings.append(f"{len(other_pixel)} group(s) of different files decode to identical pixels "
-                               f"(re-encoded copies; not counted as exact duplicates, and `mitobench run --dedup` "
-                               f"keeps them): {_describe_groups(other_pixel)}.")
+                               f"(re-encoded copies; not counted as exact duplicates; `mitobench run --dedup` "
+                               f"also reports hold-out sets without them): {_describe_groups(other_pixel)}.")
     if result.converted:
         result.warnings.append(f"{len(result.converted)} image(s) are not RGB and are converted on load "
                                f"(first: {result.converted[0].error}).")
@@ -349,15 +349,20 @@ def _describe_groups(groups: list, limit: int = 5) -> str:
     return text + (f"; and {len(groups) - limit} more" if len(groups) > limit else "")
 
 
-def deduplicate(records: pd.DataFrame, hashes: pd.Series | None = None) -> pd.DataFrame:
-    """Drop exact-duplicate images (same file bytes), keeping the first of each group in record order,
-    and drop every member of a group whose labels conflict. ``hashes`` (sha256 per row, aligned with
-    ``records``) saves reading the files again."""
+def deduplicate(records: pd.DataFrame, hashes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Drop duplicate images, keeping the first of each group in record order, and drop every member of a
+    group whose labels conflict. A group is what ``data check`` reports: identical file bytes, or different
+    files that decode to identical pixels (re-encoded copies). ``hashes`` (``image_hashes`` of ``records``)
+    saves reading the files again; a file that cannot be decoded is grouped by its bytes (the run's decode
+    names it)."""
     if hashes is None:
-        hashes = pd.Series([_sha256_bytes(Path(p).read_bytes()) for p in records["path"]], index=records.index)
-    hashes = pd.Series(np.asarray(hashes), index=records.index)
-    n_labels = records.groupby(hashes)["label"].transform("nunique")
-    keep = (n_labels == 1) & ~hashes.duplicated(keep="first")
+        hashes = image_hashes(records, patch_size=None, description="dedup")
+    sha = pd.Series(np.asarray(hashes["sha256"], dtype=object), index=records.index)
+    pixels = pd.Series(np.asarray(hashes["pixels"], dtype=object), index=records.index)
+    unread = pd.Series([f"unread:{i}" for i in range(len(records))], index=records.index)
+    key = ("pixels:" + pixels).where(pixels.notna(), ("bytes:" + sha).where(sha.notna(), unread))
+    n_labels = records.groupby(key)["label"].transform("nunique")
+    keep = (n_labels == 1) & ~key.duplicated(keep="first")
     return records[keep.to_numpy()].reset_index(drop=True)
 
 
