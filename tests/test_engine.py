@@ -253,6 +253,21 @@ def test_threshold_check_reads_a_run_and_scores_on_the_other_half(fixture_root, 
         thresholds.main([str(run), "--splits", "5", "--min-per-class", "1"])
 
 
+def test_patience_counts_epochs_when_evaluating_every_other_epoch(fixture_root, tmp_path, monkeypatch):
+    # a validation score that never improves: the fold stops `patience` epochs after its first evaluation,
+    # and the plateau halves the lr once more than 3 epochs went without improvement (not 3 evaluations)
+    import mitobench.methods.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "balanced_accuracy_score", lambda y, p: 0.5)
+    monkeypatch.setattr(engine_mod, "roc_auc_score", lambda y, p: 0.5)
+    train = {"epochs": 8, "eval_every": 2, "optimizer": "adam", "lr": 1e-5, "augment": "none", "img_size": 32}
+    _, _, _, stopped = fit_fold(make_config(fixture_root, tmp_path, train={**train, "patience": 2}), tmp_path / "a")
+    assert [h["epoch"] for h in stopped.info["history"]] == [2, 4]
+    _, _, _, full = fit_fold(make_config(fixture_root, tmp_path, train={**train, "patience": 50}), tmp_path / "b")
+    lrs = [(h["epoch"], h["lr"]) for h in full.info["history"]]
+    assert lrs == [(2, 1e-5), (4, 1e-5), (6, 1e-5), (8, 5e-6)]  # halved after epoch 6: 4 epochs since epoch 2
+
+
 def test_unknown_select_rule_is_a_clear_error(fixture_root, tmp_path):
     with pytest.raises(MitobenchError, match="train.select 'best'.*ba, auroc, last"):
         make_config(fixture_root, tmp_path, train={"select": "best"})

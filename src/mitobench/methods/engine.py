@@ -274,7 +274,9 @@ class TrainMethod:
         elif cfg.optimizer == "adam":
             opt = make_optimizer(torch.optim.Adam, groups, cfg.lr)
             sched = None
-            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3, min_lr=1e-7)
+            # the plateau waits 3 epochs, counted in evaluations: more than 3 epochs without improvement halve the lr
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, min_lr=1e-7,
+                                                                 patience=max(0, math.ceil(4 / cfg.eval_every) - 1))
         else:
             raise MitobenchError(f"unknown optimizer {cfg.optimizer!r}: use adamw or adam")
         augment = BatchAugment(PRESETS[cfg.augment] if isinstance(cfg.augment, str) else cfg.augment, cfg.img_size, seed)
@@ -369,6 +371,7 @@ class TrainMethod:
                                           f"the validation fold at epoch {state['epoch']}; this fold was stopped, the "
                                           "other folds go on. Lower the learning rate (train.lr) or train in float32 "
                                           "(train.precision=fp32).")
+                since_last_eval = state["epoch"] - (state["history"][-1]["epoch"] if state["history"] else 0)
                 ba = float(balanced_accuracy_score(y_val, p_val >= 0.5))
                 auc = float(roc_auc_score(y_val, p_val))
                 val_by_epoch.append(p_val.astype(np.float32))
@@ -383,7 +386,7 @@ class TrainMethod:
                     state.update(best=ba, best_auc=auc, best_epoch=state["epoch"], since=0)
                     self._atomic_torch_save({k: v.detach().cpu() for k, v in eval_model.state_dict().items()}, best_path)
                 elif eligible:
-                    state["since"] += 1
+                    state["since"] += since_last_eval  # patience is in epochs, also when evaluating every k
             self._atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
                                      "sched": sched.state_dict() if sched is not None else {},
                                      "plateau": plateau.state_dict() if plateau is not None else {},
