@@ -220,6 +220,30 @@ def test_reencoded_copy_of_test_image_in_other_holdout_is_a_warning(tmp_path):
     assert any("identical pixels" in w and f"AMi-Br-test:{row['dataset_uid']}" in w for w in result.warnings)
 
 
+def test_cli_checks_the_user_s_own_set_for_leakage(tmp_path):
+    from typer.testing import CliRunner
+
+    from mitobench.cli import app
+
+    _, first, train_image = root_with_every_set(tmp_path / "root")
+    mine = make_custom_folder(tmp_path / "mine")
+    reencode(train_image, mine / first["final_label"] / "resaved.png")
+    runner = CliRunner()
+    clean = runner.invoke(app, ["data", "check", "--data-root", str(tmp_path / "root")])
+    assert clean.exit_code == 0, clean.output
+    leaky = runner.invoke(app, ["data", "check", "--data-root", str(tmp_path / "root"), "--dataset", str(mine)],
+                          env={"COLUMNS": "1000"})
+    assert leaky.exit_code == 1, leaky.output
+    assert f"mine:{first['final_label']}/resaved.png" in leaky.output and "leaky" in leaky.output
+    # a set named like a built-in one, or two sets of one name, are refused (the CLI prints the error, exit 2)
+    taken = runner.invoke(app, ["data", "check", "--data-root", str(tmp_path / "root"),
+                                "--dataset", str(make_custom_folder(tmp_path / "AtNorM-Br"))])
+    assert isinstance(taken.exception, MitobenchError) and "already taken by a built-in set" in str(taken.exception)
+    twice = runner.invoke(app, ["data", "check", "--data-root", str(tmp_path / "root"),
+                                "--dataset", str(mine), "--dataset", str(mine)])
+    assert isinstance(twice.exception, MitobenchError) and "already taken by another --dataset" in str(twice.exception)
+
+
 def test_reencoded_copies_with_conflicting_labels(tmp_path):
     # in the user's own data: an error, as for exact duplicates
     folder = make_custom_folder(tmp_path / "mine")
@@ -325,6 +349,10 @@ def test_real_data_integrity(real_result):
     assert real_result.ok, real_result.errors
     assert real_result.unreadable == [] and real_result.converted == []
     assert real_result.slide_overlap == []
+    assert real_result.slides == {"AMi-Br-train": 146, "AMi-Br-test": 56}
+    text = rendered(real_result)
+    assert "AMi-Br slides: 146 train, 56 test; shared by both: none" in text
+    assert "Re-encoded copies (different files, identical pixels): none" in text
     assert real_result.train_holdout_duplicates == [] and real_result.train_holdout_pixel_duplicates == []
     assert real_result.pixel_duplicate_groups == []  # no re-encoded copies in the public data
     rows = {r.set: r for r in real_result.integrity}

@@ -156,3 +156,16 @@ def test_cli_check_exits_1_when_published_weights_are_not_found(tmp_path, cli):
     ok = cli("models", "check", "timm/resnet18", "--image", image, env={"COLUMNS": "1000"})
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert proc.returncode == 1, proc.stdout + proc.stderr
+
+
+def test_cli_show_prints_a_card_in_full_with_its_lora_regex(cli):
+    from mitobench.models.cards import VIT_LORA, get_card
+
+    proc = cli("models", "show", "virchow2", env={"COLUMNS": "1000"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+    assert lines["lora_target (peft target_modules regex)"] == VIT_LORA == get_card("virchow2").lora_target
+    assert lines["hf_repo"] == "paige-ai/Virchow2" and lines["embed_dim"] == "2560"
+    assert lines["weights"] == "no"  # nothing on this machine; `models list` says the same
+    unknown = cli("models", "show", "no_such_model")
+    assert unknown.returncode == 2 and "unknown model 'no_such_model'" in unknown.stdout + unknown.stderr

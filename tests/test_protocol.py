@@ -399,6 +399,28 @@ def test_a_dataset_named_like_a_builtin_set_is_refused(fixture_root, tmp_path):
     assert not (tmp_path / "runs").exists()  # refused before a run folder exists
 
 
+def test_a_dataset_holding_copies_of_training_images_is_refused(fixture_root, tmp_path):
+    from fixtures import make_custom_folder
+    from test_check import reencode
+
+    train = discover(fixture_root)["AMi-Br"].query("split == 'train'")
+    mine = make_custom_folder(tmp_path / "mine")
+    (mine / "Atypical" / "copy.png").write_bytes(Path(train["path"].iloc[0]).read_bytes())  # the same bytes
+    reencode(Path(train["path"].iloc[3]), mine / "Normal" / "resaved.png")  # the same pixels, other bytes
+    with pytest.raises(MitobenchError) as refused:
+        run_benchmark(config(fixture_root, tmp_path, datasets=[str(mine)]), console=quiet())
+    message = str(refused.value)
+    assert "--dataset mine: 2 image(s) are copies of AMi-Br training images" in message
+    assert f"copy.png = AMi-Br-train:{train['image'].iloc[0]}" in message
+    assert f"resaved.png = AMi-Br-train:{train['image'].iloc[3]}" in message
+    assert not (tmp_path / "runs").exists()  # refused before a run folder exists
+    # without the copies the set is evaluated
+    (mine / "Atypical" / "copy.png").unlink()
+    (mine / "Normal" / "resaved.png").unlink()
+    path = run_benchmark(config(fixture_root, tmp_path, datasets=[str(mine)]), console=quiet())
+    assert "mine" in set(pd.read_csv(path / "predictions.csv")["dataset"])
+
+
 def test_saved_paths_are_absolute_so_a_run_resumes_from_anywhere(fixture_root, tmp_path, monkeypatch):
     monkeypatch.chdir(fixture_root.parent)
     values = {"data_root": fixture_root.name, "cache_dir": str(tmp_path / "cache"), "runs_dir": str(tmp_path / "runs"),

@@ -70,7 +70,8 @@ def run(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume an interrupted run folder with its own config.yaml (only --data-root, "
                                          "--cache-dir and --set train.eval_batch_size may change)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any option as key=value (YAML value), e.g. "
-                                             "--set train.lr=3e-4 --set train.lora_targets='.*qkv$'. Repeatable."),
+                                             "--set probe.head=torch, or with --method finetune/lora --set train.lr=3e-4 "
+                                             "--set train.lora_targets='.*qkv$'. Repeatable."),
 ) -> None:
     """Run the AMi-Br protocol: 5 slide-grouped folds, every hold-out set, fold mean +- SD and the ensemble."""
     from mitobench.config import load_config
@@ -243,12 +244,24 @@ def data_fetch(data_root: Optional[str] = DataRoot,
 
 
 @data_app.command("check")
-def data_check(data_root: Optional[str] = DataRoot) -> None:
-    """Counts per set, class and domain; unreadable files; duplicates; slide overlap train/test."""
+def data_check(data_root: Optional[str] = DataRoot,
+               dataset: Optional[list[Path]] = typer.Option(None, "--dataset", help="Also check your own set (class "
+                                                            "folders or a CSV path,label[,group,domain]), as `run "
+                                                            "--dataset` evaluates it: leakage from AMi-Br train, "
+                                                            "duplicates, conflicts. Repeatable.")) -> None:
+    """Counts per set, class and domain; unreadable files; duplicates; slide overlap train/test; leakage."""
     from mitobench.data.check import check_data, render_check
-    from mitobench.data.records import resolve_data_root
+    from mitobench.data.records import load_custom, resolve_data_root
 
-    result = check_data(resolve_data_root(data_root))
+    extra = {}
+    for source in dataset or []:
+        frame = load_custom(source)
+        name = frame["dataset"].iloc[0]
+        if name in extra:
+            raise MitobenchError(f"--dataset {source}: its name {name!r} is already taken by another --dataset; a set "
+                                 "is named after its folder or CSV file, so rename one of them.")
+        extra[name] = frame
+    result = check_data(resolve_data_root(data_root), extra=extra)
     render_check(result)
     if not result.ok:
         raise typer.Exit(1)
@@ -260,6 +273,15 @@ def models_list() -> None:
     from mitobench.models.doctor import list_models, models_table
 
     console.print(models_table(list_models()))
+
+
+@models_app.command("show")
+def models_show(key: str) -> None:
+    """One model card in full: architecture, recipe, HF repo, weight files, LoRA target regex, local weights."""
+    from mitobench.models.doctor import card_details
+
+    for k, v in card_details(key).items():
+        console.print(f"{k}: {v}", markup=False, highlight=False)
 
 
 @models_app.command("check")

@@ -114,6 +114,30 @@ def load_sets(config: RunConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
     return sets, absent
 
 
+def refuse_leaked_datasets(config: RunConfig, sets: dict[str, pd.DataFrame]) -> None:
+    """A ``--dataset`` set holding a copy of an AMi-Br training image (same bytes or re-encoded) would score the
+    model on what it trained on: refused before any run folder exists. Decodes through the patch cache, so the
+    run reuses what this reads."""
+    from mitobench.data.check import leaked_copies
+
+    names = [n for n in sets if n != "AMi-Br-train" and n not in HOLDOUT_SETS and not n.endswith(" (dedup)")]
+    if not names:
+        return
+    cache = PatchCache(default_cache_dir(config), config.patch_size)
+    train = sets["AMi-Br-train"]
+    train_patches, _ = cache.load(train, "AMi-Br-train")
+    for name in names:
+        patches, _ = cache.load(sets[name], name)
+        pairs = leaked_copies(train_patches, patches)
+        if pairs:
+            shown = "; ".join(f"{sets[name]['path'].iloc[j]} = AMi-Br-train:{train['image'].iloc[i]}"
+                              for i, j in pairs[:5])
+            more = f"; and {len(pairs) - 5} more" if len(pairs) > 5 else ""
+            raise MitobenchError(f"--dataset {name}: {len(pairs)} image(s) are copies of AMi-Br training images "
+                                 f"(identical pixels): {shown}{more}. Scores on them would be leaky: remove them "
+                                 f"from the set (`mitobench data check --dataset PATH` lists every one).")
+
+
 def build_context(config: RunConfig, sets: dict[str, pd.DataFrame], folds: np.ndarray) -> Context:
     """The decoded patches of every set (from the patch cache) and the folds: what a method sees."""
     t0 = time.perf_counter()
@@ -255,6 +279,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
     sets, absent = load_sets(config)
     train = sets["AMi-Br-train"]
     folds = paper_folds(train, config.n_folds, config.seed)
+    refuse_leaked_datasets(config, sets)
     if resume is None:
         if config.method != "probe" and config.train.precision == "native":  # saved resolved: resume/predict match
             from mitobench.device import pick_device

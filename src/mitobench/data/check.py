@@ -130,6 +130,7 @@ class CheckResult:
     # groups of identical decoded pixels that are not all byte-identical files (re-encoded copies)
     pixel_duplicate_groups: list[PixelDuplicateGroup] = field(default_factory=list)
     slide_overlap: list[str] = field(default_factory=list)
+    slides: dict[str, int] = field(default_factory=dict)  # slides per AMi-Br split
     train_holdout_duplicates: list[DuplicateGroup] = field(default_factory=list)
     # training images with a re-encoded copy (different file, identical pixels) in a hold-out set
     train_holdout_pixel_duplicates: list[PixelDuplicateGroup] = field(default_factory=list)
@@ -221,13 +222,20 @@ def _load_datasets(root: Path, result: CheckResult) -> dict[str, pd.DataFrame]:
 
 
 def check_data(data_root: str | Path | None = None, *, datasets: dict[str, pd.DataFrame] | None = None,
-               patch_size: int | None = 128, decode: bool = True) -> CheckResult:
-    """Check the datasets under ``data_root`` (or the given record tables ``datasets``, keyed by name)."""
+               extra: dict[str, pd.DataFrame] | None = None, patch_size: int | None = 128,
+               decode: bool = True) -> CheckResult:
+    """Check the datasets under ``data_root`` (or the given record tables ``datasets``, keyed by name), and
+    the user's own sets ``extra`` beside them (``data check --dataset``: leakage from AMi-Br train included)."""
     result = CheckResult(data_root=str(data_root) if data_root is not None else None)
     if datasets is None:
         if data_root is None:
             raise MitobenchError("check_data needs a data root or record tables.")
         datasets = _load_datasets(Path(data_root), result)
+    for name, frame in (extra or {}).items():
+        if name in datasets or name in evaluation_sets(datasets) or name in HOLDOUT_SETS:
+            raise MitobenchError(f"--dataset: its name {name!r} is already taken by a built-in set; a set is named "
+                                 f"after its folder or CSV file, so rename it (e.g. my-{name}).")
+        datasets = {**datasets, name: frame}
     sets = evaluation_sets(datasets)
     # hold-out sets that are simply not there (a set that failed to load is an error instead)
     result.absent_sets = [s for s in HOLDOUT_SETS
@@ -289,7 +297,9 @@ def check_data(data_root: str | Path | None = None, *, datasets: dict[str, pd.Da
     if TRAIN_SET in sets and "AMi-Br-test" in sets:
         train_slides = set(sets[TRAIN_SET]["group"].dropna().astype(str))
         test = sets["AMi-Br-test"]
-        result.slide_overlap = sorted(train_slides & set(test["group"].dropna().astype(str)))
+        test_slides = set(test["group"].dropna().astype(str))
+        result.slide_overlap = sorted(train_slides & test_slides)
+        result.slides = {TRAIN_SET: len(train_slides), "AMi-Br-test": len(test_slides)}
         no_slide = int(test["group"].isna().sum())
         if no_slide:
             result.warnings.append(f"{no_slide} AMi-Br test image(s) have no slide in AMI-BR.csv: slide overlap "
@@ -342,6 +352,18 @@ def check_data(data_root: str | Path | None = None, *, datasets: dict[str, pd.Da
         result.warnings.append(f"{len(result.converted)} image(s) are not RGB and are converted on load "
                                f"(first: {result.converted[0].error}).")
     return result
+
+
+def leaked_copies(train: np.ndarray, holdout: np.ndarray) -> list[tuple[int, int]]:
+    """``(train row, hold-out row)`` pairs of identical decoded patches: byte-identical or re-encoded copies of a
+    training image in a hold-out set (leakage). Hashes each (H, W, 3) uint8 row; a few seconds for AMi-Br."""
+    def row_hashes(patches: np.ndarray) -> list[str]:
+        return [_sha256_bytes(np.ascontiguousarray(p).tobytes()) for p in patches]
+
+    seen: dict[str, int] = {}
+    for i, digest in enumerate(row_hashes(train)):
+        seen.setdefault(digest, i)
+    return [(seen[d], j) for j, d in enumerate(row_hashes(holdout)) if d in seen]
 
 
 def _describe_groups(groups: list, limit: int = 5) -> str:
@@ -407,8 +429,12 @@ def render_check(result: CheckResult, console=None, max_items: int = 20) -> None
                           _flag(row.conflicting_groups, "yellow" if row.set in KNOWN_CONFLICT_SETS else "red"))
     console.print(integrity)
     overlap = ("[red]" + ", ".join(result.slide_overlap[:max_items]) + "[/]") if result.slide_overlap else "none"
-    if any(r.set == TRAIN_SET for r in result.integrity):
-        console.print(f"Slides shared by AMi-Br train and test: {overlap}")
+    if result.slides:
+        console.print(f"AMi-Br slides: {result.slides[TRAIN_SET]} train, {result.slides['AMi-Br-test']} test; "
+                      f"shared by both: {overlap}")
+    pixel = result.pixel_duplicate_groups
+    console.print("Re-encoded copies (different files, identical pixels): "
+                  + (f"[yellow]{len(pixel)} group(s)[/], listed below" if pixel else "none"))
 
     if result.unreadable:
         table = Table(title="Unreadable images", show_lines=False)

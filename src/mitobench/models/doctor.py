@@ -10,6 +10,8 @@ with published weights whose weights were not found (random init); the CLI exits
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import logging
 import time
@@ -72,6 +74,23 @@ def models_table(rows: list[dict[str, Any]]):
     for row in rows:
         table.add_row(*(str(row.get(c, "")) for c in cols))
     return table
+
+
+def card_details(key: str) -> dict[str, str]:
+    """Every field of the card ``key`` as text, the weights' local status last (``mitobench models show``)."""
+    from mitobench.models.cards import get_card
+
+    card = get_card(key)
+    out = {}
+    for f in dataclasses.fields(card):
+        value = getattr(card, f.name)
+        if callable(value):
+            value = getattr(value, "__qualname__", repr(value))
+        elif value in (None, (), {}):
+            value = "-"
+        out["lora_target (peft target_modules regex)" if f.name == "lora_target" else f.name] = str(value)
+    out["weights"] = weights_status(card)
+    return out
 
 
 def _default_patch(data_root: str | Path | None = None) -> tuple[np.ndarray, str]:
