@@ -1054,6 +1054,10 @@ def test_out_of_memory_in_the_optimiser_step_or_evaluation_names_the_knob(fixtur
     monkeypatch.setattr(TrainMethod, "_predict", no_memory)
     with pytest.raises(MitobenchError, match=r"predicting .* batch size 128 .*train\.eval_batch_size=N.*--batch-size"):
         fit_fold(config, tmp_path / "b")
+    monkeypatch.undo()
+    monkeypatch.setattr(TrainMethod, "_build", no_memory)  # the model alone does not fit: no batch size helps
+    with pytest.raises(MitobenchError, match=r"placing efficientnet_lite0 .* does not fit.*precision=bf16.*--device cpu"):
+        fit_fold(config, tmp_path / "c")
 
 
 def test_evaluation_batch_size_is_a_setting(fixture_root, tmp_path, monkeypatch):
@@ -1106,6 +1110,14 @@ def test_layer_decay_follows_timm_layers_from_the_stem_to_the_head(arch, bottom,
         assert by_param[id(p)]["lr"] == pytest.approx(1e-3 * scales[name])
     flat = param_groups(classifier, 1e-3, 0.01, None)  # no decay: one lr for all, decay off for norms and biases
     assert {g["lr"] for g in flat} == {1e-3} and len(flat) == 2
+    # and off for what timm lists as no_weight_decay (position embeddings, class tokens, Swin's bias tables)
+    decay_of = {id(p): g["weight_decay"] for g in flat for p in g["params"]}
+    listed = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    for name, p in model.named_parameters():
+        expected = 0.0 if (p.ndim <= 1 or name in listed or name.split(".")[-1] in listed) else 0.01
+        assert decay_of[id(p)] == expected, name
+    if arch.startswith("vit"):
+        assert decay_of[id(model.pos_embed)] == decay_of[id(model.cls_token)] == 0.0
 
 
 def test_layer_decay_on_a_model_without_layer_groups_is_a_clear_error():

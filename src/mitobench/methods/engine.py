@@ -112,14 +112,19 @@ def layer_scales(backbone: nn.Module, layer_decay: float) -> dict[str, float]:
 
 
 def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay: float | None) -> list[dict]:
-    """No decay on norms and biases; optional layer-wise lr decay (``layer_scales``; the head gets the full lr)."""
-    scales = layer_scales(model.backbone.model, layer_decay) if layer_decay else {}
+    """No decay on norms, biases and what the timm model lists in ``no_weight_decay()`` (a ViT's position embedding
+    and class token, a Swin's relative position tables); optional layer-wise lr decay (``layer_scales``; the head
+    gets the full lr)."""
+    backbone = model.backbone.model
+    scales = layer_scales(backbone, layer_decay) if layer_decay else {}
+    skip = set(backbone.no_weight_decay()) if callable(getattr(backbone, "no_weight_decay", None)) else set()
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        scale = scales.get(name.removeprefix("backbone.model."), 1.0)
-        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        inner = name.removeprefix("backbone.model.")
+        scale = scales.get(inner, 1.0)
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or inner in skip or inner.split(".")[-1] in skip
         key = (scale, no_decay)
         groups.setdefault(key, {"params": [], "lr": lr * scale, "lr_scale": scale,
                                 "weight_decay": 0.0 if no_decay else weight_decay})["params"].append(p)
@@ -252,11 +257,20 @@ class TrainMethod:
             votes = train["p_atypical_votes"].to_numpy()[train_idx]
             targets = torch.as_tensor(np.where(np.isnan(votes), y_tr, votes), dtype=torch.float32)
 
-        model = self._build()
+        try:
+            model = self._build()
+            if self.device.type == "cuda":  # the uint8 cache lives on the GPU: no host copy or sync per batch
+                x_tr, targets = x_tr.to(self.device), targets.to(self.device)
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise MitobenchError(
+                f"out of memory on {self.device} placing {self.config.model} ({self.config.method}) and the training "
+                f"patches there, before any step: the model itself does not fit (train.precision={cfg.precision}). "
+                f"Use a device with more memory, --method lora with train.precision=bf16 (its frozen weights are "
+                f"stored in bf16, half the memory), or --device cpu.") from exc
         if cfg.compile:
             compile_model(model, cfg.compile_mode)
-        if self.device.type == "cuda":  # the uint8 cache lives on the GPU: no host copy or sync per batch
-            x_tr, targets = x_tr.to(self.device), targets.to(self.device)
         n_pos, n_neg = int(y_tr.sum()), int(len(y_tr) - y_tr.sum())
         from mitobench.methods import losses  # looked up per fold, so a loss can be swapped in
 
