@@ -251,16 +251,10 @@ def data_check(data_root: Optional[str] = DataRoot,
                                                             "duplicates, conflicts. Repeatable.")) -> None:
     """Counts per set, class and domain; unreadable files; duplicates; slide overlap train/test; leakage."""
     from mitobench.data.check import check_data, render_check
-    from mitobench.data.records import load_custom, resolve_data_root
+    from mitobench.data.records import HOLDOUT_SETS, resolve_data_root
+    from mitobench.protocol import load_user_sets
 
-    extra = {}
-    for source in dataset or []:
-        frame = load_custom(source)
-        name = frame["dataset"].iloc[0]
-        if name in extra:
-            raise MitobenchError(f"--dataset {source}: its name {name!r} is already taken by another --dataset; a set "
-                                 "is named after its folder or CSV file, so rename one of them.")
-        extra[name] = frame
+    extra = load_user_sets(dataset or [], taken={"AMi-Br", "AMi-Br-train", *HOLDOUT_SETS})
     result = check_data(resolve_data_root(data_root), extra=extra)
     render_check(result)
     if not result.ok:

@@ -88,18 +88,25 @@ def best_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.clip(thr[int(np.argmax(j))], 0.0, 1.0))
 
 
+def load_user_sets(sources, taken: set[str]) -> dict[str, pd.DataFrame]:
+    """Each ``--dataset`` source by its name; a name already ``taken`` by a built-in set, or used twice, would
+    replace that set silently: refused."""
+    out: dict[str, pd.DataFrame] = {}
+    for source in sources:
+        frame = load_custom(source)
+        name = frame["dataset"].iloc[0]
+        if name in out or name in taken:
+            what = "a built-in set" if name in taken else "another --dataset"
+            raise MitobenchError(f"--dataset {source}: its name {name!r} is already taken by {what}; a set is named "
+                                 f"after its folder or CSV file, so rename it (e.g. my-{name}) to evaluate it too.")
+        out[name] = frame
+    return out
+
+
 def load_sets(config: RunConfig) -> tuple[dict[str, pd.DataFrame], list[str]]:
     root = resolve_data_root(config.data_root)
     sets = evaluation_sets(discover(root))
-    builtin = set(sets) | set(HOLDOUT_SETS)
-    for source in config.datasets:
-        frame = load_custom(source)
-        name = frame["dataset"].iloc[0]
-        if name in sets or name in builtin:  # it would replace that set silently
-            what = "a built-in set" if name in builtin else "another --dataset"
-            raise MitobenchError(f"--dataset {source}: its name {name!r} is already taken by {what}; a set is named "
-                                 f"after its folder or CSV file, so rename it (e.g. my-{name}) to evaluate it too.")
-        sets[name] = frame
+    sets.update(load_user_sets(config.datasets, taken=set(sets) | set(HOLDOUT_SETS)))
     if "AMi-Br-train" not in sets:
         raise MitobenchError(f"data root {root} has no AMi-Br training split; training needs AMi-Br/, "
                              "amibr_train_split.csv and AMI-BR.csv (run `mitobench data fetch`).")
