@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import math
 import warnings
 
@@ -21,7 +22,8 @@ import mitobench.methods.losses as losses_mod
 from mitobench.config import load_config
 from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, AugmentConfig, BatchAugment, colour_jitter, dihedral, geometric, hed_jitter
-from mitobench.methods.engine import TrainMethod, centre_crop, improves, make_optimizer
+from mitobench.methods.engine import (TrainMethod, centre_crop, improves, load_trained_state, make_optimizer,
+                                      settle_best, staged_best)
 from mitobench.methods.losses import make_loss
 from mitobench.methods.mixup import mixup
 from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
@@ -348,7 +350,8 @@ def test_frozen_stages_keep_weights_and_batchnorm_statistics(fixture_root, tmp_p
     assert model.backbone.model.blocks[2][0].bn1.training
     tr, va = fold_indices(ctx)
     method.fit_predict(1, tr, va, ctx, tmp_path)
-    final = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    final = load_file(str(tmp_path / "model.safetensors"))  # the fold's model, frozen weights included
+    assert frozen.isdisjoint(torch.load(tmp_path / "last.pt", weights_only=True)["model"])  # rebuilt on resume
     early = ("backbone.model.conv_stem", "backbone.model.bn1.", "backbone.model.blocks.0.", "backbone.model.blocks.1.")
     changed = {k for k in initial if not torch.equal(initial[k], final[k])}
     assert changed and not any(k.startswith(early) for k in changed)
@@ -366,7 +369,7 @@ def test_frozen_stages_can_keep_batch_statistics(fixture_root, tmp_path):
     initial = {k: v.clone() for k, v in method._build().state_dict().items()}
     tr, va = fold_indices(ctx)
     method.fit_predict(1, tr, va, ctx, tmp_path)
-    final = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    final = load_file(str(tmp_path / "model.safetensors"))
     stem = [k for k in initial if k.startswith("backbone.model.bn1.")]
     assert not torch.equal(initial["backbone.model.bn1.running_mean"], final["backbone.model.bn1.running_mean"])
     assert all(torch.equal(initial[k], final[k]) for k in stem if not k.startswith("backbone.model.bn1.running")
@@ -440,6 +443,55 @@ def assert_resume_matches(config, tmp_path, monkeypatch):
         np.testing.assert_array_equal(ref.probs[name], resumed.probs[name])
     assert ref.info["history"] == [
         {**h, "seconds": ref.info["history"][i]["seconds"]} for i, h in enumerate(resumed.info["history"])]
+
+
+def test_a_kill_between_the_best_weights_and_last_pt_keeps_them_agreeing(fixture_root, tmp_path, monkeypatch):
+    """Epoch 2 improves: its weights are staged, then the run dies before last.pt records epoch 2. The resume drops
+    the staged weights (epoch 2 is trained again), so best.pt never holds an epoch that last.pt does not know."""
+    config = make_config(fixture_root, tmp_path, train={"select": "last", "img_size": 32})
+    straight = fit_fold(config, tmp_path / "straight")[3]
+    real_save = TrainMethod._atomic_torch_save
+
+    class Killed(BaseException):
+        pass
+
+    def die_at_epoch_2_best(obj, path):
+        real_save(obj, path)
+        if path.name == "best.pt.epoch2":
+            raise Killed
+
+    monkeypatch.setattr(TrainMethod, "_atomic_torch_save", staticmethod(die_at_epoch_2_best))
+    with pytest.raises(Killed):
+        fit_fold(config, tmp_path / "killed")
+    killed = tmp_path / "killed"
+    assert (killed / "best.pt").is_file() and (killed / "best.pt.epoch2").is_file()
+    assert json.loads(torch.load(killed / "last.pt", weights_only=True)["state"])["best_epoch"] == 1
+    monkeypatch.setattr(TrainMethod, "_atomic_torch_save", staticmethod(real_save))
+    resumed = fit_fold(config, killed)[3]
+    assert not list(killed.glob("best.pt.epoch*"))
+    assert resumed.info["best_epoch"] == straight.info["best_epoch"] == 2
+    for name in straight.probs:
+        np.testing.assert_array_equal(straight.probs[name], resumed.probs[name])
+
+
+def test_settle_best_publishes_only_the_epoch_last_pt_records(tmp_path):
+    for epoch in (2, 3):
+        staged_best(tmp_path, epoch).write_text(str(epoch))
+    settle_best(tmp_path, 3)
+    assert (tmp_path / "best.pt").read_text() == "3" and not list(tmp_path.glob("best.pt.epoch*"))
+    staged_best(tmp_path, 4).write_text("4")
+    settle_best(tmp_path, 3)  # epoch 4 was never recorded: dropped, best.pt kept
+    assert (tmp_path / "best.pt").read_text() == "3" and not list(tmp_path.glob("best.pt.epoch*"))
+
+
+def test_a_checkpoint_of_another_model_is_one_clear_error(fixture_root, tmp_path, tiny_vit_card):
+    method = TrainMethod(make_config(fixture_root, tmp_path, method="lora", model=TINY_VIT, train={"img_size": 32}))
+    method.device = torch.device("cpu")
+    model = method._build()
+    foreign = {"head.weight": torch.zeros(1, 7), "backbone.model.no_such.weight": torch.zeros(3)}
+    for state in (foreign, {}):
+        with pytest.raises(MitobenchError, match=r"last\.pt does not fit this fold's model.*Delete the folder"):
+            load_trained_state(model, state, tmp_path / "last.pt")
 
 
 def test_mixup_mixes_images_and_targets_with_one_lambda():
@@ -660,8 +712,16 @@ def test_lora_changes_only_adapters_and_head(fixture_root, tmp_path, tiny_vit_ca
     tr, va = fold_indices(ctx)
     method.fit_predict(1, tr, va, ctx, tmp_path)
     final = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
-    changed = [k for k in initial if not torch.equal(initial[k], final[k])]
+    # the resume checkpoint holds what trains (adapters, head) and buffers, not the frozen backbone
+    trained = {k for k in initial if "lora_" in k or k.startswith("head.")}
+    buffers = {k for k, _ in method._build().named_buffers()}
+    assert trained and set(final) == trained | (buffers & set(initial))
+    changed = [k for k in final if not torch.equal(initial[k], final[k])]
     assert changed and all("lora_" in k or k.startswith("head.") for k in changed)
+    torch.manual_seed(config.seed + 1)
+    model = method._build()  # the fold's selected model = rebuilt backbone + best.pt, as the engine loads it
+    load_trained_state(model, torch.load(tmp_path / "best.pt", weights_only=True), tmp_path / "best.pt")
+    assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items() if k not in trained)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])  # 0.3: the recomputation must draw the same LoRA dropout masks

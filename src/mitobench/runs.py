@@ -183,10 +183,11 @@ class RunDir:
         return probs, info
 
     def drop_checkpoints(self, fold: int) -> None:
-        """Delete a finished fold's ``last.pt``/``best.pt``: resume aids only (its model is saved), and a ViT-H's are
-        gigabytes."""
-        for name in ("last.pt", "best.pt"):
-            (self.path / "folds" / f"fold_{fold}" / name).unlink(missing_ok=True)
+        """Delete a finished fold's ``last.pt``/``best.pt`` (and a staged ``best.pt.epochN``): resume aids only (its
+        model is saved), and a fine-tuned ViT-H's are gigabytes."""
+        folder = self.path / "folds" / f"fold_{fold}"
+        for path in [folder / "last.pt", folder / "best.pt", *folder.glob("best.pt.epoch*")]:
+            path.unlink(missing_ok=True)
 
     def scratch(self, fold: int) -> Path:
         """Per-fold folder for training checkpoints (resume inside a fold)."""

@@ -36,7 +36,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
     """A GPU's ``OutOfMemoryError`` (``torch.OutOfMemoryError`` from torch 2.5, ``torch.cuda`` before) or the CPU
     allocator's plain ``RuntimeError``: both get the message that names the knob."""
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(exc, oom)) or "can't allocate memory" in str(exc)
+    text = str(exc)
+    return (oom is not None and isinstance(exc, oom)) or any(
+        sign in text for sign in ("can't allocate memory", "MPS backend out of memory", "CUBLAS_STATUS_ALLOC_FAILED"))
 
 
 def nonfinite_check_every(device: torch.device) -> int:
@@ -148,6 +150,45 @@ def load_fold_checkpoint(path: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - EOFError, RuntimeError, UnpicklingError on a damaged file
         raise MitobenchError(f"{path} cannot be read ({type(exc).__name__}): this fold's checkpoint is damaged. "
                              f"Delete the folder {path.parent} and resume the run to train the fold again.") from exc
+
+
+def trained_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: the parameters that train and every buffer (BatchNorm statistics, an EMA's count).
+    Frozen weights are rebuilt from the backbone's own weights on resume, so a LoRA fold's resume checkpoints are
+    megabytes, not the gigabytes of a ViT-H written every epoch."""
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    return {k: v.detach() for k, v in module.state_dict().items() if k not in frozen}
+
+
+def load_trained_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a ``trained_state`` into the rebuilt model; one that does not fit it (another model, method or recipe)
+    is one error saying how to train the fold again."""
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape mismatch
+        missing, unexpected = [str(exc).splitlines()[0]], []
+    if unexpected or set(missing) - frozen:
+        wrong = sorted(set(missing) - frozen)[:3] + sorted(unexpected)[:3]
+        raise MitobenchError(f"{path} does not fit this fold's model (e.g. {', '.join(wrong)}): it was written by "
+                             f"another model or recipe. Delete the folder {path.parent} and resume the run to train "
+                             "the fold again.")
+
+
+def staged_best(scratch: Path, epoch: int) -> Path:
+    """Where an improving epoch's weights wait until ``last.pt`` records that epoch as the best; then they become
+    ``best.pt``. A kill in between leaves ``best.pt`` and ``last.pt`` agreeing (``settle_best``)."""
+    return scratch / f"best.pt.epoch{epoch}"
+
+
+def settle_best(scratch: Path, best_epoch: int | None) -> None:
+    """Publish the staged weights of ``best_epoch`` as ``best.pt``; drop any other staged file (an epoch that
+    ``last.pt`` never recorded, to be trained again)."""
+    for staged in scratch.glob("best.pt.epoch*"):
+        if best_epoch is not None and staged == staged_best(scratch, best_epoch):
+            staged.replace(scratch / "best.pt")
+        else:
+            staged.unlink()
 
 
 class TrainMethod:
@@ -264,11 +305,7 @@ class TrainMethod:
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise
-            raise MitobenchError(
-                f"out of memory on {self.device} placing {self.config.model} ({self.config.method}) and the training "
-                f"patches there, before any step: the model itself does not fit (train.precision={cfg.precision}). "
-                f"Use a device with more memory, --method lora with train.precision=bf16 (its frozen weights are "
-                f"stored in bf16, half the memory), or --device cpu.") from exc
+            raise MitobenchError(self._placing_oom_message()) from exc
         if cfg.compile:
             compile_model(model, cfg.compile_mode)
         n_pos, n_neg = int(y_tr.sum()), int(len(y_tr) - y_tr.sum())
@@ -297,8 +334,14 @@ class TrainMethod:
         gen = torch.Generator().manual_seed(seed)
         # use_buffers: BatchNorm running statistics are averaged like the weights (as timm's ModelEma does)
         # instead of being copied from the raw model.
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
-                                                  use_buffers=True) if cfg.ema else None
+        try:
+            ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
+                                                      use_buffers=True) if cfg.ema else None
+        except RuntimeError as exc:  # a second copy of the model
+            if not is_out_of_memory(exc):
+                raise
+            raise MitobenchError(self._placing_oom_message() + " Or leave train.ema unset: it keeps a second copy "
+                                 "of the model.") from exc
 
         state = {"epoch": 0, "best": -1.0, "best_auc": -1.0, "best_epoch": 0, "since": 0, "history": []}
         val_by_epoch: list[np.ndarray] = []  # every evaluated epoch's validation probabilities (selection analyses)
@@ -306,14 +349,14 @@ class TrainMethod:
         best_path = scratch / "best.pt"
         if ckpt.is_file():  # resume inside the fold
             saved = load_fold_checkpoint(ckpt)
-            model.load_state_dict(saved["model"])
+            load_trained_state(model, saved["model"], ckpt)
             opt.load_state_dict(saved["opt"])
             if sched is not None:
                 sched.load_state_dict(saved["sched"])
             if plateau is not None:
                 plateau.load_state_dict(saved["plateau"])
             if ema is not None and "ema" in saved:
-                ema.load_state_dict(saved["ema"])
+                load_trained_state(ema, saved["ema"], ckpt)
             augment.set_state(saved["aug_rng"])
             gen.set_state(saved["gen_rng"])
             torch.set_rng_state(saved["torch_rng"])
@@ -322,6 +365,7 @@ class TrainMethod:
             state = json.loads(saved["state"])
             val_by_epoch = list(saved["val_by_epoch"].numpy()) if "val_by_epoch" in saved else []
             say(f"fold {fold}: resumed after epoch {state['epoch']}")
+        settle_best(scratch, state["best_epoch"] if ckpt.is_file() else None)
 
         weights = torch.as_tensor(1.0 / np.bincount(y_tr, minlength=2)[y_tr], dtype=torch.double)
         precision = resolve_precision(cfg.precision, self.device)  # once, not at every step
@@ -343,23 +387,25 @@ class TrainMethod:
                 for step, start in enumerate(range(0, len(order), cfg.batch_size)):
                     idx = order[start:start + cfg.batch_size]
                     advance(len(idx))
-                    x = augment(x_tr[idx].to(self.device))
-                    x = (x - model.backbone._mean) / model.backbone._std
-                    y = targets[idx].to(self.device)
-                    if cfg.mixup:
-                        x, y, _ = mixup(x, y, cfg.mixup, gen)
-                    if cfg.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
                     window_start = step - step % cfg.grad_accum  # micro-batches summed into one optimiser step
                     window = min(cfg.grad_accum, n_steps - window_start)  # fewer at the end of the epoch
-                    try:
+                    try:  # augmentation, forward, backward and optimiser step: an OOM anywhere names the knobs
+                        x = augment(x_tr[idx].to(self.device))
+                        x = (x - model.backbone._mean) / model.backbone._std
+                        y = targets[idx].to(self.device)
+                        if cfg.mixup:
+                            x, y, _ = mixup(x, y, cfg.mixup, gen)
+                        if cfg.channels_last:
+                            x = x.contiguous(memory_format=torch.channels_last)
                         with autocast(precision, self.device):
                             loss = loss_fn(model(x).float(), y) / window
                         nonfinite |= ~torch.isfinite(loss)
                         if ((step + 1) % check_every == 0 or step + 1 == n_steps) and nonfinite:
-                            raise FoldFailedError(f"fold {fold}: the loss became {loss.item()} at epoch {state['epoch'] + 1}; "
-                                                  "this fold was stopped, the other folds go on. Lower the learning rate "
-                                                  "(train.lr) or train in float32 (train.precision=fp32).")
+                            # on CUDA the flag is read every few steps: the first bad step may be a few steps back
+                            raise FoldFailedError(f"fold {fold}: the loss became non-finite (NaN or inf) in epoch "
+                                                  f"{state['epoch'] + 1}; this fold was stopped, the other folds go on. "
+                                                  "Lower the learning rate (train.lr) or train in float32 "
+                                                  "(train.precision=fp32).")
                         loss.backward()
                         if step + 1 == window_start + window:  # an epoch's gradients never carry into the next
                             opt.step()  # where Adam allocates its state: an OOM here names the same knobs
@@ -398,25 +444,26 @@ class TrainMethod:
                 eligible = state["epoch"] >= min(cfg.min_epochs, cfg.epochs)  # the last epoch always is
                 if improves(cfg.select, ba, auc, state["best"], state["best_auc"]) and eligible:
                     state.update(best=ba, best_auc=auc, best_epoch=state["epoch"], since=0)
-                    self._atomic_torch_save({k: v.detach().cpu() for k, v in eval_model.state_dict().items()}, best_path)
+                    self._atomic_torch_save(trained_state(eval_model), staged_best(scratch, state["epoch"]))
                 elif eligible:
                     state["since"] += since_last_eval  # patience is in epochs, also when evaluating every k
-            self._atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(),
+            self._atomic_torch_save({"model": trained_state(model), "opt": opt.state_dict(),
                                      "sched": sched.state_dict() if sched is not None else {},
                                      "plateau": plateau.state_dict() if plateau is not None else {},
-                                     **({"ema": ema.state_dict()} if ema is not None else {}),
+                                     **({"ema": trained_state(ema)} if ema is not None else {}),
                                      "aug_rng": augment.state(), "gen_rng": gen.get_state(),
                                      "torch_rng": torch.get_rng_state(), "state": json.dumps(state),
                                      **({"cuda_rng": torch.cuda.get_rng_state(self.device)}
                                         if self.device.type == "cuda" else {}),
                                      **({"val_by_epoch": torch.from_numpy(np.stack(val_by_epoch))} if val_by_epoch else {})},
                                     ckpt)
+            settle_best(scratch, state["best_epoch"])
 
         final = ema.module if ema is not None else model
         if not best_path.is_file():  # the last epoch is always evaluated and eligible: a damaged fold folder
             raise MitobenchError(f"{best_path} is missing although fold {fold} finished; delete {scratch} and resume "
                                  "to train the fold again.")
-        final.load_state_dict(load_fold_checkpoint(best_path))
+        load_trained_state(final, load_fold_checkpoint(best_path), best_path)
         self.module.save(final, scratch)
         probs = {"validation": self.predict(final, x_val, cfg.tta)}
         if val_by_epoch:  # rows follow info["history"]; no TTA
@@ -427,6 +474,12 @@ class TrainMethod:
                 "history": state["history"], "train_images_per_s": n_seen / t_train if t_train else None,
                 "pretrained": self.pretrained, "backbone_weights": self.weights_id}
         return FoldResult(probs, info)
+
+    def _placing_oom_message(self) -> str:
+        return (f"out of memory on {self.device} placing {self.config.model} ({self.config.method}) and the training "
+                f"patches there, before any step: the model itself does not fit (train.precision="
+                f"{self.config.train.precision}). Use a device with more memory, --method lora with train.precision=bf16 "
+                "(its frozen weights are stored in bf16, half the memory), or --device cpu.")
 
     def _oom_message(self, exc: Exception) -> str:
         cfg = self.config.train
