@@ -130,9 +130,10 @@ def test_bad_config_file_and_values(cli, fixture_root, tmp_path):
     assert_no_complete_run(tmp_path / "runs")
 
 
-def test_lora_without_regex(cli, fixture_root, tmp_path):
-    result = run_cmd(cli, fixture_root, tmp_path, "--method", "lora", "--model", "timm/resnet10t")
-    assert_clear_error(result, "timm/resnet10t", "LoRA")
+@pytest.mark.parametrize("model", ["timm/resnet10t", "timm/mobilevit_xxs"])  # a CNN; a "vit" that is no ViT
+def test_lora_without_regex(cli, fixture_root, tmp_path, model):
+    result = run_cmd(cli, fixture_root, tmp_path, "--method", "lora", "--model", model)
+    assert_clear_error(result, model, "LoRA")
     assert_no_complete_run(tmp_path / "runs")
 
 
@@ -221,10 +222,15 @@ def test_missing_weights_path_or_gpu_is_one_clear_error_before_any_run_folder(cl
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_a_foundation_model_without_its_weights_is_refused_not_probed_on_random_init(cli, fixture_root, tmp_path):
+@pytest.mark.parametrize("method, model, what", [("probe", "uni", "features"),
+                                                  ("finetune", "swin_base_patch4_window7_224", "weights")])
+def test_a_model_without_its_published_weights_is_refused_not_trained_on_random_init(cli, fixture_root, tmp_path,
+                                                                                     method, model, what):
     env = {**WIDE, "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache"), "MITOBENCH_WEIGHTS": ""}
-    result = cli("run", "--data-root", str(fixture_root), "--runs-dir", str(tmp_path / "runs"), "--model", "uni", env=env)
-    assert_clear_error(result, "uni", "RANDOM INIT", "--weights PATH", "--allow-download", "allow_random_init=true")
+    result = cli("run", "--data-root", str(fixture_root), "--runs-dir", str(tmp_path / "runs"), "--model", model,
+                 "--method", method, env=env)
+    assert_clear_error(result, model, f"RANDOM INIT {what}", "--weights PATH", "--allow-download",
+                       "allow_random_init=true")
     assert not (tmp_path / "runs").exists()
 
 

@@ -117,7 +117,8 @@ def test_preset_then_yaml_then_flags(tmp_path):
     ("train.batch_size", 0, "train.batch_size=0"), ("train.lr", -1.0, "train.lr=-1"), ("train.augment", "foo", "none"),
     ("train.optimizer", "sgd", "adamw"), ("train.loss", "hinge", "focal"), ("probe.head", "svm", "logistic"),
     ("dtype", "int8", "float16"), ("train.lora_dropout", 1.0, "lora_dropout"), ("train.ema", 1.5, "train.ema"),
-    ("train.epochs", 0, "train.epochs=0"), ("embed_workers", 0, "embed_workers=0")])
+    ("train.epochs", 0, "train.epochs=0"), ("embed_workers", 0, "embed_workers=0"),
+    ("train.lora_targets", "blocks\\.(qkv", "not a valid regular expression")])
 def test_out_of_range_values_stop_before_a_run_starts(key, value, expected):
     with pytest.raises(MitobenchError, match=re.escape(expected)):
         load_config(None, {"method": "finetune", "train.epochs": 1, key: value})

@@ -291,6 +291,12 @@ def check_values(config: RunConfig) -> None:
         raise MitobenchError(f"train.ema={train.ema!r}: an EMA decay is in (0, 1), e.g. 0.999; null turns it off.")
     if train.layer_decay is not None and not 0 < train.layer_decay <= 1:
         raise MitobenchError(f"train.layer_decay={train.layer_decay!r}: a layer-wise decay is in (0, 1], e.g. 0.75.")
+    if train.lora_targets is not None:
+        try:
+            re.compile(str(train.lora_targets))
+        except re.error as exc:
+            raise MitobenchError(f"train.lora_targets={train.lora_targets!r} is not a valid regular expression ({exc}). "
+                                 "Give a regex over module names, e.g. '.*blocks\\.\\d+\\.attn\\.qkv$'.") from exc
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

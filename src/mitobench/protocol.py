@@ -211,9 +211,10 @@ def recipe(config: RunConfig) -> str:
 
 
 def check_weights_found(config: RunConfig) -> None:
-    """A probe or LoRA of a model with published weights that are not on this machine would run on random-init
-    features for an hour and give a run `predict` refuses: one clear error instead, before any folder exists."""
-    if config.method == "finetune" or config.weights or config.allow_download or config.allow_random_init:
+    """A probe, LoRA or fine-tune of a model with published weights that are not on this machine would train on
+    random-init weights for hours (and a probe or LoRA give a run `predict` refuses): one clear error instead, before
+    any folder exists. Cards without published weights (the paper's from-scratch baselines, ``timm/<name>``) pass."""
+    if config.weights or config.allow_download or config.allow_random_init:
         return
     from mitobench.models.cards import get_card  # not the registry: a warm probe run never imports torch
 
@@ -226,7 +227,7 @@ def check_weights_found(config: RunConfig) -> None:
     if path is None:
         raise MitobenchError(
             f"{card.key}: its weights ({card.hf_repo}) are not on this machine ({where}), so this {config.method} "
-            f"run would use RANDOM INIT features. Pass --weights PATH (the weights file or snapshot folder), list it "
+            f"run would use RANDOM INIT {'weights' if config.method == 'finetune' else 'features'}. Pass --weights PATH (the weights file or snapshot folder), list it "
             f"in the file named by ${ENV_MAPPING}, or add --allow-download (gated models: accept their terms and set "
             "HF_TOKEN); --set allow_random_init=true runs it on random init anyway.")
 

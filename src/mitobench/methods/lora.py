@@ -8,6 +8,7 @@ loads them into the card's backbone without mitobench.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from torch import nn
@@ -29,8 +30,9 @@ def prepare(model: nn.Module, config) -> nn.Module:
                       target_modules=target, bias="none")
     try:
         model.backbone.model = inject_adapter_in_model(lora, model.backbone.model)
-    except ValueError as exc:
-        raise MitobenchError(f"LoRA targets {target!r} match no layer of {card.key}: {exc}") from exc
+    except (ValueError, re.error) as exc:
+        raise MitobenchError(f"LoRA targets {target!r} match no layer of {card.key}: {exc}. Set train.lora_targets "
+                             "to a regex over its module names (`mitobench models show KEY` prints the card's).") from exc
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("head."))
     # The backbone is frozen, BatchNorm statistics included: the checkpoint (adapters + head) does not hold them, so

@@ -86,6 +86,14 @@ def list_cards() -> list[ModelCard]:
     return list(_REGISTRY.values())
 
 
+def timm_lora_target(name: str) -> str | None:
+    """The LoRA regex for a timm ViT (``vit_*``, ``deit*``, ``eva*``, ``beit*``) or Swin (``swin*``); None for other
+    families (mobilevit, fastvit, CNNs), whose layers these regexes would not match."""
+    if name.startswith(("vit_", "deit", "eva", "beit")):
+        return VIT_LORA
+    return SWIN_LORA if name.startswith("swin") else None
+
+
 def get_card(key: str) -> ModelCard:
     """The card for ``key``; ``timm/<name>`` makes a card for any timm model on the fly."""
     _ensure_zoo()
@@ -102,7 +110,7 @@ def get_card(key: str) -> ModelCard:
         return ModelCard(key=key, family="timm", arch=name, build_kwargs={"num_classes": 0}, input_size=size,
                          interpolation=getattr(cfg, "interpolation", "bilinear") or "bilinear",
                          mean=tuple(getattr(cfg, "mean", IMAGENET_MEAN)), std=tuple(getattr(cfg, "std", IMAGENET_STD)),
-                         embedding="pooled", lora_target=VIT_LORA if "vit" in name else SWIN_LORA if "swin" in name else None,
+                         embedding="pooled", lora_target=timm_lora_target(name),
                          description=f"any timm model ({name})")
     close = [k for k in _REGISTRY if key.lower()[:3] in k.lower()][:8]
     raise MitobenchError(f"unknown model {key!r}. Known keys: {sorted(_REGISTRY)}{' (close: ' + str(close) + ')' if close else ''}; "
