@@ -42,6 +42,18 @@ def test_native_is_bf16_only_where_the_device_has_it(monkeypatch, native_cpu):
     assert [resolve_precision(name, CPU) for name in ("auto", "fp32", "bf16")] == ["auto", "fp32", "bf16"]
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True), (False, True, True)])
+def test_an_avx512_cpu_without_bf16_units_is_not_native(monkeypatch, avx512_bf16, amx, expected):
+    """oneDNN says bf16 is supported on any AVX-512 CPU (it emulates it there): native needs AVX512-BF16 or AMX."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(precision_mod.platform, "machine", lambda: "x86_64")
+    assert precision_mod.cpu_has_native_bf16() is expected
+    monkeypatch.setattr(precision_mod.platform, "machine", lambda: "aarch64")  # Arm: oneDNN's check is the answer
+    assert precision_mod.cpu_has_native_bf16() is True
+
+
 def test_unknown_precision_is_a_clear_error(fixture_root, tmp_path):
     with pytest.raises(MitobenchError, match="train.precision 'fp16'.*auto.*fp32.*bf16"):
         make_config(fixture_root, tmp_path, train={"precision": "fp16"})

@@ -16,6 +16,8 @@ freed memory): about 1.4x (128 px) and 1.6x (224 px) the training images/s of fl
 
 from __future__ import annotations
 
+import platform
+
 import contextlib
 
 import torch
@@ -49,11 +51,16 @@ def autocast(name: str, device: torch.device) -> contextlib.AbstractContextManag
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels here (without them bf16 is emulated and slow)."""
+    """Whether this CPU computes bf16 natively (without it bf16 is emulated and slow). oneDNN's own check says yes on
+    any AVX-512 x86 CPU, where it emulates bf16; so on x86 the CPU must also have AVX512-BF16 or AMX."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+    x86_checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not onednn or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686") or None in x86_checks:
+        return onednn  # Arm: oneDNN checks the bf16 extension itself
+    return any(check() for check in x86_checks)
 
 
 def _cpu_autocast_dtype() -> torch.dtype | None:
