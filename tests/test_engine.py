@@ -474,6 +474,15 @@ def test_a_kill_between_the_best_weights_and_last_pt_keeps_them_agreeing(fixture
         np.testing.assert_array_equal(straight.probs[name], resumed.probs[name])
 
 
+@pytest.mark.parametrize("model, preset, expected", [("conch_v1", None, 448), ("efficientnet_lite0", None, 224),
+                                                     ("conch_v1", "paper", 224), ("conch_v1", "cpu", 128)])
+def test_img_size_defaults_to_the_cards_input_size(tmp_path, model, preset, expected):
+    values = {"method": "finetune", "model": model, "runs_dir": str(tmp_path), **({"train.preset": preset} if preset else {})}
+    config = load_config(None, values)
+    assert config.train.img_size == (None if preset is None else expected)
+    assert TrainMethod(config).config.train.img_size == expected
+
+
 def test_settle_best_publishes_only_the_epoch_last_pt_records(tmp_path):
     for epoch in (2, 3):
         staged_best(tmp_path, epoch).write_text(str(epoch))

@@ -40,7 +40,7 @@ class TrainConfig:
     """End-to-end fine-tuning and LoRA (``mitobench.methods.engine``)."""
 
     preset: str | None = None
-    img_size: int = 224
+    img_size: int | None = None  # None: the model card's input size, written into config.yaml when a run starts
     epochs: int = 100
     batch_size: int = 8
     optimizer: str = "adamw"  # adamw (warm-up + cosine) | adam (+ ReduceLROnPlateau on val BA, the paper's)

@@ -200,6 +200,8 @@ class TrainMethod:
         self.config = config
         self.card = get_card(config.model)
         self.module = _method_module(config.method)
+        if config.train.img_size is None:  # the backbone's own input size (the saved config.yaml records it)
+            config.train.img_size = self.card.input_size
         if config.method == "lora" and not (config.train.lora_targets or self.card.lora_target):
             raise MitobenchError(f"model {config.model!r} has no LoRA target regex; pass train.lora_targets or use finetune.")
         self.pretrained, self.weights_id = True, None
