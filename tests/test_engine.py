@@ -23,7 +23,7 @@ from mitobench.config import load_config
 from mitobench.errors import FoldFailedError, MitobenchError
 from mitobench.methods.augment import PRESETS, AugmentConfig, BatchAugment, colour_jitter, dihedral, geometric, hed_jitter
 from mitobench.methods.engine import (TrainMethod, centre_crop, improves, load_trained_state, make_optimizer,
-                                      settle_best, staged_best)
+                                      settle_best, staged_best, stream_seed)
 from mitobench.methods.losses import make_loss
 from mitobench.methods.mixup import mixup
 from mitobench.methods.presets import PRESETS as TRAIN_PRESETS
@@ -481,6 +481,15 @@ def test_img_size_defaults_to_the_cards_input_size(tmp_path, model, preset, expe
     config = load_config(None, values)
     assert config.train.img_size == (None if preset is None else expected)
     assert TrainMethod(config).config.train.img_size == expected
+
+
+def test_sampler_and_augmentation_draw_from_independent_streams():
+    """Seeded alike, the two generators would draw the same numbers (image order tied to augmentation)."""
+    seeds = {stream_seed(seed, stream) for seed in (42, 43) for stream in ("augment", "sampler")}
+    assert len(seeds) == 4 and stream_seed(42, "augment") == stream_seed(42, "augment")
+    a = torch.Generator().manual_seed(stream_seed(42, "augment"))
+    b = torch.Generator().manual_seed(stream_seed(42, "sampler"))
+    assert not torch.equal(torch.rand(64, generator=a), torch.rand(64, generator=b))
 
 
 def test_settle_best_publishes_only_the_epoch_last_pt_records(tmp_path):

@@ -133,6 +133,12 @@ def param_groups(model: Classifier, lr: float, weight_decay: float, layer_decay:
     return list(groups.values())
 
 
+def stream_seed(seed: int, stream: str) -> int:
+    """An independent seed for one random stream of a fold (sampler, augmentation), derived from the fold's seed:
+    generators seeded alike would draw the same numbers, tying which image is drawn to how it is augmented."""
+    return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def improves(rule: str, ba: float, auc: float, best_ba: float, best_auc: float) -> bool:
     """Does this epoch replace the kept one under the ``train.select`` rule?"""
     if rule == "last":
@@ -332,8 +338,9 @@ class TrainMethod:
                                                                  patience=max(0, math.ceil(4 / cfg.eval_every) - 1))
         else:
             raise MitobenchError(f"unknown optimizer {cfg.optimizer!r}: use adamw or adam")
-        augment = BatchAugment(PRESETS[cfg.augment] if isinstance(cfg.augment, str) else cfg.augment, cfg.img_size, seed)
-        gen = torch.Generator().manual_seed(seed)
+        augment = BatchAugment(PRESETS[cfg.augment] if isinstance(cfg.augment, str) else cfg.augment, cfg.img_size,
+                               stream_seed(seed, "augment"))
+        gen = torch.Generator().manual_seed(stream_seed(seed, "sampler"))  # the sampler's and mixup's draws
         # use_buffers: BatchNorm running statistics are averaged like the weights (as timm's ModelEma does)
         # instead of being copied from the raw model.
         try:
