@@ -16,9 +16,8 @@ freed memory): about 1.4x (128 px) and 1.6x (224 px) the training images/s of fl
 
 from __future__ import annotations
 
-import platform
-
 import contextlib
+import platform
 
 import torch
 from torch import nn
