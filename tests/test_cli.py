@@ -130,7 +130,8 @@ def test_bad_config_file_and_values(cli, fixture_root, tmp_path):
     assert_no_complete_run(tmp_path / "runs")
 
 
-@pytest.mark.parametrize("model", ["timm/resnet10t", "timm/mobilevit_xxs"])  # a CNN; a "vit" that is no ViT
+@pytest.mark.parametrize("model", ["timm/resnet10t", "timm/mobilevit_xxs", "timm/levit_128"])  # a CNN; ViT-like models
+# whose layers the ViT regex does not match (mobilevit) or matches where peft cannot adapt them (LeViT's LinearNorm)
 def test_lora_without_regex(cli, fixture_root, tmp_path, model):
     result = run_cmd(cli, fixture_root, tmp_path, "--method", "lora", "--model", model)
     assert_clear_error(result, model, "LoRA")

@@ -492,6 +492,18 @@ def test_sampler_and_augmentation_draw_from_independent_streams():
     assert not torch.equal(torch.rand(64, generator=a), torch.rand(64, generator=b))
 
 
+def test_resume_refuses_a_checkpoint_trained_on_other_backbone_weights(fixture_root, tmp_path):
+    """last.pt leaves the frozen weights out; a resume that would rebuild other ones says so instead of going on."""
+    config = make_config(fixture_root, tmp_path, train={"epochs": 1, "img_size": 32})
+    scratch = tmp_path / "fold"
+    fit_fold(config, scratch)
+    saved = torch.load(scratch / "last.pt", weights_only=True)
+    assert saved["backbone_weights"] and saved["backbone_weights"] != "random-init"  # Lite0's package weights
+    torch.save({**saved, "backbone_weights": "random-init"}, scratch / "last.pt")
+    with pytest.raises(MitobenchError, match=r"trained on backbone weights 'random-init'.*Delete the folder"):
+        fit_fold(config, scratch)
+
+
 def test_settle_best_publishes_only_the_epoch_last_pt_records(tmp_path):
     for epoch in (2, 3):
         staged_best(tmp_path, epoch).write_text(str(epoch))

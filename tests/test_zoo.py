@@ -266,3 +266,13 @@ def test_lazy_build_arguments_have_the_real_objects_repr():
     assert resolve_lazy(3) == 3 and isinstance(SILU, Lazy)
     model = build_model(replace_card(get_card("phikon"), build_kwargs={**get_card("phikon").build_kwargs, "depth": 1}))
     assert model.blocks[0].norm1.eps == 1e-12
+
+
+@pytest.mark.parametrize("name, expected", [("flexivit_small", "vit"), ("tiny_vit_5m_224", "vit"), ("fastvit_t8", "vit"),
+                                            ("swin_tiny_patch4_window7_224", "swin"), ("levit_128", None),
+                                            ("mobilevit_xxs", None), ("resnet10t", None)])
+def test_timm_cards_get_a_lora_regex_only_where_peft_can_adapt_what_it_matches(name, expected):
+    """Judged on the built model, not the name: LeViT's matching layers are LinearNorm blocks peft rejects."""
+    from mitobench.models.cards import SWIN_LORA, VIT_LORA
+
+    assert get_card(f"timm/{name}").lora_target == {"vit": VIT_LORA, "swin": SWIN_LORA, None: None}[expected]

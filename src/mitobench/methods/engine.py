@@ -358,6 +358,12 @@ class TrainMethod:
         best_path = scratch / "best.pt"
         if ckpt.is_file():  # resume inside the fold
             saved = load_fold_checkpoint(ckpt)
+            if saved.get("backbone_weights", self.weights_id) != self.weights_id:  # frozen weights are rebuilt
+                raise MitobenchError(
+                    f"{ckpt} was trained on backbone weights {saved['backbone_weights']!r}, but {self.config.model} "
+                    f"now builds with {self.weights_id!r} (weights found, moved or changed since the fold started): "
+                    f"its adapters and head would continue on other frozen weights. Delete the folder {scratch} and "
+                    "resume the run to train the fold again, or restore the weights the run started with.")
             load_trained_state(model, saved["model"], ckpt)
             opt.load_state_dict(saved["opt"])
             if sched is not None:
@@ -456,7 +462,8 @@ class TrainMethod:
                     self._atomic_torch_save(trained_state(eval_model), staged_best(scratch, state["epoch"]))
                 elif eligible:
                     state["since"] += since_last_eval  # patience is in epochs, also when evaluating every k
-            self._atomic_torch_save({"model": trained_state(model), "opt": opt.state_dict(),
+            self._atomic_torch_save({"model": trained_state(model), "backbone_weights": self.weights_id,
+                                     "opt": opt.state_dict(),
                                      "sched": sched.state_dict() if sched is not None else {},
                                      "plateau": plateau.state_dict() if plateau is not None else {},
                                      **({"ema": trained_state(ema)} if ema is not None else {}),

@@ -10,6 +10,7 @@ module imports neither torch nor timm; ``mitobench.models.registry`` builds the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +87,28 @@ def list_cards() -> list[ModelCard]:
     return list(_REGISTRY.values())
 
 
+@functools.lru_cache(maxsize=64)
 def timm_lora_target(name: str) -> str | None:
-    """The LoRA regex for a timm ViT (``vit_*``, ``deit*``, ``eva*``, ``beit*``) or Swin (``swin*``); None for other
-    families (mobilevit, fastvit, CNNs), whose layers these regexes would not match."""
-    if name.startswith(("vit_", "deit", "eva", "beit")):
-        return VIT_LORA
-    return SWIN_LORA if name.startswith("swin") else None
+    """The ViT or Swin LoRA regex where it fits timm model ``name``: it matches at least one of the model's layers and
+    only layers peft can adapt (Linear, Conv2d), judged on the model built on the meta device (no memory, no weights).
+    None otherwise (CNNs; LeViT, whose matching layers peft rejects; mobilevit, whose names do not match): LoRA on
+    such a model then asks for ``train.lora_targets`` before any run folder exists."""
+    import re
+
+    import timm
+    import torch
+    from torch import nn
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta: judge by its name
+        return VIT_LORA if name.startswith(("vit_", "deit", "eva", "beit")) else SWIN_LORA if name.startswith("swin") else None
+    for regex in (SWIN_LORA, VIT_LORA) if "swin" in name else (VIT_LORA, SWIN_LORA):
+        matched = [m for key, m in model.named_modules() if re.fullmatch(regex, key)]
+        if matched and all(isinstance(m, (nn.Linear, nn.Conv2d)) for m in matched):
+            return regex
+    return None
 
 
 def get_card(key: str) -> ModelCard:
