@@ -398,6 +398,24 @@ def test_lora_resume_inside_a_fold_draws_the_same_dropout(fixture_root, tmp_path
     assert_resume_matches(config, tmp_path, monkeypatch)
 
 
+def kill_after_writing(name: str, train, monkeypatch) -> None:
+    """Call ``train()`` and stop it (as a kill would) right after the engine has written the file ``name``."""
+    real_save = TrainMethod._atomic_torch_save
+
+    class Killed(BaseException):
+        pass
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if path.name == name:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainMethod, "_atomic_torch_save", staticmethod(save_then_die))
+        with pytest.raises(Killed):
+            train()
+
+
 def assert_resume_matches(config, tmp_path, monkeypatch):
     ctx = make_context(config)
     tr, va = fold_indices(ctx, 2)
@@ -411,23 +429,10 @@ def assert_resume_matches(config, tmp_path, monkeypatch):
     straight.mkdir()
     ref = run(straight)
 
-    real_save = TrainMethod._atomic_torch_save
-
-    class Killed(BaseException):
-        pass
-
-    def save_then_die(obj, path):
-        real_save(obj, path)
-        if path.name == "last.pt":
-            raise Killed
-
-    monkeypatch.setattr(TrainMethod, "_atomic_torch_save", staticmethod(save_then_die))
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
-    with pytest.raises(Killed):
-        run(resumed_dir)
+    kill_after_writing("last.pt", lambda: run(resumed_dir), monkeypatch)
     assert torch.load(resumed_dir / "last.pt", weights_only=True)["state"].count('"epoch": 1') >= 1
-    monkeypatch.setattr(TrainMethod, "_atomic_torch_save", staticmethod(real_save))
     resumed = run(resumed_dir)
 
     a = torch.load(straight / "last.pt", weights_only=True)
@@ -450,23 +455,10 @@ def test_a_kill_between_the_best_weights_and_last_pt_keeps_them_agreeing(fixture
     the staged weights (epoch 2 is trained again), so best.pt never holds an epoch that last.pt does not know."""
     config = make_config(fixture_root, tmp_path, train={"select": "last", "img_size": 32})
     straight = fit_fold(config, tmp_path / "straight")[3]
-    real_save = TrainMethod._atomic_torch_save
-
-    class Killed(BaseException):
-        pass
-
-    def die_at_epoch_2_best(obj, path):
-        real_save(obj, path)
-        if path.name == "best.pt.epoch2":
-            raise Killed
-
-    monkeypatch.setattr(TrainMethod, "_atomic_torch_save", staticmethod(die_at_epoch_2_best))
-    with pytest.raises(Killed):
-        fit_fold(config, tmp_path / "killed")
     killed = tmp_path / "killed"
+    kill_after_writing("best.pt.epoch2", lambda: fit_fold(config, killed), monkeypatch)
     assert (killed / "best.pt").is_file() and (killed / "best.pt.epoch2").is_file()
     assert json.loads(torch.load(killed / "last.pt", weights_only=True)["state"])["best_epoch"] == 1
-    monkeypatch.setattr(TrainMethod, "_atomic_torch_save", staticmethod(real_save))
     resumed = fit_fold(config, killed)[3]
     assert not list(killed.glob("best.pt.epoch*"))
     assert resumed.info["best_epoch"] == straight.info["best_epoch"] == 2
