@@ -243,3 +243,36 @@ def make_data_root(root: str | Path, atnorm_md: bool = True, duplicates: bool = 
     if atnorm_md:
         make_atnorm_md(root)
     return root
+
+
+def make_slide(path: str | Path, patches: np.ndarray, mpp: float | None = 0.25, upscale: int = 1,
+               pyramid: bool = True, columns: int = 4, gap: int = 40) -> list[tuple[float, float]]:
+    """A tiled TIFF whole-slide image holding ``patches`` (N x 128 x 128 x 3) in a grid on white, each
+    nearest-upscaled by ``upscale``; returns each patch's centre in level-0 pixels.
+
+    ``mpp``: microns per level-0 pixel written in the resolution tags (None: none written). ``pyramid``: also
+    a level at every factor 2 down to the original patch size, as a scanner writes them."""
+    import tifffile
+
+    size = patches.shape[1]
+    rows = -(-len(patches) // columns)
+    canvas = np.full((gap + rows * (size + gap), gap + columns * (size + gap), 3), 255, dtype=np.uint8)
+    centres = []
+    for i, patch in enumerate(patches):
+        top, left = gap + (i // columns) * (size + gap), gap + (i % columns) * (size + gap)
+        canvas[top:top + size, left:left + size] = patch
+        centres.append(((left + size // 2) * upscale, (top + size // 2) * upscale))
+    full = canvas.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    levels = [full]
+    factor = 2
+    while pyramid and factor <= upscale:
+        levels.append(full[::factor, ::factor])
+        factor *= 2
+    extra = {} if mpp is None else {"resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path) as tiff:
+        for k, level in enumerate(levels):
+            res = {} if mpp is None else {"resolution": (1e4 / (mpp * 2 ** k),) * 2}
+            tiff.write(level, tile=(128, 128), photometric="rgb", compression="zlib",
+                       subfiletype=1 if k else 0, subifds=len(levels) - 1 if k == 0 and len(levels) > 1 else None,
+                       **res, **extra)
+    return centres

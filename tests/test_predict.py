@@ -426,3 +426,71 @@ def test_printed_paths_are_not_rich_markup(probe_run, fixture_root, tmp_path, cl
     again = cli("predict", str(run_dir), str(fixture_root / "AtNorM-Br" / "Atypical"), "--out", str(out),
                 env={"MITOBENCH_CACHE": str(tmp / "cache"), "COLUMNS": "1000"})
     assert again.returncode == 2 and str(out) in again.stderr
+
+
+@pytest.fixture(scope="module")
+def slide_case(real_data, tmp_path_factory):
+    """Eight real AMi-Br figures twice: as PNG files, and on an 80x pyramidal slide with their centres as points."""
+    from PIL import Image
+
+    from fixtures import make_slide
+
+    pytest.importorskip("tiffslide")
+    tmp = tmp_path_factory.mktemp("slide_case")
+    paths = sorted((real_data / "AMi-Br" / "Atypical").glob("*.png"))[:4] + \
+        sorted((real_data / "AMi-Br" / "Normal").glob("*.png"))[:4]
+    (tmp / "files").mkdir()
+    for p in paths:
+        (tmp / "files" / p.name).write_bytes(p.read_bytes())
+    patches = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    centres = make_slide(tmp / "slide.tif", patches, mpp=0.125, upscale=2)
+    labels = ["Atypical"] * 4 + ["Normal"] * 4
+    pd.DataFrame({"id": [p.name for p in paths], "x": [c[0] for c in centres], "y": [c[1] for c in centres],
+                  "label": labels}).to_csv(tmp / "points.csv", index=False)
+    return tmp, patches
+
+
+def test_slide_predictions_match_the_same_figures_as_files(probe_run, slide_case, tmp_path):
+    from PIL import Image
+
+    from mitobench.data.slides import read_points
+    from mitobench.predict import predict_slide
+
+    run_dir, tmp = probe_run
+    case, patches = slide_case
+    _, from_files = predict(run_dir, case / "files", tmp_path / "files.csv", cache_dir=str(tmp / "cache"))
+    path, from_slide = predict_slide(run_dir, case / "slide.tif", case / "points.csv", tmp_path / "slide.csv",
+                                     save_patches=True)
+    got = from_slide.set_index("id")["p_ensemble"]
+    expected = from_files.set_index("image")["p_ensemble"]
+    np.testing.assert_allclose(got.loc[expected.index].to_numpy(), expected.to_numpy(), atol=1e-6)
+    assert from_slide["label"].tolist() == [1] * 4 + [0] * 4 and not from_slide["edge_padded"].any()
+    assert pd.read_csv(path).shape[0] == 8
+    back = read_points(path.with_suffix(".geojson"))  # what QuPath would import, read as mitobench reads points
+    assert back["id"].tolist() == from_slide["id"].tolist()
+    np.testing.assert_array_equal(back[["x", "y"]].to_numpy(), from_slide[["x", "y"]].to_numpy())
+    assert back["label"].tolist() == (from_slide["predicted"] == "Atypical").astype(int).tolist()
+    saved = sorted((tmp_path / "slide-patches").glob("*.png"))
+    assert [p.name.split("-", 1)[1] for p in saved] == [f"{i}-{c}.png" for i, c in
+                                                        zip(from_slide["id"], from_slide["predicted"])]
+    np.testing.assert_array_equal(np.stack([np.asarray(Image.open(p)) for p in saved]), patches)
+
+
+def test_slide_predict_never_overwrites_and_cli(probe_run, slide_case, tmp_path, cli):
+    from mitobench.predict import predict_slide
+
+    run_dir, _ = probe_run
+    case, _ = slide_case
+    (tmp_path / "taken.geojson").write_text("mine")
+    with pytest.raises(MitobenchError, match="never overwrites"):
+        predict_slide(run_dir, case / "slide.tif", case / "points.csv", tmp_path / "taken.csv")
+    assert (tmp_path / "taken.geojson").read_text() == "mine" and not (tmp_path / "taken.csv").exists()
+    result = cli("predict", str(run_dir), str(case / "slide.tif"), "--points", str(case / "points.csv"),
+                 "--out", str(tmp_path / "out") + "/")
+    assert result.returncode == 0, result.stderr
+    assert "8 figures:" in result.stdout and "QuPath GeoJSON" in result.stdout
+    written = list((tmp_path / "out").glob("slide-*.csv"))
+    assert len(written) == 1 and written[0].with_suffix(".geojson").is_file()
+    bad = cli("predict", str(run_dir), str(case / "points.csv"), "--points", str(case / "points.csv"))
+    assert bad.returncode == 2 and "points.csv: cannot read this slide" in " ".join(bad.stderr.split())
+    assert cli("predict", str(run_dir), str(case / "files"), "--slide-mpp", "0.25").returncode == 2

@@ -163,22 +163,46 @@ def embed(
 @app.command()
 def predict(
     run_dir: Path = typer.Argument(..., help="A complete run folder (from `mitobench run`)."),
-    source: Path = typer.Argument(..., help="Patches: Atypical/Normal class folders, any folder of images, or a CSV with a path column."),
-    out: Optional[Path] = typer.Option(None, help="Output CSV (default RUN_DIR/predictions/<name>-<time>.csv); never overwritten."),
+    source: Path = typer.Argument(..., help="Patches: Atypical/Normal class folders, any folder of images, or a CSV with "
+                                             "a path column. With --points: a whole-slide image (SVS, tiled TIFF, ...)."),
+    points: Optional[Path] = typer.Option(None, help="The figures to classify on the slide SOURCE: a CSV with columns x, y "
+                                                     "(level-0 pixels; optional id, label) or a GeoJSON of points "
+                                                     "(QuPath's export)."),
+    slide_mpp: Optional[float] = typer.Option(None, help="The slide's microns per pixel, when its file does not record them."),
+    target_mpp: Optional[float] = typer.Option(None, help="Microns per pixel to crop at (default 0.25: the training "
+                                                          "patches' 40x)."),
+    save_patches: bool = typer.Option(False, help="With --points: also save each crop as a PNG beside the CSV."),
+    out: Optional[str] = typer.Option(None, help="Output CSV (default RUN_DIR/predictions/<name>-<time>.csv), or a folder "
+                                                 "(ending in /) to write it in; never overwritten."),
     batch_size: int = typer.Option(64, min=1),
     device: str = typer.Option("auto"),
 ) -> None:
-    """Apply a run's 5 fold models and their ensemble to new 128-px patches centred on mitotic figures."""
+    """Apply a run's 5 fold models and their ensemble to new 128-px patches centred on mitotic figures, or to the
+    figures at given points of a whole-slide image (--points; a GeoJSON for QuPath is written beside the CSV)."""
     from mitobench.evaluation.metrics import binary_metrics
     from mitobench.predict import predict as run_predict
+    from mitobench.predict import predict_slide
 
-    path, table = run_predict(run_dir, source, out, batch_size, device)
+    if points is None:
+        if slide_mpp is not None or target_mpp is not None or save_patches:
+            raise MitobenchError("--slide-mpp, --target-mpp and --save-patches apply to a slide: give its figures "
+                                 "with --points.")
+        path, table = run_predict(run_dir, source, out, batch_size, device)
+    else:
+        path, table = predict_slide(run_dir, source, points, out, batch_size, device, slide_mpp, target_mpp,
+                                    save_patches)
     n_atypical = int((table["predicted"] == "Atypical").sum())
-    console.print(f"{len(table)} patches: {n_atypical} predicted atypical (threshold {table['threshold'].iloc[0]:.3f})")
+    what = "figures" if points is not None else "patches"
+    console.print(f"{len(table)} {what}: {n_atypical} predicted atypical (threshold {table['threshold'].iloc[0]:.3f})")
+    if points is not None and table["edge_padded"].any():
+        console.print(f"{int(table['edge_padded'].sum())} crop(s) reached past the slide's edge (white there; "
+                      "column edge_padded)")
     if table["label"].notna().all() and table["label"].nunique() == 2:
         m = binary_metrics(table["label"].astype(int), table["p_ensemble"], float(table["threshold"].iloc[0]))
         console.print("ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
     console.print(f"predictions: {path}", soft_wrap=True, markup=False)
+    if points is not None:
+        console.print(f"QuPath GeoJSON: {path.with_suffix('.geojson')}", soft_wrap=True, markup=False)
 
 
 def _run_recipe(run_dir: Path) -> str:

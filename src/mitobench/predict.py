@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from mitobench.data.cache import PatchCache
 from mitobench.data.records import IMAGE_SUFFIXES, load_custom, parse_label, read_csv
 from mitobench.errors import MitobenchError
-from mitobench.io import atomic_write_csv
+from mitobench.io import atomic_write, atomic_write_csv
 from mitobench.runs import load_run_config, require_complete_run
 
 
@@ -235,35 +237,37 @@ def _write_new(out: Path, table: pd.DataFrame, explicit: bool) -> Path:
     raise MitobenchError(f"cannot find a free name for {out} in {out.parent}; choose an --out.")
 
 
-def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = None, batch_size: int = 64,
-            device: str = "auto", cache_dir: str | None = None) -> tuple[Path, pd.DataFrame]:
-    """Predict ``source`` with every fold model of ``run_dir``; write a new CSV, refuse anything doubtful."""
-    from mitobench.device import pick_device
-    from mitobench.protocol import default_cache_dir
-
-    run_dir, source = Path(run_dir), Path(source).expanduser().resolve()
+def _open_run(run_dir: Path):
+    """``(config, fold_info, thresholds)`` of a complete run folder, or one clear error."""
     require_complete_run(run_dir)
     status = _read_json(run_dir / "status.json")
     config = load_run_config(run_dir)
     fold_info = _read_json(run_dir / "fold_info.json")
-    thresholds = _thresholds(run_dir, fold_info, status, config.n_folds)
-    default_name = f"{source.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv"
+    return config, fold_info, _thresholds(run_dir, fold_info, status, config.n_folds)
+
+
+def _output_path(out: str | Path | None, run_dir: Path, default_name: str) -> tuple[Path, bool]:
+    """``(path, explicit)``: ``out`` as given, our name inside ``out`` when it is a folder, or the run's
+    ``predictions/`` folder; refused at once when an explicit file exists or cannot be created."""
     if out is not None and (str(out).endswith(("/", os.sep)) or Path(out).is_dir()):  # a folder: our name inside it
-        out = Path(out) / default_name
-        explicit = False
+        out, explicit = Path(out) / default_name, False
     else:
         explicit = out is not None
         out = Path(out) if out else run_dir / "predictions" / default_name
     if explicit and (out.exists() or out.is_symlink()):
         raise MitobenchError(f"{out} exists; mitobench never overwrites results. Choose another --out.")
     _check_folder(out)
-    records = _records(source)
-    if cache_dir:
-        config.cache_dir = cache_dir
-    patches, _ = PatchCache(default_cache_dir(config), config.patch_size).load(records, source.name, verify=True)
+    return out, explicit
+
+
+def _score(run_dir: Path, config, fold_info: dict, thresholds: list[float], patches: np.ndarray, table: pd.DataFrame,
+           batch_size: int, device: str) -> pd.DataFrame:
+    """``table`` with each fold model's probability, the ensemble's, the predicted class and the threshold."""
+    from mitobench.device import pick_device
+
     predictor = FoldPredictor(run_dir, pick_device(device))
     _check_backbone(run_dir, fold_info, config, predictor.backbone.weights_id)
-    table = records[["image", "path", "label"]].copy()
+    table = table.copy()
     for fold in range(1, config.n_folds + 1):
         p = np.asarray(predictor.probabilities(fold, patches, batch_size), dtype=np.float64)
         why = ("non-finite" if p.shape == (len(table),) else f"{p.shape}-shaped (not {len(table)})")
@@ -275,4 +279,85 @@ def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = No
     threshold = float(np.mean(thresholds))
     table["predicted"] = np.where(table["p_ensemble"] >= threshold, "Atypical", "Normal")
     table["threshold"] = threshold
+    return table
+
+
+def predict(run_dir: str | Path, source: str | Path, out: str | Path | None = None, batch_size: int = 64,
+            device: str = "auto", cache_dir: str | None = None) -> tuple[Path, pd.DataFrame]:
+    """Predict ``source`` with every fold model of ``run_dir``; write a new CSV, refuse anything doubtful."""
+    from mitobench.protocol import default_cache_dir
+
+    run_dir, source = Path(run_dir), Path(source).expanduser().resolve()
+    config, fold_info, thresholds = _open_run(run_dir)
+    out, explicit = _output_path(out, run_dir, f"{source.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv")
+    records = _records(source)
+    if cache_dir:
+        config.cache_dir = cache_dir
+    patches, _ = PatchCache(default_cache_dir(config), config.patch_size).load(records, source.name, verify=True)
+    table = _score(run_dir, config, fold_info, thresholds, patches, records[["image", "path", "label"]], batch_size,
+                   device)
     return _write_new(out, table, explicit), table
+
+
+QUPATH_COLOURS = {"Atypical": [220, 40, 40], "Normal": [40, 160, 60]}
+
+
+def slide_geojson(table: pd.DataFrame) -> dict:
+    """The predictions as a GeoJSON FeatureCollection of points that QuPath imports (class and probabilities)."""
+    folds = [c for c in table.columns if c.startswith("p_fold")]
+    features = [{"type": "Feature", "id": str(row.id),
+                 "geometry": {"type": "Point", "coordinates": [float(row.x), float(row.y)]},
+                 "properties": {"objectType": "annotation", "name": str(row.id),
+                                "classification": {"name": row.predicted, "color": QUPATH_COLOURS[row.predicted]},
+                                "measurements": {"p_atypical": float(row.p_ensemble),
+                                                 **{c: float(getattr(row, c)) for c in folds}}}}
+                for row in table.itertuples(index=False)]
+    return {"type": "FeatureCollection", "features": features}
+
+
+def predict_slide(run_dir: str | Path, slide: str | Path, points: str | Path, out: str | Path | None = None,
+                  batch_size: int = 64, device: str = "auto", slide_mpp: float | None = None,
+                  target_mpp: float | None = None, save_patches: bool = False) -> tuple[Path, pd.DataFrame]:
+    """Classify the mitotic figures at ``points`` of a whole-slide image with every fold model of ``run_dir``.
+
+    Writes a new CSV (``id, x, y, label, edge_padded``, each fold's probability, the ensemble's, the class) and a
+    GeoJSON beside it for QuPath; with ``save_patches`` also each crop as a PNG in a new folder beside them, to
+    review what the models saw."""
+    from mitobench.data.slides import TRAINING_MPP, crop_patches, open_slide, read_points
+    from mitobench.data.slides import slide_mpp as read_mpp
+
+    run_dir, slide = Path(run_dir), Path(slide).expanduser().resolve()
+    config, fold_info, thresholds = _open_run(run_dir)
+    out, explicit = _output_path(out, run_dir, f"{slide.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv")
+    if explicit and (out.with_suffix(".geojson").exists() or out.with_name(f"{out.stem}-patches").exists()):
+        raise MitobenchError(f"{out.with_suffix('.geojson')} or {out.stem}-patches/ exists beside {out}; mitobench "
+                             "never overwrites results. Choose another --out.")
+    table = read_points(points)
+    handle = open_slide(slide)
+    try:
+        mpp = read_mpp(handle, slide, slide_mpp)
+        patches, padded = crop_patches(handle, table, mpp, slide, config.patch_size,
+                                       TRAINING_MPP if target_mpp is None else target_mpp)
+    finally:
+        handle.close()
+    table = table.assign(edge_padded=padded)
+    table = _score(run_dir, config, fold_info, thresholds, patches, table, batch_size, device)
+    path = _write_new(out, table, explicit)  # claims the name; the GeoJSON and patches take its stem
+    geojson, folder = path.with_suffix(".geojson"), path.with_name(f"{path.stem}-patches")
+    made: list[Path] = []
+    try:
+        atomic_write(geojson, lambda tmp: tmp.write_text(json.dumps(slide_geojson(table))), exclusive=True)
+        made.append(geojson)
+        if save_patches:
+            folder.mkdir()
+            made.append(folder)
+            for i, (ident, patch, predicted) in enumerate(zip(table["id"], patches, table["predicted"])):
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(ident))[:80]
+                atomic_write(folder / f"{i + 1:05d}-{safe}-{predicted}.png",
+                             lambda tmp, p=patch: Image.fromarray(p).save(tmp, "PNG"))
+    except OSError as exc:  # FileExistsError included
+        for made_path in [path, *made]:  # no CSV that looks complete without its companions
+            shutil.rmtree(made_path) if made_path.is_dir() else made_path.unlink(missing_ok=True)
+        raise MitobenchError(f"{geojson.parent}: cannot write the slide's GeoJSON or patches ({exc}); nothing was "
+                             "kept. Choose another --out.") from exc
+    return path, table

@@ -1,0 +1,245 @@
+"""Crops centred on mitotic figures from a whole-slide image, at the training data's resolution.
+
+AMi-Br's patches are 128 x 128 px crops of MIDOG21 and TUPAC16 slides scanned at 40x (0.23-0.26 um/px by
+scanner), so a figure a fold model saw during training spans about 32 um. A slide at another resolution
+is read from its closest finer pyramid level and resampled to ``target_mpp`` (area averaging when reducing),
+so the figure has the size the model knows. Slides are read with ``tiffslide`` (SVS, generic tiled TIFF,
+NDPI, ...), or ``openslide`` when it is installed and tiffslide cannot open the file.
+
+Points come from a CSV (columns ``x, y`` in level-0 pixels, optional ``id`` and ``label``) or a GeoJSON
+export (QuPath's: ``Point`` geometries, or polygons, whose centroid is taken; a classification named
+``Atypical`` or ``Normal`` is read as the label).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from mitobench.data.records import parse_label, read_csv
+from mitobench.errors import MitobenchError
+
+TRAINING_MPP = 0.25
+"""Microns per pixel of the training patches (MIDOG21 / TUPAC16 at 40x)."""
+MPP_TOLERANCE = 0.10
+"""A slide within 10 % of ``target_mpp`` is cropped without resampling: the training data itself mixes
+scanners from 0.23 to 0.26 um/px unresampled."""
+BACKGROUND = 255  # white, the colour of glass, where a crop reaches past the slide's edge
+
+
+def read_points(path: str | Path) -> pd.DataFrame:
+    """``id, x, y, label`` (level-0 pixels; label 1 atypical, 0 normal, NaN unknown) from a CSV or GeoJSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise MitobenchError(f"{path}: no such points file. Give a CSV with columns x, y (level-0 pixels of each "
+                             "mitotic figure's centre) or a GeoJSON of points (e.g. QuPath's export).")
+    if path.suffix.lower() in {".geojson", ".json"}:
+        points = _geojson_points(path)
+    else:
+        points = _csv_points(path)
+    bad = ~np.isfinite(points[["x", "y"]].to_numpy(dtype=np.float64)).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise MitobenchError(f"{path}: point {points['id'].iloc[row]!r} has no finite x, y; every point needs both.")
+    if points["id"].duplicated().any():
+        raise MitobenchError(f"{path}: id {points['id'][points['id'].duplicated()].iloc[0]!r} is used twice; give "
+                             "each point its own id.")
+    return points.reset_index(drop=True)
+
+
+def _csv_points(path: Path) -> pd.DataFrame:
+    table = read_csv(path, ["x", "y"])
+    try:
+        xy = table[["x", "y"]].astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise MitobenchError(f"{path}: columns x and y must be numbers (level-0 pixels) ({exc}).") from exc
+    ids = table["id"].astype(str) if "id" in table else pd.Series([str(i + 1) for i in range(len(table))])
+    labels = ([parse_label(v, f"{path} row {i + 2}") if not pd.isna(v) else np.nan
+               for i, v in enumerate(table["label"])] if "label" in table else np.nan)
+    return pd.DataFrame({"id": ids.to_numpy(), "x": xy["x"].to_numpy(), "y": xy["y"].to_numpy(), "label": labels})
+
+
+def _geojson_points(path: Path) -> pd.DataFrame:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MitobenchError(f"{path}: not a readable GeoJSON file ({exc}).") from exc
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features")
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    else:
+        features = data  # QuPath also writes a bare list of features
+    if not isinstance(features, list) or not features:
+        raise MitobenchError(f"{path}: no features; expected a GeoJSON FeatureCollection of points.")
+    rows = []
+    for i, feature in enumerate(features):
+        where = f"{path} feature {i + 1}"
+        geometry = feature.get("geometry") if isinstance(feature, dict) else None
+        if not isinstance(geometry, dict):
+            raise MitobenchError(f"{where}: no geometry; every feature must be a point or a polygon.")
+        x, y = _centre(geometry, where)
+        properties = feature.get("properties") or {}
+        name = (properties.get("classification") or {}).get("name") if isinstance(properties, dict) else None
+        label = {"atypical": 1, "normal": 0}.get(str(name).strip().lower(), np.nan) if name else np.nan
+        ident = feature.get("id") or properties.get("name") or str(i + 1)
+        rows.append({"id": str(ident), "x": x, "y": y, "label": label})
+    return pd.DataFrame(rows)
+
+
+def _centre(geometry: dict, where: str) -> tuple[float, float]:
+    """A point's coordinates, or a polygon's centroid (its outer ring's area centroid)."""
+    kind, coords = geometry.get("type"), geometry.get("coordinates")
+    try:
+        if kind == "Point":
+            return float(coords[0]), float(coords[1])
+        if kind == "MultiPoint" and len(coords) == 1:
+            return float(coords[0][0]), float(coords[0][1])
+        if kind == "Polygon":
+            return _ring_centroid(np.asarray(coords[0], dtype=np.float64))
+        if kind == "MultiPolygon":
+            rings = [np.asarray(polygon[0], dtype=np.float64) for polygon in coords]
+            areas = np.array([abs(_ring_area(r)) for r in rings])
+            centres = np.array([_ring_centroid(r) for r in rings])
+            return tuple((centres * areas[:, None]).sum(axis=0) / areas.sum()) if areas.sum() > 0 else \
+                tuple(centres.mean(axis=0))
+    except (TypeError, IndexError, ValueError) as exc:
+        raise MitobenchError(f"{where}: malformed {kind} coordinates ({exc}).") from exc
+    raise MitobenchError(f"{where}: geometry {kind!r} is not a point or polygon; mark each figure with a point.")
+
+
+def _ring_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+
+
+def _ring_centroid(ring: np.ndarray) -> tuple[float, float]:
+    area = _ring_area(ring)
+    if abs(area) < 1e-9:  # a degenerate ring (a line or one repeated point): the mean of its vertices
+        return float(ring[:, 0].mean()), float(ring[:, 1].mean())
+    x, y = ring[:, 0], ring[:, 1]
+    cross = x * np.roll(y, -1) - np.roll(x, -1) * y
+    return (float(((x + np.roll(x, -1)) * cross).sum() / (6 * area)),
+            float(((y + np.roll(y, -1)) * cross).sum() / (6 * area)))
+
+
+def open_slide(path: str | Path):
+    """The slide, opened by tiffslide (or openslide, if installed, for what tiffslide cannot read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MitobenchError(f"{path}: no such slide file.")
+    try:
+        import tiffslide
+    except ImportError as exc:
+        raise MitobenchError("reading slides needs tiffslide: pip install 'mitobench[slides]' "
+                             "(or pip install tiffslide).") from exc
+    try:
+        return _checked(tiffslide.TiffSlide(path))
+    except Exception as exc:  # tifffile raises many types for files it cannot parse
+        first = exc
+    try:
+        import openslide
+
+        return _checked(openslide.OpenSlide(str(path)))
+    except ImportError:
+        pass
+    except Exception:  # openslide.OpenSlideError and friends: report tiffslide's reason, the primary reader
+        pass
+    raise MitobenchError(f"{path}: cannot read this slide ({type(first).__name__}: {first}). tiffslide reads SVS, "
+                         "NDPI and tiled TIFF; for other formats install openslide-python and openslide-bin.")
+
+
+def _checked(slide):
+    """The slide, once it has shown an image: a TIFF without pages opens, then fails at the first read."""
+    width, height = slide.dimensions
+    if not (width > 0 and height > 0 and slide.level_count > 0):
+        slide.close()
+        raise ValueError(f"no image in it (dimensions {width} x {height})")
+    return slide
+
+
+def slide_mpp(slide, path: str | Path, override: float | None = None) -> float:
+    """Microns per level-0 pixel: ``override`` if given, else the slide's own metadata (x and y must agree)."""
+    if override is not None:
+        if not (override > 0 and math.isfinite(override)):
+            raise MitobenchError(f"--slide-mpp {override}: give the slide's microns per pixel, a positive number.")
+        return float(override)
+    props = slide.properties
+    values = []
+    for key in ("mpp-x", "mpp-y"):
+        value = props.get(f"tiffslide.{key}", props.get(f"openslide.{key}"))
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError):
+            values.append(float("nan"))
+    if not all(v > 0 and math.isfinite(v) for v in values):
+        raise MitobenchError(f"{path}: the slide does not record its resolution (microns per pixel). Give it with "
+                             "--slide-mpp (e.g. 0.25 for most 40x scans, 0.5 for 20x).")
+    if abs(values[0] - values[1]) > 0.01 * max(values):
+        raise MitobenchError(f"{path}: the slide's pixels are not square (mpp-x {values[0]}, mpp-y {values[1]}); "
+                             "mitobench crops square patches only.")
+    return values[0]
+
+
+def crop_patches(slide, points: pd.DataFrame, mpp: float, path: str | Path, size: int = 128,
+                 target_mpp: float = TRAINING_MPP, tolerance: float = MPP_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
+    """``(patches, padded)``: one ``size`` x ``size`` RGB uint8 crop per point, centred on it, at ``target_mpp``;
+    ``padded`` marks crops that reached past the slide's edge (filled with white there)."""
+    if not (target_mpp > 0 and math.isfinite(target_mpp)):
+        raise MitobenchError(f"--target-mpp {target_mpp}: give a positive number of microns per pixel.")
+    width, height = slide.dimensions
+    outside = (points["x"] < 0) | (points["x"] >= width) | (points["y"] < 0) | (points["y"] >= height)
+    if outside.any():
+        row = points[outside].iloc[0]
+        raise MitobenchError(f"{path}: point {row['id']!r} at ({row['x']}, {row['y']}) lies outside the slide "
+                             f"({width} x {height} px at level 0); {int(outside.sum())} point(s) do. Are the "
+                             "coordinates level-0 pixels of this slide?")
+    scale = target_mpp / mpp  # level-0 pixels per output pixel
+    if abs(scale - 1) <= tolerance:
+        scale = 1.0
+    elif scale < 1:
+        warnings.warn(f"{path}: the slide ({mpp:.3f} um/px) is coarser than the training data ({target_mpp} um/px); "
+                      "its crops are upsampled and blurrier than what the models learnt from.", stacklevel=2)
+    level = _finer_level(slide, scale)
+    downsample = float(slide.level_downsamples[level])
+    span0 = size * scale  # the crop's side in level-0 pixels
+    side = max(1, round(span0 / downsample))  # and at the level read
+    level_w, level_h = slide.level_dimensions[level]
+    patches = np.empty((len(points), size, size, 3), dtype=np.uint8)
+    padded = np.zeros(len(points), dtype=bool)
+    for i, (x, y) in enumerate(zip(points["x"].to_numpy(), points["y"].to_numpy())):
+        left, top = math.floor(x / downsample - side / 2 + 0.5), math.floor(y / downsample - side / 2 + 0.5)
+        region, padded[i] = _read(slide, level, left, top, side, level_w, level_h, downsample)
+        if side != size:
+            filt = Image.Resampling.BOX if side > size else Image.Resampling.BICUBIC
+            region = region.resize((size, size), filt)
+        patches[i] = np.asarray(region)
+    return patches, padded
+
+
+def _finer_level(slide, scale: float) -> int:
+    """The coarsest pyramid level that is still at least as fine as the crop needs (never upsample a level)."""
+    downsamples = [float(d) for d in slide.level_downsamples]
+    fine_enough = [i for i, d in enumerate(downsamples) if d <= scale * 1.001]
+    return max(fine_enough, key=lambda i: downsamples[i]) if fine_enough else 0
+
+
+def _read(slide, level: int, left: int, top: int, side: int, level_w: int, level_h: int,
+          downsample: float) -> tuple[Image.Image, bool]:
+    """The ``side`` x ``side`` region at ``(left, top)`` of ``level`` as RGB, white where it leaves the slide."""
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + side, level_w), min(top + side, level_h)
+    canvas = Image.new("RGB", (side, side), (BACKGROUND,) * 3)
+    if x1 > x0 and y1 > y0:
+        location = (round(x0 * downsample), round(y0 * downsample))  # read_region takes level-0 coordinates
+        region = slide.read_region(location, level, (x1 - x0, y1 - y0))
+        if region.mode == "RGBA":  # openslide: transparent where nothing was scanned
+            backdrop = Image.new("RGBA", region.size, (BACKGROUND,) * 3 + (255,))
+            region = Image.alpha_composite(backdrop, region)
+        canvas.paste(region.convert("RGB"), (x0 - left, y0 - top))
+    return canvas, (x0, y0, x1, y1) != (left, top, left + side, top + side)

@@ -1,0 +1,172 @@
+"""Whole-slide crops: points from CSV or QuPath GeoJSON, crops centred and at the training resolution, bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fixtures import make_slide
+from mitobench.data.slides import crop_patches, open_slide, read_points, slide_mpp
+from mitobench.errors import MitobenchError
+
+pytest.importorskip("tiffslide")
+
+
+@pytest.fixture(scope="module")
+def real_patches(real_data) -> np.ndarray:
+    """Eight real AMi-Br figures (four atypical, four normal), 128 x 128 RGB."""
+    paths = sorted((real_data / "AMi-Br" / "Atypical").glob("*.png"))[:4] + \
+        sorted((real_data / "AMi-Br" / "Normal").glob("*.png"))[:4]
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+def _points(centres) -> pd.DataFrame:
+    return pd.DataFrame({"id": [str(i + 1) for i in range(len(centres))], "x": [c[0] for c in centres],
+                         "y": [c[1] for c in centres], "label": np.nan})
+
+
+def _crops(path, centres, **kwargs):
+    slide = open_slide(path)
+    try:
+        return crop_patches(slide, _points(centres), slide_mpp(slide, path, kwargs.pop("override", None)), path,
+                            **kwargs)
+    finally:
+        slide.close()
+
+
+def test_crops_at_40x_are_the_patches_exactly(real_patches, tmp_path):
+    centres = make_slide(tmp_path / "s.tif", real_patches, mpp=0.25, pyramid=False)
+    patches, padded = _crops(tmp_path / "s.tif", centres)
+    np.testing.assert_array_equal(patches, real_patches)
+    assert not padded.any()
+
+
+@pytest.mark.parametrize("pyramid", [True, False], ids=["from-the-pyramid-level", "resampled-from-level-0"])
+def test_an_80x_slide_is_read_at_the_training_resolution(real_patches, tmp_path, pyramid):
+    """Twice the resolution: the crop spans the same 32 um, from the 2x level or area-averaged from level 0."""
+    centres = make_slide(tmp_path / "s.tif", real_patches, mpp=0.125, upscale=2, pyramid=pyramid)
+    patches, _ = _crops(tmp_path / "s.tif", centres)
+    np.testing.assert_array_equal(patches, real_patches)
+
+
+def test_a_slide_within_the_scanners_spread_is_not_resampled(real_patches, tmp_path):
+    centres = make_slide(tmp_path / "s.tif", real_patches, mpp=0.23, pyramid=False)  # MIDOG21's Hamamatsu
+    patches, _ = _crops(tmp_path / "s.tif", centres)
+    np.testing.assert_array_equal(patches, real_patches)
+
+
+def test_a_20x_slide_is_upsampled_with_a_warning(real_patches, tmp_path):
+    small = real_patches[:, ::2, ::2]
+    centres = make_slide(tmp_path / "s.tif", np.ascontiguousarray(small), mpp=0.5, pyramid=False)
+    with pytest.warns(UserWarning, match="coarser than the training data"):
+        patches, _ = _crops(tmp_path / "s.tif", centres)
+    assert patches.shape == real_patches.shape
+    # the upsampled crop is close to the original (what 20x loses is fine detail, not position)
+    assert np.abs(patches.astype(int) - real_patches.astype(int)).mean() < 20
+
+
+def test_missing_resolution_needs_slide_mpp(real_patches, tmp_path):
+    centres = make_slide(tmp_path / "s.tif", real_patches[:2], mpp=None, pyramid=False)
+    with pytest.raises(MitobenchError, match="does not record its resolution.*--slide-mpp"):
+        _crops(tmp_path / "s.tif", centres)
+    patches, _ = _crops(tmp_path / "s.tif", centres, override=0.25)
+    np.testing.assert_array_equal(patches, real_patches[:2])
+    with pytest.raises(MitobenchError, match="--slide-mpp -1"):
+        _crops(tmp_path / "s.tif", centres, override=-1.0)
+
+
+def test_a_crop_past_the_edge_is_white_there_and_flagged(real_patches, tmp_path):
+    centres = make_slide(tmp_path / "s.tif", real_patches[:1], mpp=0.25, columns=1, gap=0, pyramid=False)
+    (x, y), = centres
+    patches, padded = _crops(tmp_path / "s.tif", [(x, y), (x - 40, y)])
+    assert padded.tolist() == [False, True]
+    np.testing.assert_array_equal(patches[1][:, :40], 255)
+    np.testing.assert_array_equal(patches[1][:, 40:], real_patches[0][:, :88])
+
+
+def test_a_point_outside_the_slide_is_refused(real_patches, tmp_path):
+    centres = make_slide(tmp_path / "s.tif", real_patches[:1], mpp=0.25, columns=1, pyramid=False)
+    with pytest.raises(MitobenchError, match="point '2' at \\(5000.*outside the slide"):
+        _crops(tmp_path / "s.tif", [centres[0], (5000, 10)])
+
+
+def test_an_unreadable_slide_names_the_file(tmp_path):
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 100)
+    with pytest.raises(MitobenchError, match="broken.svs: cannot read this slide"):
+        open_slide(bad)
+    with pytest.raises(MitobenchError, match="no such slide file"):
+        open_slide(tmp_path / "absent.svs")
+
+
+def test_points_from_csv(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("id,x,y,label\na,10,20.5,Atypical\nb,30,40,normal\nc,5,6,\n")
+    points = read_points(path)
+    assert points["id"].tolist() == ["a", "b", "c"]
+    assert points[["x", "y"]].to_numpy().tolist() == [[10, 20.5], [30, 40], [5, 6]]
+    assert points["label"].iloc[:2].tolist() == [1, 0] and np.isnan(points["label"].iloc[2])
+    (tmp_path / "q.csv").write_text("x,y\n1,2\n3,4\n")
+    assert read_points(tmp_path / "q.csv")["id"].tolist() == ["1", "2"]
+
+
+def test_points_from_qupath_geojson(tmp_path):
+    square = [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]
+    collection = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": "f1", "geometry": {"type": "Point", "coordinates": [100.5, 200]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Atypical"}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square},
+         "properties": {"name": "cell7", "classification": {"name": "Mitosis"}}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]},
+         "properties": {"classification": {"name": "Normal"}}}]}
+    (tmp_path / "a.geojson").write_text(json.dumps(collection))
+    points = read_points(tmp_path / "a.geojson")
+    assert points["id"].tolist() == ["f1", "cell7", "3"]
+    assert points[["x", "y"]].to_numpy().tolist() == [[100.5, 200], [5, 5], [1, 2]]
+    assert points["label"].iloc[0] == 1 and np.isnan(points["label"].iloc[1]) and points["label"].iloc[2] == 0
+    (tmp_path / "list.json").write_text(json.dumps(collection["features"]))  # QuPath's bare list of features
+    pd.testing.assert_frame_equal(read_points(tmp_path / "list.json"), points)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("id,x\na,1\n", "missing column\\(s\\) \\['y'\\]"),
+    ("x,y\n1,abc\n", "x and y must be numbers"),
+    ("id,x,y\na,1,2\na,3,4\n", "id 'a' is used twice"),
+    ("x,y\n1,\n", "has no finite x, y"),
+    ("x,y,label\n1,2,mitosis\n", "row 2"),
+])
+def test_bad_points_csv(tmp_path, content, message):
+    path = tmp_path / "p.csv"
+    path.write_text(content)
+    with pytest.raises(MitobenchError, match=message):
+        read_points(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a readable GeoJSON"),
+    ('{"type": "FeatureCollection", "features": []}', "no features"),
+    ('[{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}}]',
+     "'LineString' is not a point or polygon"),
+    ('[{"type": "Feature", "geometry": {"type": "Point", "coordinates": []}}]', "malformed Point"),
+    ('[{"type": "Feature", "properties": {}}]', "no geometry"),
+])
+def test_bad_geojson(tmp_path, content, message):
+    path = tmp_path / "p.geojson"
+    path.write_text(content)
+    with pytest.raises(MitobenchError, match=message):
+        read_points(path)
+    with pytest.raises(MitobenchError, match="no such points file"):
+        read_points(tmp_path / "absent.csv")
+
+
+def test_points_do_not_warn_on_unlabelled_input(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("x,y\n1,2\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_points(path)
