@@ -485,12 +485,44 @@ def test_slide_predict_never_overwrites_and_cli(probe_run, slide_case, tmp_path,
     with pytest.raises(MitobenchError, match="never overwrites"):
         predict_slide(run_dir, case / "slide.tif", case / "points.csv", tmp_path / "taken.csv")
     assert (tmp_path / "taken.geojson").read_text() == "mine" and not (tmp_path / "taken.csv").exists()
-    result = cli("predict", str(run_dir), str(case / "slide.tif"), "--points", str(case / "points.csv"),
+    partly = pd.read_csv(case / "points.csv")
+    partly.loc[[0, 7], "label"] = None  # two figures nobody labelled: metrics over the other six
+    partly.to_csv(tmp_path / "partly.csv", index=False)
+    result = cli("predict", str(run_dir), str(case / "slide.tif"), "--points", str(tmp_path / "partly.csv"),
                  "--out", str(tmp_path / "out") + "/")
     assert result.returncode == 0, result.stderr
     assert "8 figures:" in result.stdout and "QuPath GeoJSON" in result.stdout
+    assert "ensemble (over the 6 labelled of 8): balanced_accuracy" in " ".join(result.stdout.split())
     written = list((tmp_path / "out").glob("slide-*.csv"))
     assert len(written) == 1 and written[0].with_suffix(".geojson").is_file()
     bad = cli("predict", str(run_dir), str(case / "points.csv"), "--points", str(case / "points.csv"))
     assert bad.returncode == 2 and "points.csv: cannot read this slide" in " ".join(bad.stderr.split())
     assert cli("predict", str(run_dir), str(case / "files"), "--slide-mpp", "0.25").returncode == 2
+    no_points = cli("predict", str(run_dir), str(case / "slide.tif"))
+    assert no_points.returncode == 2 and "give the mitotic figures" in " ".join(no_points.stderr.split())
+
+
+def test_slide_predict_leaves_nothing_when_interrupted_or_misnamed(probe_run, slide_case, tmp_path, monkeypatch):
+    """The CSV is written last: an interrupt while the patches are saved removes the GeoJSON and the patches."""
+    from PIL import Image
+
+    import mitobench.predict as predict_module
+
+    run_dir, _ = probe_run
+    case, _ = slide_case
+    with pytest.raises(MitobenchError, match="name a .csv file"):
+        predict_module.predict_slide(run_dir, case / "slide.tif", case / "points.csv", tmp_path / "res.geojson")
+    saved = []
+    real = Image.fromarray
+
+    def interrupted(array):
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+        saved.append(1)
+        return real(array)
+
+    monkeypatch.setattr(predict_module.Image, "fromarray", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        predict_module.predict_slide(run_dir, case / "slide.tif", case / "points.csv", tmp_path / "r.csv",
+                                     save_patches=True)
+    assert saved and list(tmp_path.iterdir()) == []

@@ -30,11 +30,10 @@ def _points(centres) -> pd.DataFrame:
                          "y": [c[1] for c in centres], "label": np.nan})
 
 
-def _crops(path, centres, **kwargs):
+def _crops(path, centres, override=None, **kwargs):
     slide = open_slide(path)
     try:
-        return crop_patches(slide, _points(centres), slide_mpp(slide, path, kwargs.pop("override", None)), path,
-                            **kwargs)
+        return crop_patches(slide, _points(centres), slide_mpp(slide, path, override), path, **kwargs)
     finally:
         slide.close()
 
@@ -76,7 +75,7 @@ def test_missing_resolution_needs_slide_mpp(real_patches, tmp_path):
         _crops(tmp_path / "s.tif", centres)
     patches, _ = _crops(tmp_path / "s.tif", centres, override=0.25)
     np.testing.assert_array_equal(patches, real_patches[:2])
-    with pytest.raises(MitobenchError, match="--slide-mpp -1"):
+    with pytest.raises(MitobenchError, match="--slide-mpp -1 um/px, is not"):
         _crops(tmp_path / "s.tif", centres, override=-1.0)
 
 
@@ -110,7 +109,7 @@ def test_points_from_csv(tmp_path):
     points = read_points(path)
     assert points["id"].tolist() == ["a", "b", "c"]
     assert points[["x", "y"]].to_numpy().tolist() == [[10, 20.5], [30, 40], [5, 6]]
-    assert points["label"].iloc[:2].tolist() == [1, 0] and np.isnan(points["label"].iloc[2])
+    assert points["label"].iloc[:2].tolist() == [1, 0] and pd.isna(points["label"].iloc[2])
     (tmp_path / "q.csv").write_text("x,y\n1,2\n3,4\n")
     assert read_points(tmp_path / "q.csv")["id"].tolist() == ["1", "2"]
 
@@ -126,9 +125,9 @@ def test_points_from_qupath_geojson(tmp_path):
          "properties": {"classification": {"name": "Normal"}}}]}
     (tmp_path / "a.geojson").write_text(json.dumps(collection))
     points = read_points(tmp_path / "a.geojson")
-    assert points["id"].tolist() == ["f1", "cell7", "3"]
+    assert points["id"].tolist() == ["f1", "cell7", "#3"]
     assert points[["x", "y"]].to_numpy().tolist() == [[100.5, 200], [5, 5], [1, 2]]
-    assert points["label"].iloc[0] == 1 and np.isnan(points["label"].iloc[1]) and points["label"].iloc[2] == 0
+    assert points["label"].iloc[0] == 1 and pd.isna(points["label"].iloc[1]) and points["label"].iloc[2] == 0
     (tmp_path / "list.json").write_text(json.dumps(collection["features"]))  # QuPath's bare list of features
     pd.testing.assert_frame_equal(read_points(tmp_path / "list.json"), points)
 
@@ -170,3 +169,78 @@ def test_points_do_not_warn_on_unlabelled_input(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_points(path)
+
+
+def test_qupath_points_tool_ids_and_encodings(tmp_path):
+    """QuPath's Points tool exports one MultiPoint per class; id 0 is an id; a BOM and a bare class name are read."""
+    features = [
+        {"type": "Feature", "id": 0, "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {}},
+        {"type": "Feature", "id": "pts", "geometry": {"type": "MultiPoint", "coordinates": [[1, 2], [3, 4]]},
+         "properties": {"classification": {"name": "Atypical", "colorRGB": -3670016}}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [7, 8]},
+         "properties": {"classification": "Normal"}}]
+    path = tmp_path / "points.geojson"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"type": "FeatureCollection", "features": features}).encode())
+    points = read_points(path)
+    assert points["id"].tolist() == ["0", "pts-1", "pts-2", "#3"]
+    assert points[["x", "y"]].to_numpy().tolist() == [[5, 5], [1, 2], [3, 4], [7, 8]]
+    assert pd.isna(points["label"].iloc[0]) and points["label"].iloc[1:].tolist() == [1, 1, 0]
+
+
+def test_csv_ids_are_text_and_never_blank(tmp_path):
+    (tmp_path / "p.csv").write_text("id,x,y\n007,1,2\n8,3,4\n")
+    assert read_points(tmp_path / "p.csv")["id"].tolist() == ["007", "8"]
+    (tmp_path / "q.csv").write_text("id,x,y\n1,1,2\n,3,4\n")
+    with pytest.raises(MitobenchError, match="q.csv row 3: empty id"):
+        read_points(tmp_path / "q.csv")
+    (tmp_path / "r.csv").write_text("id,x,y\n")
+    with pytest.raises(MitobenchError, match="list at least one point"):
+        read_points(tmp_path / "r.csv")
+
+
+@pytest.mark.parametrize("mpp, override, message", [
+    (1e4 / 72 * 2.54, None, "352.778 um/px, is not that of a slide scan.*--slide-mpp"),  # a 72-dpi converter tag
+    (0.25, 0.001, "--slide-mpp 0.001 um/px, is not that of a slide scan"),
+])
+def test_an_impossible_resolution_is_refused(real_patches, tmp_path, mpp, override, message):
+    centres = make_slide(tmp_path / "s.tif", real_patches[:1], mpp=mpp, pyramid=False)
+    with pytest.raises(MitobenchError, match=message):
+        _crops(tmp_path / "s.tif", centres, override=override)
+    with pytest.raises(MitobenchError, match="--target-mpp 50"):
+        _crops(tmp_path / "s.tif", centres, override=0.25, target_mpp=50.0)
+
+
+def test_a_level_with_an_uneven_downsample_is_read_where_the_point_is(tmp_path):
+    """Scanners' levels are not whole factors (2001 px -> 500: 4.002); the crop must still be centred."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    full = rng.integers(0, 256, (2001, 2001, 3), dtype=np.uint8)
+    small = np.asarray(Image.fromarray(full).resize((500, 500), Image.Resampling.BOX))
+    with tifffile.TiffWriter(tmp_path / "s.tif") as tiff:
+        tiff.write(full, tile=(256, 256), photometric="rgb", resolution=(1e4 / 0.0625,) * 2,
+                   resolutionunit="CENTIMETER", subifds=1)
+        tiff.write(small, tile=(256, 256), photometric="rgb", subfiletype=1)
+    centres = [(1000.0, 1000.0), (1001.0, 601.0), (1500.0, 1500.0)]  # 0.0625 um/px: the crop is read from level 1
+    patches, _ = _crops(tmp_path / "s.tif", centres)
+    for (x, y), patch in zip(centres, patches):
+        cx, cy = int(x / 4.002 + 0.5), int(y / 4.002 + 0.5)
+        np.testing.assert_array_equal(patch[64, 64], small[cy, cx])
+
+
+def test_a_damaged_tile_names_the_slide_and_the_point(real_patches, tmp_path):
+    import tifffile
+
+    centres = make_slide(tmp_path / "s.tif", real_patches[:1], mpp=0.25, columns=1, gap=0, pyramid=False)
+    with tifffile.TiffFile(tmp_path / "s.tif") as tiff:
+        offset = tiff.pages[0].dataoffsets[0]
+    data = bytearray((tmp_path / "s.tif").read_bytes())
+    data[offset:offset + 64] = b"\xff" * 64  # the first tile's compressed stream
+    (tmp_path / "s.tif").write_bytes(bytes(data))
+    with pytest.raises(MitobenchError, match="s.tif: cannot read the crop of point '1'.*damaged"):
+        _crops(tmp_path / "s.tif", centres)
+
+
+def test_a_folder_is_not_a_slide(tmp_path):
+    with pytest.raises(MitobenchError, match="a folder, not a slide file"):
+        open_slide(tmp_path)

@@ -197,9 +197,11 @@ def predict(
     if points is not None and table["edge_padded"].any():
         console.print(f"{int(table['edge_padded'].sum())} crop(s) reached past the slide's edge (white there; "
                       "column edge_padded)")
-    if table["label"].notna().all() and table["label"].nunique() == 2:
-        m = binary_metrics(table["label"].astype(int), table["p_ensemble"], float(table["threshold"].iloc[0]))
-        console.print("ensemble: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    labelled = table[table["label"].notna()]
+    if labelled["label"].nunique() == 2:  # both classes among the labelled ones
+        m = binary_metrics(labelled["label"].astype(int), labelled["p_ensemble"], float(table["threshold"].iloc[0]))
+        over = "" if len(labelled) == len(table) else f" (over the {len(labelled)} labelled of {len(table)})"
+        console.print(f"ensemble{over}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
     console.print(f"predictions: {path}", soft_wrap=True, markup=False)
     if points is not None:
         console.print(f"QuPath GeoJSON: {path.with_suffix('.geojson')}", soft_wrap=True, markup=False)

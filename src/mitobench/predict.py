@@ -26,6 +26,9 @@ from mitobench.io import atomic_write, atomic_write_csv
 from mitobench.runs import load_run_config, require_complete_run
 
 
+SLIDE_SUFFIXES = {".svs", ".ndpi", ".tif", ".tiff", ".scn", ".mrxs", ".vms", ".vmu", ".bif", ".svslide", ".qptiff"}
+
+
 def _records(source: Path) -> pd.DataFrame:
     if source.is_dir():
         subdirs = {p.name.lower() for p in source.iterdir() if p.is_dir()}
@@ -37,6 +40,9 @@ def _records(source: Path) -> pd.DataFrame:
         return pd.DataFrame({"image": [str(p.relative_to(source)) for p in paths], "path": [str(p.resolve()) for p in paths],
                              "label": np.nan})
     if source.is_file():
+        if source.suffix.lower() in SLIDE_SUFFIXES:
+            raise MitobenchError(f"{source}: a whole-slide image; give the mitotic figures to classify on it with "
+                                 "--points (a CSV x, y or a GeoJSON).")
         table = read_csv(source, ["path"])
         paths = [Path(p) if Path(p).is_absolute() else source.parent / p for p in table["path"].astype(str)]
         missing = [str(p) for p in paths if not p.is_file()]
@@ -320,44 +326,68 @@ def predict_slide(run_dir: str | Path, slide: str | Path, points: str | Path, ou
                   target_mpp: float | None = None, save_patches: bool = False) -> tuple[Path, pd.DataFrame]:
     """Classify the mitotic figures at ``points`` of a whole-slide image with every fold model of ``run_dir``.
 
-    Writes a new CSV (``id, x, y, label, edge_padded``, each fold's probability, the ensemble's, the class) and a
-    GeoJSON beside it for QuPath; with ``save_patches`` also each crop as a PNG in a new folder beside them, to
-    review what the models saw."""
-    from mitobench.data.slides import TRAINING_MPP, crop_patches, open_slide, read_points
+    Writes a new CSV (``id, x, y, label, edge_padded, slide_mpp, crop_mpp``, each fold's probability, the
+    ensemble's, the class), a GeoJSON with its stem for QuPath and, with ``save_patches``, each crop as a PNG in a
+    new folder ``<stem>-patches``, to review what the models saw. The CSV is written last: it is there only when
+    everything is."""
+    from mitobench.data.slides import TRAINING_MPP, crop_mpp, crop_patches, open_slide, read_points
     from mitobench.data.slides import slide_mpp as read_mpp
 
     run_dir, slide = Path(run_dir), Path(slide).expanduser().resolve()
+    target_mpp = TRAINING_MPP if target_mpp is None else target_mpp
     config, fold_info, thresholds = _open_run(run_dir)
     out, explicit = _output_path(out, run_dir, f"{slide.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv")
-    if explicit and (out.with_suffix(".geojson").exists() or out.with_name(f"{out.stem}-patches").exists()):
-        raise MitobenchError(f"{out.with_suffix('.geojson')} or {out.stem}-patches/ exists beside {out}; mitobench "
-                             "never overwrites results. Choose another --out.")
+    if out.suffix.lower() != ".csv":
+        raise MitobenchError(f"--out {out}: name a .csv file (the GeoJSON and the patches take its stem) or a folder "
+                             "ending in /.")
+    if explicit and (out.with_suffix(".geojson").exists() or _patches_folder(out).exists()):
+        raise MitobenchError(f"{out.with_suffix('.geojson')} or {_patches_folder(out)} exists; mitobench never "
+                             "overwrites results. Choose another --out.")
     table = read_points(points)
     handle = open_slide(slide)
     try:
         mpp = read_mpp(handle, slide, slide_mpp)
-        patches, padded = crop_patches(handle, table, mpp, slide, config.patch_size,
-                                       TRAINING_MPP if target_mpp is None else target_mpp)
+        patches, padded = crop_patches(handle, table, mpp, slide, config.patch_size, target_mpp)
     finally:
         handle.close()
-    table = table.assign(edge_padded=padded)
+    table = table.assign(edge_padded=padded, slide_mpp=mpp, crop_mpp=crop_mpp(mpp, target_mpp))
     table = _score(run_dir, config, fold_info, thresholds, patches, table, batch_size, device)
-    path = _write_new(out, table, explicit)  # claims the name; the GeoJSON and patches take its stem
-    geojson, folder = path.with_suffix(".geojson"), path.with_name(f"{path.stem}-patches")
+    for i in range(1 if explicit else 1000):  # the default name takes the next stem free for all three
+        path = out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        try:
+            return _write_slide_results(path, table, patches if save_patches else None), table
+        except FileExistsError:
+            if explicit:
+                raise MitobenchError(f"{path} or its GeoJSON or patches appeared meanwhile; mitobench never "
+                                     "overwrites results. Choose another --out.")
+    raise MitobenchError(f"cannot find a free name for {out} in {out.parent}; choose an --out.")
+
+
+def _patches_folder(csv: Path) -> Path:
+    return csv.with_name(f"{csv.stem}-patches")
+
+
+def _write_slide_results(path: Path, table: pd.DataFrame, patches: np.ndarray | None) -> Path:
+    """The GeoJSON, the patches (if given), then the CSV, each created exclusively; FileExistsError when a name is
+    taken. Whatever fails or is interrupted before the CSV is written is removed again."""
+    geojson, folder = path.with_suffix(".geojson"), _patches_folder(path)
     made: list[Path] = []
     try:
-        atomic_write(geojson, lambda tmp: tmp.write_text(json.dumps(slide_geojson(table))), exclusive=True)
+        atomic_write(geojson, lambda tmp: tmp.write_text(json.dumps(slide_geojson(table)), encoding="utf-8"),
+                     exclusive=True)
         made.append(geojson)
-        if save_patches:
-            folder.mkdir()
+        if patches is not None:
+            folder.mkdir(parents=True)
             made.append(folder)
             for i, (ident, patch, predicted) in enumerate(zip(table["id"], patches, table["predicted"])):
                 safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(ident))[:80]
-                atomic_write(folder / f"{i + 1:05d}-{safe}-{predicted}.png",
-                             lambda tmp, p=patch: Image.fromarray(p).save(tmp, "PNG"))
-    except OSError as exc:  # FileExistsError included
-        for made_path in [path, *made]:  # no CSV that looks complete without its companions
-            shutil.rmtree(made_path) if made_path.is_dir() else made_path.unlink(missing_ok=True)
-        raise MitobenchError(f"{geojson.parent}: cannot write the slide's GeoJSON or patches ({exc}); nothing was "
-                             "kept. Choose another --out.") from exc
-    return path, table
+                Image.fromarray(patch).save(folder / f"{i + 1:05d}-{safe}-{predicted}.png", "PNG")
+        atomic_write_csv(path, table, exclusive=True)
+        return path
+    except BaseException as exc:  # KeyboardInterrupt (SIGTERM too) included: no companions without their CSV
+        for made_path in made:
+            shutil.rmtree(made_path, ignore_errors=True) if made_path.is_dir() else made_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
+            raise MitobenchError(f"{path.parent}: cannot write the slide's results ({exc}); nothing was kept. "
+                                 "Choose another --out.") from exc
+        raise

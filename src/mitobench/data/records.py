@@ -49,9 +49,10 @@ def parse_label(value: object, where: str) -> int:
     return LABELS[key]
 
 
-def read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+def read_csv(path: Path, required: list[str], dtype: dict | None = None, rows: str = "image") -> pd.DataFrame:
+    """The CSV at ``path`` with at least the ``required`` columns and one row (of ``rows``), or one clear error."""
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype=dtype)
     except Exception as exc:  # pandas raises many types for malformed files
         raise MitobenchError(f"{path}: cannot read this CSV ({exc}).") from exc
     missing = [c for c in required if c not in frame.columns]
@@ -61,7 +62,7 @@ def read_csv(path: Path, required: list[str]) -> pd.DataFrame:
             f"The file needs the columns {required}."
         )
     if frame.empty:
-        raise MitobenchError(f"{path}: no rows under the header; list at least one image.")
+        raise MitobenchError(f"{path}: no rows under the header; list at least one {rows}.")
     return frame
 
 

@@ -30,6 +30,9 @@ TRAINING_MPP = 0.25
 MPP_TOLERANCE = 0.10
 """A slide within 10 % of ``target_mpp`` is cropped without resampling: the training data itself mixes
 scanners from 0.23 to 0.26 um/px unresampled."""
+MPP_RANGE = (0.05, 2.0)
+"""Microns per pixel of any slide scan from 5x to 200x: a value outside is a wrong resolution tag (72 dpi
+from a converter reads as 353 um/px), and cropping by it would give a flat colour or a gigapixel read."""
 BACKGROUND = 255  # white, the colour of glass, where a crop reaches past the slide's edge
 
 
@@ -43,6 +46,7 @@ def read_points(path: str | Path) -> pd.DataFrame:
         points = _geojson_points(path)
     else:
         points = _csv_points(path)
+    points["label"] = points["label"].astype("Int64")  # 1, 0 or empty, the same from either format
     bad = ~np.isfinite(points[["x", "y"]].to_numpy(dtype=np.float64)).all(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -54,12 +58,19 @@ def read_points(path: str | Path) -> pd.DataFrame:
 
 
 def _csv_points(path: Path) -> pd.DataFrame:
-    table = read_csv(path, ["x", "y"])
+    table = read_csv(path, ["x", "y"], dtype={"id": str}, rows="point")
     try:
         xy = table[["x", "y"]].astype(np.float64)
     except (TypeError, ValueError) as exc:
         raise MitobenchError(f"{path}: columns x and y must be numbers (level-0 pixels) ({exc}).") from exc
-    ids = table["id"].astype(str) if "id" in table else pd.Series([str(i + 1) for i in range(len(table))])
+    if "id" in table:
+        blank = table["id"].isna() | (table["id"].str.strip() == "")
+        if blank.any():
+            raise MitobenchError(f"{path} row {int(np.flatnonzero(blank)[0]) + 2}: empty id; give every point an id, "
+                                 "or leave out the id column to number them.")
+        ids = table["id"].str.strip()
+    else:
+        ids = pd.Series([str(i + 1) for i in range(len(table))])
     labels = ([parse_label(v, f"{path} row {i + 2}") if not pd.isna(v) else np.nan
                for i, v in enumerate(table["label"])] if "label" in table else np.nan)
     return pd.DataFrame({"id": ids.to_numpy(), "x": xy["x"].to_numpy(), "y": xy["y"].to_numpy(), "label": labels})
@@ -67,7 +78,7 @@ def _csv_points(path: Path) -> pd.DataFrame:
 
 def _geojson_points(path: Path) -> pd.DataFrame:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
         raise MitobenchError(f"{path}: not a readable GeoJSON file ({exc}).") from exc
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
@@ -84,31 +95,36 @@ def _geojson_points(path: Path) -> pd.DataFrame:
         geometry = feature.get("geometry") if isinstance(feature, dict) else None
         if not isinstance(geometry, dict):
             raise MitobenchError(f"{where}: no geometry; every feature must be a point or a polygon.")
-        x, y = _centre(geometry, where)
-        properties = feature.get("properties") or {}
-        name = (properties.get("classification") or {}).get("name") if isinstance(properties, dict) else None
+        properties = feature.get("properties") if isinstance(feature.get("properties"), dict) else {}
+        classification = properties.get("classification")
+        name = classification.get("name") if isinstance(classification, dict) else classification
         label = {"atypical": 1, "normal": 0}.get(str(name).strip().lower(), np.nan) if name else np.nan
-        ident = feature.get("id") or properties.get("name") or str(i + 1)
-        rows.append({"id": str(ident), "x": x, "y": y, "label": label})
+        ident = next((str(v) for v in (feature.get("id"), properties.get("name")) if v is not None and str(v) != ""),
+                     f"#{i + 1}")
+        centres = _centres(geometry, where)
+        for k, (x, y) in enumerate(centres, start=1):  # QuPath's Points tool: one MultiPoint per class
+            rows.append({"id": ident if len(centres) == 1 else f"{ident}-{k}", "x": x, "y": y, "label": label})
     return pd.DataFrame(rows)
 
 
-def _centre(geometry: dict, where: str) -> tuple[float, float]:
-    """A point's coordinates, or a polygon's centroid (its outer ring's area centroid)."""
+def _centres(geometry: dict, where: str) -> list[tuple[float, float]]:
+    """A point's coordinates, each point of a MultiPoint, or a polygon's centroid (its outer ring's)."""
     kind, coords = geometry.get("type"), geometry.get("coordinates")
     try:
         if kind == "Point":
-            return float(coords[0]), float(coords[1])
-        if kind == "MultiPoint" and len(coords) == 1:
-            return float(coords[0][0]), float(coords[0][1])
+            return [(float(coords[0]), float(coords[1]))]
+        if kind == "MultiPoint":
+            if not coords:
+                raise ValueError("no points")
+            return [(float(c[0]), float(c[1])) for c in coords]
         if kind == "Polygon":
-            return _ring_centroid(np.asarray(coords[0], dtype=np.float64))
+            return [_ring_centroid(np.asarray(coords[0], dtype=np.float64))]
         if kind == "MultiPolygon":
             rings = [np.asarray(polygon[0], dtype=np.float64) for polygon in coords]
             areas = np.array([abs(_ring_area(r)) for r in rings])
             centres = np.array([_ring_centroid(r) for r in rings])
-            return tuple((centres * areas[:, None]).sum(axis=0) / areas.sum()) if areas.sum() > 0 else \
-                tuple(centres.mean(axis=0))
+            centre = (centres * areas[:, None]).sum(axis=0) / areas.sum() if areas.sum() > 0 else centres.mean(axis=0)
+            return [(float(centre[0]), float(centre[1]))]
     except (TypeError, IndexError, ValueError) as exc:
         raise MitobenchError(f"{where}: malformed {kind} coordinates ({exc}).") from exc
     raise MitobenchError(f"{where}: geometry {kind!r} is not a point or polygon; mark each figure with a point.")
@@ -132,6 +148,9 @@ def _ring_centroid(ring: np.ndarray) -> tuple[float, float]:
 def open_slide(path: str | Path):
     """The slide, opened by tiffslide (or openslide, if installed, for what tiffslide cannot read)."""
     path = Path(path)
+    if path.is_dir():
+        raise MitobenchError(f"{path}: a folder, not a slide file. Give one slide (SVS, NDPI, tiled TIFF, ...) and "
+                             "its figures with --points.")
     if not path.is_file():
         raise MitobenchError(f"{path}: no such slide file.")
     try:
@@ -167,8 +186,7 @@ def _checked(slide):
 def slide_mpp(slide, path: str | Path, override: float | None = None) -> float:
     """Microns per level-0 pixel: ``override`` if given, else the slide's own metadata (x and y must agree)."""
     if override is not None:
-        if not (override > 0 and math.isfinite(override)):
-            raise MitobenchError(f"--slide-mpp {override}: give the slide's microns per pixel, a positive number.")
+        _check_mpp(override, "--slide-mpp", "give the slide's microns per pixel (0.25 for most 40x scans)")
         return float(override)
     props = slide.properties
     values = []
@@ -184,15 +202,29 @@ def slide_mpp(slide, path: str | Path, override: float | None = None) -> float:
     if abs(values[0] - values[1]) > 0.01 * max(values):
         raise MitobenchError(f"{path}: the slide's pixels are not square (mpp-x {values[0]}, mpp-y {values[1]}); "
                              "mitobench crops square patches only.")
+    _check_mpp(values[0], f"{path}: the resolution in the file,", "its resolution tags are wrong: give the slide's "
+                                                                  "true microns per pixel with --slide-mpp")
     return values[0]
+
+
+def _check_mpp(value: float, what: str, advice: str) -> None:
+    low, high = MPP_RANGE
+    if not (math.isfinite(value) and low <= value <= high):
+        raise MitobenchError(f"{what} {value:g} um/px, is not that of a slide scan ({low}-{high} um/px, 5x to 200x); "
+                             f"{advice}.")
+
+
+def crop_mpp(mpp: float, target_mpp: float = TRAINING_MPP, tolerance: float = MPP_TOLERANCE) -> float:
+    """The microns per pixel of a crop from a slide at ``mpp``: the slide's own within ``tolerance`` of
+    ``target_mpp``, else ``target_mpp``."""
+    return mpp if abs(mpp / target_mpp - 1) <= tolerance else target_mpp
 
 
 def crop_patches(slide, points: pd.DataFrame, mpp: float, path: str | Path, size: int = 128,
                  target_mpp: float = TRAINING_MPP, tolerance: float = MPP_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:
     """``(patches, padded)``: one ``size`` x ``size`` RGB uint8 crop per point, centred on it, at ``target_mpp``;
     ``padded`` marks crops that reached past the slide's edge (filled with white there)."""
-    if not (target_mpp > 0 and math.isfinite(target_mpp)):
-        raise MitobenchError(f"--target-mpp {target_mpp}: give a positive number of microns per pixel.")
+    _check_mpp(target_mpp, "--target-mpp", f"leave it out to crop at the training patches' {TRAINING_MPP} um/px")
     width, height = slide.dimensions
     outside = (points["x"] < 0) | (points["x"] >= width) | (points["y"] < 0) | (points["y"] >= height)
     if outside.any():
@@ -200,10 +232,8 @@ def crop_patches(slide, points: pd.DataFrame, mpp: float, path: str | Path, size
         raise MitobenchError(f"{path}: point {row['id']!r} at ({row['x']}, {row['y']}) lies outside the slide "
                              f"({width} x {height} px at level 0); {int(outside.sum())} point(s) do. Are the "
                              "coordinates level-0 pixels of this slide?")
-    scale = target_mpp / mpp  # level-0 pixels per output pixel
-    if abs(scale - 1) <= tolerance:
-        scale = 1.0
-    elif scale < 1:
+    scale = crop_mpp(mpp, target_mpp, tolerance) / mpp  # level-0 pixels per output pixel
+    if scale < 1:
         warnings.warn(f"{path}: the slide ({mpp:.3f} um/px) is coarser than the training data ({target_mpp} um/px); "
                       "its crops are upsampled and blurrier than what the models learnt from.", stacklevel=2)
     level = _finer_level(slide, scale)
@@ -215,7 +245,12 @@ def crop_patches(slide, points: pd.DataFrame, mpp: float, path: str | Path, size
     padded = np.zeros(len(points), dtype=bool)
     for i, (x, y) in enumerate(zip(points["x"].to_numpy(), points["y"].to_numpy())):
         left, top = math.floor(x / downsample - side / 2 + 0.5), math.floor(y / downsample - side / 2 + 0.5)
-        region, padded[i] = _read(slide, level, left, top, side, level_w, level_h, downsample)
+        try:
+            region, padded[i] = _read(slide, level, left, top, side, level_w, level_h, downsample)
+        except Exception as exc:  # a corrupt tile: the codec's own error names neither the slide nor the point
+            raise MitobenchError(f"{path}: cannot read the crop of point {points['id'].iloc[i]!r} at ({x}, {y}), "
+                                 f"level {level} ({type(exc).__name__}: {exc}); the slide file is damaged there. "
+                                 "Nothing was written.") from exc
         if side != size:
             filt = Image.Resampling.BOX if side > size else Image.Resampling.BICUBIC
             region = region.resize((size, size), filt)
@@ -236,7 +271,9 @@ def _read(slide, level: int, left: int, top: int, side: int, level_w: int, level
     x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + side, level_w), min(top + side, level_h)
     canvas = Image.new("RGB", (side, side), (BACKGROUND,) * 3)
     if x1 > x0 and y1 > y0:
-        location = (round(x0 * downsample), round(y0 * downsample))  # read_region takes level-0 coordinates
+        # read_region takes level-0 coordinates and divides them back by the (often not whole) downsample:
+        # rounding up keeps int(location / downsample) == x0, where rounding to nearest may land one pixel short
+        location = (math.ceil(x0 * downsample), math.ceil(y0 * downsample))
         region = slide.read_region(location, level, (x1 - x0, y1 - y0))
         if region.mode == "RGBA":  # openslide: transparent where nothing was scanned
             backdrop = Image.new("RGBA", region.size, (BACKGROUND,) * 3 + (255,))
