@@ -526,3 +526,47 @@ def test_slide_predict_leaves_nothing_when_interrupted_or_misnamed(probe_run, sl
         predict_module.predict_slide(run_dir, case / "slide.tif", case / "points.csv", tmp_path / "r.csv",
                                      save_patches=True)
     assert saved and list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_of_slides_with_one_points_csv(probe_run, slide_case, tmp_path):
+    """Points on two slides at different resolutions, in one CSV with a slide column: the same probabilities as
+    the figures as files, one GeoJSON per slide."""
+    from fixtures import make_slide
+    from mitobench.data.slides import read_points
+    from mitobench.predict import predict_slide
+
+    run_dir, tmp = probe_run
+    case, patches = slide_case
+    names = pd.read_csv(case / "points.csv")["id"].tolist()  # the file of each patch, in slide_case's order
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    first = make_slide(folder / "a.tif", patches[:3], mpp=0.25, pyramid=False)
+    second = make_slide(folder / "b.svs.tif", patches[3:], mpp=0.125, upscale=2)
+    points = pd.DataFrame({"slide": ["a.tif"] * 3 + ["b.svs.tif"] * 5, "id": ["1", "2", "3", "1", "2", "3", "4", "5"],
+                           "x": [c[0] for c in first + second], "y": [c[1] for c in first + second]})
+    points.to_csv(tmp_path / "points.csv", index=False)
+    _, from_files = predict(run_dir, case / "files", tmp_path / "files.csv", cache_dir=str(tmp / "cache"))
+    path, table = predict_slide(run_dir, folder, tmp_path / "points.csv", tmp_path / "out.csv", save_patches=True)
+    expected = from_files.set_index("image").loc[names, "p_ensemble"].to_numpy()
+    np.testing.assert_allclose(table["p_ensemble"].to_numpy(), expected, atol=1e-6)
+    assert table["slide_mpp"].tolist() == [0.25] * 3 + [0.125] * 5 and (table["crop_mpp"] == 0.25).all()
+    geo = tmp_path / "out-geojson"
+    assert sorted(p.name for p in geo.iterdir()) == ["a.tif.geojson", "b.svs.tif.geojson"]
+    assert read_points(geo / "b.svs.tif.geojson")["id"].tolist() == ["1", "2", "3", "4", "5"]
+    assert len(list((tmp_path / "out-patches").glob("*-b.svs-*.png"))) == 5
+
+
+def test_slide_folder_and_points_must_agree(probe_run, slide_case, tmp_path):
+    from mitobench.predict import predict_slide
+
+    run_dir, _ = probe_run
+    case, _ = slide_case
+    with pytest.raises(MitobenchError, match="is a folder: give a points CSV with a slide column"):
+        predict_slide(run_dir, case, case / "points.csv", tmp_path / "a.csv")
+    pd.DataFrame({"slide": ["slide.tif", "other.svs"], "x": [1, 2], "y": [1, 2]}).to_csv(tmp_path / "p.csv",
+                                                                                         index=False)
+    with pytest.raises(MitobenchError, match="slide 'other.svs' \\(row 3\\) is not a file in"):
+        predict_slide(run_dir, case, tmp_path / "p.csv", tmp_path / "a.csv")
+    with pytest.raises(MitobenchError, match="points on other slides than slide.tif \\(e.g. 'other.svs'\\)"):
+        predict_slide(run_dir, case / "slide.tif", tmp_path / "p.csv", tmp_path / "a.csv")
+    assert not list(tmp_path.glob("a*"))

@@ -164,7 +164,8 @@ def embed(
 def predict(
     run_dir: Path = typer.Argument(..., help="A complete run folder (from `mitobench run`)."),
     source: Path = typer.Argument(..., help="Patches: Atypical/Normal class folders, any folder of images, or a CSV with "
-                                             "a path column. With --points: a whole-slide image (SVS, tiled TIFF, ...)."),
+                                             "a path column. With --points: a whole-slide image (SVS, tiled TIFF, ...), or a folder of them "
+                                             "(the points CSV's slide column names each point's)."),
     points: Optional[Path] = typer.Option(None, help="The figures to classify on the slide SOURCE: a CSV with columns x, y "
                                                      "(level-0 pixels; optional id, label) or a GeoJSON of points "
                                                      "(QuPath's export)."),
@@ -204,7 +205,8 @@ def predict(
         console.print(f"ensemble{over}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
     console.print(f"predictions: {path}", soft_wrap=True, markup=False)
     if points is not None:
-        console.print(f"QuPath GeoJSON: {path.with_suffix('.geojson')}", soft_wrap=True, markup=False)
+        geojson = f"{path.with_name(path.stem + '-geojson')}/" if "slide" in table else path.with_suffix(".geojson")
+        console.print(f"QuPath GeoJSON: {geojson}", soft_wrap=True, markup=False)
 
 
 def _run_recipe(run_dir: Path) -> str:

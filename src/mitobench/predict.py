@@ -324,38 +324,47 @@ def slide_geojson(table: pd.DataFrame) -> dict:
 def predict_slide(run_dir: str | Path, slide: str | Path, points: str | Path, out: str | Path | None = None,
                   batch_size: int = 64, device: str = "auto", slide_mpp: float | None = None,
                   target_mpp: float | None = None, save_patches: bool = False) -> tuple[Path, pd.DataFrame]:
-    """Classify the mitotic figures at ``points`` of a whole-slide image with every fold model of ``run_dir``.
+    """Classify the mitotic figures at ``points`` of a whole-slide image with every fold model of ``run_dir``;
+    ``slide`` may also be a folder of slides, with a points CSV whose ``slide`` column names each point's.
 
-    Writes a new CSV (``id, x, y, label, edge_padded, slide_mpp, crop_mpp``, each fold's probability, the
-    ensemble's, the class), a GeoJSON with its stem for QuPath and, with ``save_patches``, each crop as a PNG in a
-    new folder ``<stem>-patches``, to review what the models saw. The CSV is written last: it is there only when
-    everything is."""
+    Writes a new CSV (``[slide,] id, x, y, label, edge_padded, slide_mpp, crop_mpp``, each fold's probability, the
+    ensemble's, the class), GeoJSON for QuPath with its stem (one file, or a folder ``<stem>-geojson`` with one per
+    slide) and, with ``save_patches``, each crop as a PNG in a new folder ``<stem>-patches``, to review what the
+    models saw. The CSV is written last: it is there only when everything is."""
     from mitobench.data.slides import TRAINING_MPP, crop_mpp, crop_patches, open_slide, read_points
     from mitobench.data.slides import slide_mpp as read_mpp
 
-    run_dir, slide = Path(run_dir), Path(slide).expanduser().resolve()
+    run_dir, source = Path(run_dir), Path(slide).expanduser().resolve()
     target_mpp = TRAINING_MPP if target_mpp is None else target_mpp
     config, fold_info, thresholds = _open_run(run_dir)
-    out, explicit = _output_path(out, run_dir, f"{slide.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv")
+    out, explicit = _output_path(out, run_dir, f"{source.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv")
     if out.suffix.lower() != ".csv":
         raise MitobenchError(f"--out {out}: name a .csv file (the GeoJSON and the patches take its stem) or a folder "
                              "ending in /.")
-    if explicit and (out.with_suffix(".geojson").exists() or _patches_folder(out).exists()):
-        raise MitobenchError(f"{out.with_suffix('.geojson')} or {_patches_folder(out)} exists; mitobench never "
-                             "overwrites results. Choose another --out.")
+    taken = [p for p in (out.with_suffix(".geojson"), _companion(out, "geojson"), _companion(out, "patches"))
+             if p.exists()]
+    if explicit and taken:
+        raise MitobenchError(f"{taken[0]} exists; mitobench never overwrites results. Choose another --out.")
     table = read_points(points)
-    handle = open_slide(slide)
-    try:
-        mpp = read_mpp(handle, slide, slide_mpp)
-        patches, padded = crop_patches(handle, table, mpp, slide, config.patch_size, target_mpp)
-    finally:
-        handle.close()
-    table = table.assign(edge_padded=padded, slide_mpp=mpp, crop_mpp=crop_mpp(mpp, target_mpp))
-    table = _score(run_dir, config, fold_info, thresholds, patches, table, batch_size, device)
-    for i in range(1 if explicit else 1000):  # the default name takes the next stem free for all three
+    slides = _slides_of(source, table, Path(points))
+    size = config.patch_size
+    patches = np.empty((len(table), size, size, 3), dtype=np.uint8)
+    columns = {"edge_padded": np.zeros(len(table), dtype=bool), "slide_mpp": np.zeros(len(table)),
+               "crop_mpp": np.zeros(len(table))}
+    for path, rows in slides.items():
+        handle = open_slide(path)
+        try:
+            mpp = read_mpp(handle, path, slide_mpp)
+            patches[rows], columns["edge_padded"][rows] = crop_patches(handle, table.iloc[rows], mpp, path, size,
+                                                                       target_mpp)
+        finally:
+            handle.close()
+        columns["slide_mpp"][rows], columns["crop_mpp"][rows] = mpp, crop_mpp(mpp, target_mpp)
+    table = _score(run_dir, config, fold_info, thresholds, patches, table.assign(**columns), batch_size, device)
+    for i in range(1 if explicit else 1000):  # the default name takes the next stem free for all of them
         path = out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         try:
-            return _write_slide_results(path, table, patches if save_patches else None), table
+            return _write_slide_results(path, table, patches if save_patches else None, by_slide="slide" in table), table
         except FileExistsError:
             if explicit:
                 raise MitobenchError(f"{path} or its GeoJSON or patches appeared meanwhile; mitobench never "
@@ -363,24 +372,64 @@ def predict_slide(run_dir: str | Path, slide: str | Path, points: str | Path, ou
     raise MitobenchError(f"cannot find a free name for {out} in {out.parent}; choose an --out.")
 
 
-def _patches_folder(csv: Path) -> Path:
-    return csv.with_name(f"{csv.stem}-patches")
+def _slides_of(source: Path, table: pd.DataFrame, points: Path) -> dict[Path, np.ndarray]:
+    """Each slide file and the rows of ``table`` on it: ``source`` itself, or the files the ``slide`` column
+    names in the folder ``source``."""
+    if not source.is_dir():
+        if "slide" in table and not table["slide"].isin([source.name, source.stem, str(source)]).all():
+            other = table.loc[~table["slide"].isin([source.name, source.stem, str(source)]), "slide"].iloc[0]
+            raise MitobenchError(f"{points}: points on other slides than {source.name} (e.g. {other!r}); give the "
+                                 "folder of the slides as SOURCE to classify them all, or list only this slide's.")
+        return {source: np.arange(len(table))}
+    if "slide" not in table:
+        raise MitobenchError(f"{source} is a folder: give a points CSV with a slide column naming each point's slide "
+                             "file in it, or give one slide file as SOURCE.")
+    slides = {}
+    for name, rows in table.groupby("slide", sort=False).indices.items():
+        path = Path(name) if Path(name).is_absolute() else source / name
+        if not path.is_file():
+            raise MitobenchError(f"{points}: slide {name!r} (row {int(rows[0]) + 2}) is not a file in {source}; "
+                                 f"{len(rows)} point(s) are on it. Name each slide file as it is in the folder.")
+        slides[path] = rows
+    names = pd.Series([p.name for p in slides])
+    if names.duplicated().any():  # their GeoJSON files would take the same name
+        raise MitobenchError(f"{points}: two slides named {names[names.duplicated()].iloc[0]!r} in different folders; "
+                             "give each slide a file name of its own.")
+    return slides
 
 
-def _write_slide_results(path: Path, table: pd.DataFrame, patches: np.ndarray | None) -> Path:
-    """The GeoJSON, the patches (if given), then the CSV, each created exclusively; FileExistsError when a name is
-    taken. Whatever fails or is interrupted before the CSV is written is removed again."""
-    geojson, folder = path.with_suffix(".geojson"), _patches_folder(path)
+def _companion(csv: Path, what: str) -> Path:
+    """The folder of GeoJSON files (one per slide) or of patches that belongs to ``csv``."""
+    return csv.with_name(f"{csv.stem}-{what}")
+
+
+def _write_slide_results(path: Path, table: pd.DataFrame, patches: np.ndarray | None, by_slide: bool) -> Path:
+    """The GeoJSON (one file, or one per slide in a new folder), the patches (if given), then the CSV, each created
+    exclusively; FileExistsError when a name is taken. What fails or is interrupted before the CSV is written is
+    removed again."""
     made: list[Path] = []
-    try:
-        atomic_write(geojson, lambda tmp: tmp.write_text(json.dumps(slide_geojson(table)), encoding="utf-8"),
+
+    def write_json(target: Path, rows: pd.DataFrame) -> None:
+        atomic_write(target, lambda tmp: tmp.write_text(json.dumps(slide_geojson(rows)), encoding="utf-8"),
                      exclusive=True)
-        made.append(geojson)
-        if patches is not None:
+
+    try:
+        if by_slide:
+            folder = _companion(path, "geojson")
             folder.mkdir(parents=True)
             made.append(folder)
-            for i, (ident, patch, predicted) in enumerate(zip(table["id"], patches, table["predicted"])):
-                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(ident))[:80]
+            for name, rows in table.groupby("slide", sort=False):
+                write_json(folder / f"{Path(name).name}.geojson", rows)
+        else:
+            write_json(path.with_suffix(".geojson"), table)
+            made.append(path.with_suffix(".geojson"))
+        if patches is not None:
+            folder = _companion(path, "patches")
+            folder.mkdir(parents=True)
+            made.append(folder)
+            names = (table["slide"].map(lambda v: Path(v).stem) + "-" if by_slide else "") + table["id"].astype(str)
+            for i, (name, patch, predicted) in enumerate(zip(names, patches, table["predicted"])):
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
                 Image.fromarray(patch).save(folder / f"{i + 1:05d}-{safe}-{predicted}.png", "PNG")
         atomic_write_csv(path, table, exclusive=True)
         return path

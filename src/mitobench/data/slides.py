@@ -37,7 +37,8 @@ BACKGROUND = 255  # white, the colour of glass, where a crop reaches past the sl
 
 
 def read_points(path: str | Path) -> pd.DataFrame:
-    """``id, x, y, label`` (level-0 pixels; label 1 atypical, 0 normal, NaN unknown) from a CSV or GeoJSON."""
+    """``id, x, y, label`` (level-0 pixels; label 1 atypical, 0 normal, NaN unknown) from a CSV or GeoJSON;
+    a CSV with a ``slide`` column (points on several slides) also gives that, first."""
     path = Path(path)
     if not path.is_file():
         raise MitobenchError(f"{path}: no such points file. Give a CSV with columns x, y (level-0 pixels of each "
@@ -51,29 +52,35 @@ def read_points(path: str | Path) -> pd.DataFrame:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise MitobenchError(f"{path}: point {points['id'].iloc[row]!r} has no finite x, y; every point needs both.")
-    if points["id"].duplicated().any():
-        raise MitobenchError(f"{path}: id {points['id'][points['id'].duplicated()].iloc[0]!r} is used twice; give "
-                             "each point its own id.")
+    key = [c for c in ("slide", "id") if c in points]  # ids are per slide
+    if points.duplicated(key).any():
+        first = points[points.duplicated(key)].iloc[0]
+        where = f" on slide {first['slide']!r}" if "slide" in points else ""
+        raise MitobenchError(f"{path}: id {first['id']!r} is used twice{where}; give each point its own id.")
     return points.reset_index(drop=True)
 
 
 def _csv_points(path: Path) -> pd.DataFrame:
-    table = read_csv(path, ["x", "y"], dtype={"id": str}, rows="point")
+    table = read_csv(path, ["x", "y"], dtype={"id": str, "slide": str}, rows="point")
     try:
         xy = table[["x", "y"]].astype(np.float64)
     except (TypeError, ValueError) as exc:
         raise MitobenchError(f"{path}: columns x and y must be numbers (level-0 pixels) ({exc}).") from exc
-    if "id" in table:
-        blank = table["id"].isna() | (table["id"].str.strip() == "")
-        if blank.any():
-            raise MitobenchError(f"{path} row {int(np.flatnonzero(blank)[0]) + 2}: empty id; give every point an id, "
-                                 "or leave out the id column to number them.")
-        ids = table["id"].str.strip()
-    else:
-        ids = pd.Series([str(i + 1) for i in range(len(table))])
+    ids = _text_column(table, "id", path) if "id" in table else pd.Series([str(i + 1) for i in range(len(table))])
     labels = ([parse_label(v, f"{path} row {i + 2}") if not pd.isna(v) else np.nan
                for i, v in enumerate(table["label"])] if "label" in table else np.nan)
-    return pd.DataFrame({"id": ids.to_numpy(), "x": xy["x"].to_numpy(), "y": xy["y"].to_numpy(), "label": labels})
+    points = pd.DataFrame({"id": ids.to_numpy(), "x": xy["x"].to_numpy(), "y": xy["y"].to_numpy(), "label": labels})
+    if "slide" in table:  # one file for many slides: SOURCE is then their folder
+        points.insert(0, "slide", _text_column(table, "slide", path).to_numpy())
+    return points
+
+
+def _text_column(table: pd.DataFrame, column: str, path: Path) -> pd.Series:
+    blank = table[column].isna() | (table[column].str.strip() == "")
+    if blank.any():
+        raise MitobenchError(f"{path} row {int(np.flatnonzero(blank)[0]) + 2}: empty {column}; give every point "
+                             f"one{', or leave out the id column to number them' if column == 'id' else ''}.")
+    return table[column].str.strip()
 
 
 def _geojson_points(path: Path) -> pd.DataFrame:
