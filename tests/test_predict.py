@@ -567,6 +567,28 @@ def test_slide_folder_and_points_must_agree(probe_run, slide_case, tmp_path):
                                                                                          index=False)
     with pytest.raises(MitobenchError, match="slide 'other.svs' \\(row 3\\) is not a file in"):
         predict_slide(run_dir, case, tmp_path / "p.csv", tmp_path / "a.csv")
-    with pytest.raises(MitobenchError, match="points on other slides than slide.tif \\(e.g. 'other.svs'\\)"):
+    with pytest.raises(MitobenchError, match="points on other slides than slide.tif.*\\(e.g. 'other.svs'\\)"):
         predict_slide(run_dir, case / "slide.tif", tmp_path / "p.csv", tmp_path / "a.csv")
+    pd.DataFrame({"slide": ["slide.tif", "./slide.tif"], "x": [1, 2], "y": [1, 2]}).to_csv(tmp_path / "q.csv",
+                                                                                           index=False)
+    with pytest.raises(MitobenchError, match="slide slide.tif is named two ways \\('slide.tif' and './slide.tif'\\)"):
+        predict_slide(run_dir, case, tmp_path / "q.csv", tmp_path / "a.csv")
+    with pytest.raises(MitobenchError, match="this slide named in several ways"):
+        predict_slide(run_dir, case / "slide.tif", tmp_path / "q.csv", tmp_path / "a.csv")
     assert not list(tmp_path.glob("a*"))
+
+
+def test_one_slide_from_a_cohort_csv_and_an_mpp_override(probe_run, slide_case, tmp_path):
+    """A cohort CSV cut to one slide names it by path: accepted, one GeoJSON file; --slide-mpp over the file's
+    0.125 um/px warns, and crops at what it says (a 0.25 um/px slide read as is: half the span)."""
+    from mitobench.predict import predict_slide
+
+    run_dir, _ = probe_run
+    case, _ = slide_case
+    points = pd.read_csv(case / "points.csv").assign(slide="cohort/slide.tif")
+    points.to_csv(tmp_path / "p.csv", index=False)
+    with pytest.warns(UserWarning, match="records 0.125 um/px; --slide-mpp 0.25 overrides it"):
+        path, table = predict_slide(run_dir, case / "slide.tif", tmp_path / "p.csv", tmp_path / "one.csv",
+                                    slide_mpp=0.25)
+    assert path.with_suffix(".geojson").is_file() and not (tmp_path / "one-geojson").exists()
+    assert (table["slide_mpp"] == 0.25).all() and (table["crop_mpp"] == 0.25).all()

@@ -62,7 +62,7 @@ def test_a_slide_within_the_scanners_spread_is_not_resampled(real_patches, tmp_p
 def test_a_20x_slide_is_upsampled_with_a_warning(real_patches, tmp_path):
     small = real_patches[:, ::2, ::2]
     centres = make_slide(tmp_path / "s.tif", np.ascontiguousarray(small), mpp=0.5, pyramid=False)
-    with pytest.warns(UserWarning, match="coarser than the training data"):
+    with pytest.warns(UserWarning, match=r"coarser than the crops \(0.25 um/px\); they are upsampled"):
         patches, _ = _crops(tmp_path / "s.tif", centres)
     assert patches.shape == real_patches.shape
     # the upsampled crop is close to the original (what 20x loses is fine detail, not position)
@@ -206,7 +206,8 @@ def test_an_impossible_resolution_is_refused(real_patches, tmp_path, mpp, overri
     centres = make_slide(tmp_path / "s.tif", real_patches[:1], mpp=mpp, pyramid=False)
     with pytest.raises(MitobenchError, match=message):
         _crops(tmp_path / "s.tif", centres, override=override)
-    with pytest.raises(MitobenchError, match="--target-mpp 50"):
+    with pytest.raises(MitobenchError, match="--target-mpp 50"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # --slide-mpp over the 72-dpi tag: warned, tested elsewhere
         _crops(tmp_path / "s.tif", centres, override=0.25, target_mpp=50.0)
 
 

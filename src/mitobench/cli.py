@@ -169,7 +169,9 @@ def predict(
     points: Optional[Path] = typer.Option(None, help="The figures to classify on the slide SOURCE: a CSV with columns x, y "
                                                      "(level-0 pixels; optional id, label) or a GeoJSON of points "
                                                      "(QuPath's export)."),
-    slide_mpp: Optional[float] = typer.Option(None, help="The slide's microns per pixel, when its file does not record them."),
+    slide_mpp: Optional[float] = typer.Option(None, help="The slide's microns per pixel, needed when its file records "
+                                                         "none; overrides (with a warning) what a file records, for "
+                                                         "every slide of a folder."),
     target_mpp: Optional[float] = typer.Option(None, help="Microns per pixel to crop at (default 0.25: the training "
                                                           "patches' 40x)."),
     save_patches: bool = typer.Option(False, help="With --points: also save each crop as a PNG beside the CSV."),
@@ -205,8 +207,12 @@ def predict(
         console.print(f"ensemble{over}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
     console.print(f"predictions: {path}", soft_wrap=True, markup=False)
     if points is not None:
-        geojson = f"{path.with_name(path.stem + '-geojson')}/" if "slide" in table else path.with_suffix(".geojson")
-        console.print(f"QuPath GeoJSON: {geojson}", soft_wrap=True, markup=False)
+        from mitobench.predict import slide_outputs
+
+        geojson, *patches = slide_outputs(path, source.is_dir(), save_patches)
+        console.print(f"QuPath GeoJSON: {geojson}{'/' if geojson.is_dir() else ''}", soft_wrap=True, markup=False)
+        if patches:
+            console.print(f"crops: {patches[0]}/", soft_wrap=True, markup=False)
 
 
 def _run_recipe(run_dir: Path) -> str:

@@ -1,9 +1,11 @@
-"""Apply a finished run's 5 fold models (and their ensemble) to new patches.
+"""Apply a finished run's 5 fold models (and their ensemble) to new patches, or to the mitotic figures at given
+points of whole-slide images.
 
-Input: a folder of ``Atypical``/``Normal`` sub-folders (labels known: metrics are printed), any other
-folder of images (searched recursively), or a CSV with a ``path`` column (and optionally ``label``).
-Output: a new CSV (never overwriting) with each fold model's probability, the ensemble probability
-and the predicted class at the run's threshold.
+Patches: a folder of ``Atypical``/``Normal`` sub-folders (labels known: metrics are printed), any other folder of
+images (searched recursively), or a CSV with a ``path`` column (and optionally ``label``). Slides: one slide file,
+or a folder of them, with the figures' points (``data/slides.py`` reads and crops them).
+Output: a new CSV (never overwriting) with each fold model's probability, the ensemble probability and the
+predicted class at the run's threshold; for slides also GeoJSON for QuPath.
 """
 
 from __future__ import annotations
@@ -21,12 +23,10 @@ from PIL import Image
 
 from mitobench.data.cache import PatchCache
 from mitobench.data.records import IMAGE_SUFFIXES, load_custom, parse_label, read_csv
+from mitobench.data.slides import SLIDE_SUFFIXES
 from mitobench.errors import MitobenchError
 from mitobench.io import atomic_write, atomic_write_csv
 from mitobench.runs import load_run_config, require_complete_run
-
-
-SLIDE_SUFFIXES = {".svs", ".ndpi", ".tif", ".tiff", ".scn", ".mrxs", ".vms", ".vmu", ".bif", ".svslide", ".qptiff"}
 
 
 def _records(source: Path) -> pd.DataFrame:
@@ -36,7 +36,9 @@ def _records(source: Path) -> pd.DataFrame:
             return load_custom(source)
         paths = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
-            raise MitobenchError(f"{source}: no images found ({sorted(IMAGE_SUFFIXES)}).")
+            slides = any(p.suffix.lower() in SLIDE_SUFFIXES for p in source.rglob("*"))
+            hint = "; for whole-slide images give the figures' points with --points" if slides else ""
+            raise MitobenchError(f"{source}: no images found ({sorted(IMAGE_SUFFIXES)}){hint}.")
         return pd.DataFrame({"image": [str(p.relative_to(source)) for p in paths], "path": [str(p.resolve()) for p in paths],
                              "label": np.nan})
     if source.is_file():
@@ -231,8 +233,7 @@ def _write_new(out: Path, table: pd.DataFrame, explicit: bool) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MitobenchError(f"{out}: cannot create its folder {out.parent} ({exc}). Choose another --out.") from exc
-    for i in range(1 if explicit else 1000):
-        path = out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+    for path in _candidates(out, explicit):
         try:
             return atomic_write_csv(path, table, exclusive=True)
         except FileExistsError:
@@ -241,6 +242,14 @@ def _write_new(out: Path, table: pd.DataFrame, explicit: bool) -> Path:
         except OSError as exc:
             raise MitobenchError(f"{path}: cannot write the predictions ({exc}). Choose another --out.") from exc
     raise MitobenchError(f"cannot find a free name for {out} in {out.parent}; choose an --out.")
+
+
+def _candidates(out: Path, explicit: bool):
+    """The names a new result may take: ``out``, then for a default name ``<stem>-1``, ``<stem>-2``, ..."""
+    yield out
+    if not explicit:
+        for i in range(1, 1000):
+            yield out.with_name(f"{out.stem}-{i}{out.suffix}")
 
 
 def _open_run(run_dir: Path):
@@ -321,32 +330,34 @@ def slide_geojson(table: pd.DataFrame) -> dict:
     return {"type": "FeatureCollection", "features": features}
 
 
-def predict_slide(run_dir: str | Path, slide: str | Path, points: str | Path, out: str | Path | None = None,
+def predict_slide(run_dir: str | Path, source: str | Path, points: str | Path, out: str | Path | None = None,
                   batch_size: int = 64, device: str = "auto", slide_mpp: float | None = None,
                   target_mpp: float | None = None, save_patches: bool = False) -> tuple[Path, pd.DataFrame]:
-    """Classify the mitotic figures at ``points`` of a whole-slide image with every fold model of ``run_dir``;
-    ``slide`` may also be a folder of slides, with a points CSV whose ``slide`` column names each point's.
+    """Classify the mitotic figures at ``points`` of a whole-slide image ``source`` with every fold model of
+    ``run_dir``; ``source`` may also be a folder of slides (a cohort), with a points CSV whose ``slide`` column
+    names each point's.
 
     Writes a new CSV (``[slide,] id, x, y, label, edge_padded, slide_mpp, crop_mpp``, each fold's probability, the
-    ensemble's, the class), GeoJSON for QuPath with its stem (one file, or a folder ``<stem>-geojson`` with one per
-    slide) and, with ``save_patches``, each crop as a PNG in a new folder ``<stem>-patches``, to review what the
-    models saw. The CSV is written last: it is there only when everything is."""
+    ensemble's, the class) and the companions ``slide_outputs`` names: GeoJSON for QuPath and, with
+    ``save_patches``, each crop as a PNG, to review what the models saw. The CSV is written last: it is there only
+    when everything is."""
     from mitobench.data.slides import TRAINING_MPP, crop_mpp, crop_patches, open_slide, read_points
     from mitobench.data.slides import slide_mpp as read_mpp
 
-    run_dir, source = Path(run_dir), Path(slide).expanduser().resolve()
+    run_dir, given = Path(run_dir), Path(source).expanduser()
+    source = given.resolve()
+    cohort = source.is_dir()
     target_mpp = TRAINING_MPP if target_mpp is None else target_mpp
     config, fold_info, thresholds = _open_run(run_dir)
     out, explicit = _output_path(out, run_dir, f"{source.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv")
     if out.suffix.lower() != ".csv":
         raise MitobenchError(f"--out {out}: name a .csv file (the GeoJSON and the patches take its stem) or a folder "
                              "ending in /.")
-    taken = [p for p in (out.with_suffix(".geojson"), _companion(out, "geojson"), _companion(out, "patches"))
-             if p.exists()]
+    taken = [p for p in slide_outputs(out, cohort, save_patches) if p.exists()]
     if explicit and taken:
         raise MitobenchError(f"{taken[0]} exists; mitobench never overwrites results. Choose another --out.")
     table = read_points(points)
-    slides = _slides_of(source, table, Path(points))
+    slides = _slides_of(given, table, Path(points))
     size = config.patch_size
     patches = np.empty((len(table), size, size, 3), dtype=np.uint8)
     columns = {"edge_padded": np.zeros(len(table), dtype=bool), "slide_mpp": np.zeros(len(table)),
@@ -361,52 +372,61 @@ def predict_slide(run_dir: str | Path, slide: str | Path, points: str | Path, ou
             handle.close()
         columns["slide_mpp"][rows], columns["crop_mpp"][rows] = mpp, crop_mpp(mpp, target_mpp)
     table = _score(run_dir, config, fold_info, thresholds, patches, table.assign(**columns), batch_size, device)
-    for i in range(1 if explicit else 1000):  # the default name takes the next stem free for all of them
-        path = out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        try:
-            return _write_slide_results(path, table, patches if save_patches else None, by_slide="slide" in table), table
-        except FileExistsError:
-            if explicit:
-                raise MitobenchError(f"{path} or its GeoJSON or patches appeared meanwhile; mitobench never "
-                                     "overwrites results. Choose another --out.")
+    for path in _candidates(out, explicit):  # a default name takes the next stem free for the CSV and companions
+        if not any(p.exists() for p in [path, *slide_outputs(path, cohort, save_patches)]):
+            return _write_slide_results(path, table, patches if save_patches else None, cohort), table
+        if explicit:
+            raise MitobenchError(f"{path} or its GeoJSON or patches appeared meanwhile; mitobench never overwrites "
+                                 "results. Choose another --out.")
     raise MitobenchError(f"cannot find a free name for {out} in {out.parent}; choose an --out.")
 
 
-def _slides_of(source: Path, table: pd.DataFrame, points: Path) -> dict[Path, np.ndarray]:
-    """Each slide file and the rows of ``table`` on it: ``source`` itself, or the files the ``slide`` column
-    names in the folder ``source``."""
+def slide_outputs(csv: Path, cohort: bool, save_patches: bool) -> list[Path]:
+    """What a slide prediction writes beside its CSV: the GeoJSON (a file; for a cohort a folder of one per
+    slide) and, with ``save_patches``, the folder of crops."""
+    geojson = csv.with_name(f"{csv.stem}-geojson") if cohort else csv.with_suffix(".geojson")
+    return [geojson, csv.with_name(f"{csv.stem}-patches")] if save_patches else [geojson]
+
+
+def _slides_of(given: Path, table: pd.DataFrame, points: Path) -> dict[Path, np.ndarray]:
+    """Each slide file and the rows of ``table`` on it: the slide ``given`` itself, or, when ``given`` is a folder,
+    the files its ``slide`` column names in it (one name per file)."""
+    source = given.resolve()
     if not source.is_dir():
-        if "slide" in table and not table["slide"].isin([source.name, source.stem, str(source)]).all():
-            other = table.loc[~table["slide"].isin([source.name, source.stem, str(source)]), "slide"].iloc[0]
-            raise MitobenchError(f"{points}: points on other slides than {source.name} (e.g. {other!r}); give the "
-                                 "folder of the slides as SOURCE to classify them all, or list only this slide's.")
+        if "slide" in table:  # a cohort's CSV cut to this slide: its rows may name it by path, name or stem
+            known = {given.name, source.name, given.stem, source.stem}
+            other = table["slide"][[Path(v).name not in known and v not in known for v in table["slide"]]]
+            if len(other) or table["slide"].nunique() > 1:
+                example = other.iloc[0] if len(other) else sorted(table["slide"].unique())[1]
+                raise MitobenchError(f"{points}: points on other slides than {given.name}, or this slide named in "
+                                     f"several ways (e.g. {example!r}); give the folder of the slides as SOURCE to "
+                                     "classify them all, or list only this slide's points under one name.")
         return {source: np.arange(len(table))}
     if "slide" not in table:
-        raise MitobenchError(f"{source} is a folder: give a points CSV with a slide column naming each point's slide "
+        raise MitobenchError(f"{given} is a folder: give a points CSV with a slide column naming each point's slide "
                              "file in it, or give one slide file as SOURCE.")
-    slides = {}
+    slides: dict[Path, np.ndarray] = {}
+    names: dict[Path, str] = {}
     for name, rows in table.groupby("slide", sort=False).indices.items():
-        path = Path(name) if Path(name).is_absolute() else source / name
+        path = (Path(name) if Path(name).is_absolute() else source / name).resolve()
         if not path.is_file():
-            raise MitobenchError(f"{points}: slide {name!r} (row {int(rows[0]) + 2}) is not a file in {source}; "
+            raise MitobenchError(f"{points}: slide {name!r} (row {int(rows[0]) + 2}) is not a file in {given}; "
                                  f"{len(rows)} point(s) are on it. Name each slide file as it is in the folder.")
-        slides[path] = rows
-    names = pd.Series([p.name for p in slides])
-    if names.duplicated().any():  # their GeoJSON files would take the same name
-        raise MitobenchError(f"{points}: two slides named {names[names.duplicated()].iloc[0]!r} in different folders; "
-                             "give each slide a file name of its own.")
+        if path in names:
+            raise MitobenchError(f"{points}: slide {path.name} is named two ways ({names[path]!r} and {name!r}); "
+                                 "name each slide one way.")
+        slides[path], names[path] = rows, name
+    basenames = pd.Series([p.name for p in slides])
+    if basenames.duplicated().any():  # their GeoJSON files would take the same name
+        raise MitobenchError(f"{points}: two slides named {basenames[basenames.duplicated()].iloc[0]!r} in different "
+                             "folders; give each slide a file name of its own.")
     return slides
 
 
-def _companion(csv: Path, what: str) -> Path:
-    """The folder of GeoJSON files (one per slide) or of patches that belongs to ``csv``."""
-    return csv.with_name(f"{csv.stem}-{what}")
-
-
-def _write_slide_results(path: Path, table: pd.DataFrame, patches: np.ndarray | None, by_slide: bool) -> Path:
-    """The GeoJSON (one file, or one per slide in a new folder), the patches (if given), then the CSV, each created
-    exclusively; FileExistsError when a name is taken. What fails or is interrupted before the CSV is written is
-    removed again."""
+def _write_slide_results(path: Path, table: pd.DataFrame, patches: np.ndarray | None, cohort: bool) -> Path:
+    """The GeoJSON (one file, or for a cohort one per slide in a new folder), the patches (if given), then the
+    CSV, each created exclusively. What fails or is interrupted before the CSV is written is removed again."""
+    geojson, *patches_folder = slide_outputs(path, cohort, patches is not None)
     made: list[Path] = []
 
     def write_json(target: Path, rows: pd.DataFrame) -> None:
@@ -414,20 +434,19 @@ def _write_slide_results(path: Path, table: pd.DataFrame, patches: np.ndarray | 
                      exclusive=True)
 
     try:
-        if by_slide:
-            folder = _companion(path, "geojson")
-            folder.mkdir(parents=True)
-            made.append(folder)
+        if cohort:
+            geojson.mkdir(parents=True)
+            made.append(geojson)
             for name, rows in table.groupby("slide", sort=False):
-                write_json(folder / f"{Path(name).name}.geojson", rows)
+                write_json(geojson / f"{Path(name).name}.geojson", rows)
         else:
-            write_json(path.with_suffix(".geojson"), table)
-            made.append(path.with_suffix(".geojson"))
-        if patches is not None:
-            folder = _companion(path, "patches")
+            write_json(geojson, table)  # FileExistsError: another's file, never removed
+            made.append(geojson)
+        if patches_folder:
+            folder = patches_folder[0]
             folder.mkdir(parents=True)
             made.append(folder)
-            names = (table["slide"].map(lambda v: Path(v).stem) + "-" if by_slide else "") + table["id"].astype(str)
+            names = (table["slide"].map(lambda v: Path(v).stem) + "-" if cohort else "") + table["id"].astype(str)
             for i, (name, patch, predicted) in enumerate(zip(names, patches, table["predicted"])):
                 safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
                 Image.fromarray(patch).save(folder / f"{i + 1:05d}-{safe}-{predicted}.png", "PNG")
@@ -435,8 +454,14 @@ def _write_slide_results(path: Path, table: pd.DataFrame, patches: np.ndarray | 
         return path
     except BaseException as exc:  # KeyboardInterrupt (SIGTERM too) included: no companions without their CSV
         for made_path in made:
-            shutil.rmtree(made_path, ignore_errors=True) if made_path.is_dir() else made_path.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
+            if made_path.is_dir():
+                shutil.rmtree(made_path, ignore_errors=True)
+            else:
+                made_path.unlink(missing_ok=True)
+        if isinstance(exc, FileExistsError):
+            raise MitobenchError(f"{exc.filename or path}: appeared while the results were written; mitobench never "
+                                 "overwrites results. Nothing was kept; run again.") from exc
+        if isinstance(exc, OSError):
             raise MitobenchError(f"{path.parent}: cannot write the slide's results ({exc}); nothing was kept. "
                                  "Choose another --out.") from exc
         raise

@@ -33,6 +33,7 @@ scanners from 0.23 to 0.26 um/px unresampled."""
 MPP_RANGE = (0.05, 2.0)
 """Microns per pixel of any slide scan from 5x to 200x: a value outside is a wrong resolution tag (72 dpi
 from a converter reads as 353 um/px), and cropping by it would give a flat colour or a gigapixel read."""
+SLIDE_SUFFIXES = {".svs", ".ndpi", ".tif", ".tiff", ".scn", ".mrxs", ".vms", ".vmu", ".bif", ".svslide", ".qptiff"}
 BACKGROUND = 255  # white, the colour of glass, where a crop reaches past the slide's edge
 
 
@@ -191,18 +192,16 @@ def _checked(slide):
 
 
 def slide_mpp(slide, path: str | Path, override: float | None = None) -> float:
-    """Microns per level-0 pixel: ``override`` if given, else the slide's own metadata (x and y must agree)."""
+    """Microns per level-0 pixel: ``override`` if given (with a warning where the file records another), else the
+    slide's own metadata (x and y must agree)."""
     if override is not None:
         _check_mpp(override, "--slide-mpp", "give the slide's microns per pixel (0.25 for most 40x scans)")
+        recorded = _recorded_mpp(slide)[0]
+        if math.isfinite(recorded) and abs(recorded - override) > 0.01 * override:
+            warnings.warn(f"{path}: the file records {recorded:g} um/px; --slide-mpp {override:g} overrides it.",
+                          stacklevel=2)
         return float(override)
-    props = slide.properties
-    values = []
-    for key in ("mpp-x", "mpp-y"):
-        value = props.get(f"tiffslide.{key}", props.get(f"openslide.{key}"))
-        try:
-            values.append(float(value))
-        except (TypeError, ValueError):
-            values.append(float("nan"))
+    values = _recorded_mpp(slide)
     if not all(v > 0 and math.isfinite(v) for v in values):
         raise MitobenchError(f"{path}: the slide does not record its resolution (microns per pixel). Give it with "
                              "--slide-mpp (e.g. 0.25 for most 40x scans, 0.5 for 20x).")
@@ -212,6 +211,18 @@ def slide_mpp(slide, path: str | Path, override: float | None = None) -> float:
     _check_mpp(values[0], f"{path}: the resolution in the file,", "its resolution tags are wrong: give the slide's "
                                                                   "true microns per pixel with --slide-mpp")
     return values[0]
+
+
+def _recorded_mpp(slide) -> list[float]:
+    """The x and y microns per pixel the slide's file records (NaN where it records none)."""
+    values = []
+    for key in ("mpp-x", "mpp-y"):
+        value = slide.properties.get(f"tiffslide.{key}", slide.properties.get(f"openslide.{key}"))
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError):
+            values.append(float("nan"))
+    return values
 
 
 def _check_mpp(value: float, what: str, advice: str) -> None:
@@ -241,8 +252,8 @@ def crop_patches(slide, points: pd.DataFrame, mpp: float, path: str | Path, size
                              "coordinates level-0 pixels of this slide?")
     scale = crop_mpp(mpp, target_mpp, tolerance) / mpp  # level-0 pixels per output pixel
     if scale < 1:
-        warnings.warn(f"{path}: the slide ({mpp:.3f} um/px) is coarser than the training data ({target_mpp} um/px); "
-                      "its crops are upsampled and blurrier than what the models learnt from.", stacklevel=2)
+        warnings.warn(f"{path}: the slide ({mpp:g} um/px) is coarser than the crops ({target_mpp:g} um/px); they are "
+                      "upsampled and blurrier than the training patches.", stacklevel=2)
     level = _finer_level(slide, scale)
     downsample = float(slide.level_downsamples[level])
     span0 = size * scale  # the crop's side in level-0 pixels
