@@ -246,12 +246,13 @@ def make_data_root(root: str | Path, atnorm_md: bool = True, duplicates: bool = 
 
 
 def make_slide(path: str | Path, patches: np.ndarray, mpp: float | None = 0.25, upscale: int = 1,
-               pyramid: bool = True, columns: int = 4, gap: int = 40) -> list[tuple[float, float]]:
+               pyramid: bool = True, columns: int = 4, gap: int = 40, aperio: bool = False) -> list[tuple[float, float]]:
     """A tiled TIFF whole-slide image holding ``patches`` (N x 128 x 128 x 3) in a grid on white, each
     nearest-upscaled by ``upscale``; returns each patch's centre in level-0 pixels.
 
     ``mpp``: microns per level-0 pixel written in the resolution tags (None: none written). ``pyramid``: also
-    a level at every factor 2 down to the original patch size, as a scanner writes them."""
+    a level at every factor 2 down to the original patch size, as a scanner writes them. ``aperio``: an SVS as
+    Aperio scanners write it (JPEG tiles, the resolution in the image description, not in tags)."""
     import tifffile
 
     size = patches.shape[1]
@@ -268,6 +269,13 @@ def make_slide(path: str | Path, patches: np.ndarray, mpp: float | None = 0.25, 
     while pyramid and factor <= upscale:
         levels.append(full[::factor, ::factor])
         factor *= 2
+    if aperio:
+        height, width = full.shape[:2]
+        description = (f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) "
+                       f"JPEG/RGB Q=90|AppMag = 40|MPP = {mpp:.4f}|ScanScope ID = SS1234")
+        tifffile.imwrite(path, full, tile=(256, 256), photometric="rgb", compression="jpeg", compressionargs={"level": 90},
+                         description=description)
+        return centres
     extra = {} if mpp is None else {"resolutionunit": "CENTIMETER"}
     with tifffile.TiffWriter(path) as tiff:
         for k, level in enumerate(levels):

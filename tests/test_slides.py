@@ -53,6 +53,22 @@ def test_an_80x_slide_is_read_at_the_training_resolution(real_patches, tmp_path,
     np.testing.assert_array_equal(patches, real_patches)
 
 
+def test_an_aperio_svs_with_jpeg_tiles(real_patches, tmp_path):
+    """The commonest format: the resolution comes from the image description, the tiles are JPEG (lossy)."""
+    centres = make_slide(tmp_path / "s.svs", real_patches, mpp=0.2520, aperio=True)
+    slide = open_slide(tmp_path / "s.svs")
+    try:
+        assert slide_mpp(slide, tmp_path / "s.svs") == pytest.approx(0.252)
+    finally:
+        slide.close()
+    patches, _ = _crops(tmp_path / "s.svs", centres)
+    shifted, _ = _crops(tmp_path / "s.svs", [(x + 1, y) for x, y in centres])
+    error = np.abs(patches.astype(int) - real_patches.astype(int)).mean(axis=(1, 2, 3))
+    error_shifted = np.abs(shifted.astype(int) - real_patches.astype(int)).mean(axis=(1, 2, 3))
+    assert (error < 5).all(), error  # JPEG at quality 90 with chroma subsampling: about 3-4.5 grey levels
+    assert (error_shifted > 1.5 * error).all(), (error, error_shifted)  # in place, not one pixel off
+
+
 def test_a_slide_within_the_scanners_spread_is_not_resampled(real_patches, tmp_path):
     centres = make_slide(tmp_path / "s.tif", real_patches, mpp=0.23, pyramid=False)  # MIDOG21's Hamamatsu
     patches, _ = _crops(tmp_path / "s.tif", centres)
