@@ -261,3 +261,15 @@ def test_a_damaged_tile_names_the_slide_and_the_point(real_patches, tmp_path):
 def test_a_folder_is_not_a_slide(tmp_path):
     with pytest.raises(MitobenchError, match="a folder, not a slide file"):
         open_slide(tmp_path)
+
+
+def test_a_slide_given_as_a_patch_is_refused_before_decoding(tmp_path):
+    """A folder of slides predicted as patches: each is refused by its size alone, pointing at --points."""
+    import tifffile
+
+    from mitobench.data.images import decode_patch
+
+    tifffile.imwrite(tmp_path / "slide.tif", np.full((6000, 5000, 3), 240, dtype=np.uint8), tile=(256, 256),
+                     photometric="rgb", compression="zlib")
+    with pytest.raises(MitobenchError, match="slide.tif: image is 5000x6000 px but patches must be 128x128.*--points"):
+        decode_patch(tmp_path / "slide.tif")

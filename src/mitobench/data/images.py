@@ -37,6 +37,8 @@ def read_patch(path: str | Path, patch_size: int | None = 128) -> tuple[np.ndarr
     converted = None
     try:
         with Image.open(path) as img:
+            if patch_size is not None and img.size != (patch_size, patch_size):  # before decoding: it may be a slide
+                raise _wrong_size(path, img.size, patch_size)
             img.load()
             if img.mode == "I" and img.format == "PNG":  # 16-bit grey as Pillow < 10.3 opens it (PNG has no int32)
                 img = img.convert("I;16")  # lossless: PNG's 16-bit samples lie in 0..65535
@@ -56,8 +58,12 @@ def read_patch(path: str | Path, patch_size: int | None = 128) -> tuple[np.ndarr
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MitobenchError(f"{path}: cannot decode this image ({exc}). Replace or remove the file.") from exc
     if patch_size is not None and array.shape[:2] != (patch_size, patch_size):
-        raise MitobenchError(
-            f"{path}: image is {array.shape[1]}x{array.shape[0]} px but patches must be {patch_size}x{patch_size}. "
-            "Crop it centred on the mitotic figure, or set patch_size for a dataset of another size."
-        )
+        raise _wrong_size(path, (array.shape[1], array.shape[0]), patch_size)
     return array, converted
+
+
+def _wrong_size(path: str | Path, size: tuple[int, int], patch_size: int) -> MitobenchError:
+    slide = (" A whole-slide image? Classify the figures on it with `mitobench predict RUN SLIDE --points P`."
+             if max(size) > 4096 else "")
+    return MitobenchError(f"{path}: image is {size[0]}x{size[1]} px but patches must be {patch_size}x{patch_size}. "
+                          f"Crop it centred on the mitotic figure, or set patch_size for a dataset of another size.{slide}")
