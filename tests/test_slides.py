@@ -273,3 +273,12 @@ def test_a_slide_given_as_a_patch_is_refused_before_decoding(tmp_path):
                      photometric="rgb", compression="zlib")
     with pytest.raises(MitobenchError, match="slide.tif: image is 5000x6000 px but patches must be 128x128.*--points"):
         decode_patch(tmp_path / "slide.tif")
+    from PIL import Image as PILImage
+
+    before = PILImage.MAX_IMAGE_PIXELS
+    PILImage.MAX_IMAGE_PIXELS = 1_000_000  # as a 100k x 100k slide is to the default limit
+    try:
+        with pytest.raises(MitobenchError, match="slide.tif: far too large for a patch.*--points"):
+            decode_patch(tmp_path / "slide.tif")
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = before

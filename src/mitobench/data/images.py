@@ -55,6 +55,9 @@ def read_patch(path: str | Path, patch_size: int | None = 128) -> tuple[np.ndarr
                     converted = f"{path}: converted from {img.mode} to RGB"
                     img = img.convert("RGB")
                 array = np.asarray(img, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:  # raised by Image.open itself, before any size check of ours
+        raise MitobenchError(f"{path}: far too large for a patch ({exc}). A whole-slide image? Classify the figures on "
+                             "it with `mitobench predict RUN SLIDE --points P`.") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MitobenchError(f"{path}: cannot decode this image ({exc}). Replace or remove the file.") from exc
     if patch_size is not None and array.shape[:2] != (patch_size, patch_size):
