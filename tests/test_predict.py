@@ -528,7 +528,7 @@ def test_slide_predict_leaves_nothing_when_interrupted_or_misnamed(probe_run, sl
     assert saved and list(tmp_path.iterdir()) == []
 
 
-def test_a_folder_of_slides_with_one_points_csv(probe_run, slide_case, tmp_path):
+def test_a_folder_of_slides_with_one_points_csv(probe_run, slide_case, tmp_path, cli):
     """Points on two slides at different resolutions, in one CSV with a slide column: the same probabilities as
     the figures as files, one GeoJSON per slide."""
     from fixtures import make_slide
@@ -554,6 +554,20 @@ def test_a_folder_of_slides_with_one_points_csv(probe_run, slide_case, tmp_path)
     assert sorted(p.name for p in geo.iterdir()) == ["a.tif.geojson", "b.svs.tif.geojson"]
     assert read_points(geo / "b.svs.tif.geojson")["id"].tolist() == ["1", "2", "3", "4", "5"]
     assert len(list((tmp_path / "out-patches").glob("*-b.svs-*.png"))) == 5
+    summary = pd.read_csv(tmp_path / "out-summary.csv")
+    assert summary["slide"].tolist() == ["a.tif", "b.svs.tif"] and summary["figures"].tolist() == [3, 5]
+    for name, rows in table.groupby("slide"):
+        row = summary.set_index("slide").loc[name]
+        assert row["predicted_atypical"] == (rows["predicted"] == "Atypical").sum()
+        assert row["atypical_fraction"] == pytest.approx(row["predicted_atypical"] / len(rows))
+        assert row["expected_atypical"] == pytest.approx(rows["p_ensemble"].sum())
+    result = cli("predict", str(run_dir), str(folder), "--points", str(tmp_path / "points.csv"), "--out",
+                 str(tmp_path / "cli") + "/")
+    assert result.returncode == 0, result.stderr
+    printed = " ".join(result.stdout.split())
+    assert "per slide" in printed and "b.svs.tif" in printed and "per-slide summary:" in printed
+    assert len(list((tmp_path / "cli").glob("slides-*-summary.csv"))) == 1
+    assert len(list((tmp_path / "cli").glob("slides-*-geojson/*.geojson"))) == 2
 
 
 def test_slide_folder_and_points_must_agree(probe_run, slide_case, tmp_path):
@@ -591,4 +605,5 @@ def test_one_slide_from_a_cohort_csv_and_an_mpp_override(probe_run, slide_case, 
         path, table = predict_slide(run_dir, case / "slide.tif", tmp_path / "p.csv", tmp_path / "one.csv",
                                     slide_mpp=0.25)
     assert path.with_suffix(".geojson").is_file() and not (tmp_path / "one-geojson").exists()
+    assert not (tmp_path / "one-summary.csv").exists()  # one slide: the CLI prints its counts
     assert (table["slide_mpp"] == 0.25).all() and (table["crop_mpp"] == 0.25).all()

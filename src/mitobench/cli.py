@@ -209,10 +209,28 @@ def predict(
     if points is not None:
         from mitobench.predict import slide_outputs
 
-        geojson, *patches = slide_outputs(path, source.is_dir(), save_patches)
-        console.print(f"QuPath GeoJSON: {geojson}{'/' if geojson.is_dir() else ''}", soft_wrap=True, markup=False)
-        if patches:
-            console.print(f"crops: {patches[0]}/", soft_wrap=True, markup=False)
+        from mitobench.predict import slide_summary
+
+        outputs = slide_outputs(path, source.is_dir(), save_patches)
+        if "summary" in outputs:
+            _print_slide_summary(slide_summary(table), outputs["summary"])
+        for what, name in (("geojson", "QuPath GeoJSON"), ("summary", "per-slide summary"), ("patches", "crops")):
+            if what in outputs:
+                console.print(f"{name}: {outputs[what]}{'/' if outputs[what].is_dir() else ''}", soft_wrap=True,
+                              markup=False)
+
+
+def _print_slide_summary(summary, path: Path, limit: int = 40) -> None:
+    """The per-slide counts of a cohort (the first ``limit`` slides; all of them are in ``path``)."""
+    from rich.table import Table
+
+    table = Table("slide", "figures", "predicted atypical", "fraction", "expected atypical (sum of p)",
+                  title="per slide" + (f" (first {limit} of {len(summary)}; all in {path.name})"
+                                       if len(summary) > limit else ""))
+    for row in summary.head(limit).itertuples(index=False):
+        table.add_row(str(row.slide), str(row.figures), str(row.predicted_atypical), f"{row.atypical_fraction:.3f}",
+                      f"{row.expected_atypical:.1f}")
+    console.print(table)
 
 
 def _run_recipe(run_dir: Path) -> str:

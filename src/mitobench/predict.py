@@ -338,8 +338,8 @@ def predict_slide(run_dir: str | Path, source: str | Path, points: str | Path, o
     names each point's.
 
     Writes a new CSV (``[slide,] id, x, y, label, edge_padded, slide_mpp, crop_mpp``, each fold's probability, the
-    ensemble's, the class) and the companions ``slide_outputs`` names: GeoJSON for QuPath and, with
-    ``save_patches``, each crop as a PNG, to review what the models saw. The CSV is written last: it is there only
+    ensemble's, the class) and the companions ``slide_outputs`` names: GeoJSON for QuPath, for a cohort a summary
+    per slide and, with ``save_patches``, each crop as a PNG, to review what the models saw. The CSV is written last: it is there only
     when everything is."""
     from mitobench.data.slides import TRAINING_MPP, crop_mpp, crop_patches, open_slide, read_points
     from mitobench.data.slides import slide_mpp as read_mpp
@@ -353,7 +353,7 @@ def predict_slide(run_dir: str | Path, source: str | Path, points: str | Path, o
     if out.suffix.lower() != ".csv":
         raise MitobenchError(f"--out {out}: name a .csv file (the GeoJSON and the patches take its stem) or a folder "
                              "ending in /.")
-    taken = [p for p in slide_outputs(out, cohort, save_patches) if p.exists()]
+    taken = [p for p in slide_outputs(out, cohort, save_patches).values() if p.exists()]
     if explicit and taken:
         raise MitobenchError(f"{taken[0]} exists; mitobench never overwrites results. Choose another --out.")
     table = read_points(points)
@@ -373,7 +373,7 @@ def predict_slide(run_dir: str | Path, source: str | Path, points: str | Path, o
         columns["slide_mpp"][rows], columns["crop_mpp"][rows] = mpp, crop_mpp(mpp, target_mpp)
     table = _score(run_dir, config, fold_info, thresholds, patches, table.assign(**columns), batch_size, device)
     for path in _candidates(out, explicit):  # a default name takes the next stem free for the CSV and companions
-        if not any(p.exists() for p in [path, *slide_outputs(path, cohort, save_patches)]):
+        if not any(p.exists() for p in [path, *slide_outputs(path, cohort, save_patches).values()]):
             return _write_slide_results(path, table, patches if save_patches else None, cohort), table
         if explicit:
             raise MitobenchError(f"{path} or its GeoJSON or patches appeared meanwhile; mitobench never overwrites "
@@ -381,11 +381,28 @@ def predict_slide(run_dir: str | Path, source: str | Path, points: str | Path, o
     raise MitobenchError(f"cannot find a free name for {out} in {out.parent}; choose an --out.")
 
 
-def slide_outputs(csv: Path, cohort: bool, save_patches: bool) -> list[Path]:
-    """What a slide prediction writes beside its CSV: the GeoJSON (a file; for a cohort a folder of one per
-    slide) and, with ``save_patches``, the folder of crops."""
-    geojson = csv.with_name(f"{csv.stem}-geojson") if cohort else csv.with_suffix(".geojson")
-    return [geojson, csv.with_name(f"{csv.stem}-patches")] if save_patches else [geojson]
+def slide_outputs(csv: Path, cohort: bool, save_patches: bool) -> dict[str, Path]:
+    """What a slide prediction writes beside its CSV: ``geojson`` (a file; for a cohort a folder of one per slide),
+    for a cohort ``summary`` (a CSV of one row per slide) and, with ``save_patches``, ``patches`` (a folder)."""
+    outputs = {"geojson": csv.with_name(f"{csv.stem}-geojson") if cohort else csv.with_suffix(".geojson")}
+    if cohort:
+        outputs["summary"] = csv.with_name(f"{csv.stem}-summary.csv")
+    if save_patches:
+        outputs["patches"] = csv.with_name(f"{csv.stem}-patches")
+    return outputs
+
+
+def slide_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per slide: its figures, how many the ensemble calls atypical and their fraction (the atypical
+    mitosis proportion, at the run's threshold), and the expected number of atypical ones (the sum of the
+    ensemble's probabilities, free of the threshold)."""
+    slides = table["slide"] if "slide" in table else pd.Series("", index=table.index)
+    atypical = table["predicted"] == "Atypical"
+    summary = pd.DataFrame({"slide": slides, "atypical": atypical, "p": table["p_ensemble"]}).groupby(
+        "slide", sort=False).agg(figures=("p", "size"), predicted_atypical=("atypical", "sum"),
+                                 expected_atypical=("p", "sum"))
+    summary["atypical_fraction"] = summary["predicted_atypical"] / summary["figures"]
+    return summary.reset_index()[["slide", "figures", "predicted_atypical", "atypical_fraction", "expected_atypical"]]
 
 
 def _slides_of(given: Path, table: pd.DataFrame, points: Path) -> dict[Path, np.ndarray]:
@@ -426,7 +443,8 @@ def _slides_of(given: Path, table: pd.DataFrame, points: Path) -> dict[Path, np.
 def _write_slide_results(path: Path, table: pd.DataFrame, patches: np.ndarray | None, cohort: bool) -> Path:
     """The GeoJSON (one file, or for a cohort one per slide in a new folder), the patches (if given), then the
     CSV, each created exclusively. What fails or is interrupted before the CSV is written is removed again."""
-    geojson, *patches_folder = slide_outputs(path, cohort, patches is not None)
+    outputs = slide_outputs(path, cohort, patches is not None)
+    geojson = outputs["geojson"]
     made: list[Path] = []
 
     def write_json(target: Path, rows: pd.DataFrame) -> None:
@@ -442,8 +460,11 @@ def _write_slide_results(path: Path, table: pd.DataFrame, patches: np.ndarray | 
         else:
             write_json(geojson, table)  # FileExistsError: another's file, never removed
             made.append(geojson)
-        if patches_folder:
-            folder = patches_folder[0]
+        if "summary" in outputs:
+            atomic_write_csv(outputs["summary"], slide_summary(table), exclusive=True)
+            made.append(outputs["summary"])
+        if "patches" in outputs:
+            folder = outputs["patches"]
             folder.mkdir(parents=True)
             made.append(folder)
             names = (table["slide"].map(lambda v: Path(v).stem) + "-" if cohort else "") + table["id"].astype(str)
