@@ -339,8 +339,8 @@ def predict_slide(run_dir: str | Path, source: str | Path, points: str | Path, o
 
     Writes a new CSV (``[slide,] id, x, y, label, edge_padded, slide_mpp, crop_mpp``, each fold's probability, the
     ensemble's, the class) and the companions ``slide_outputs`` names: GeoJSON for QuPath, for a cohort a summary
-    per slide and, with ``save_patches``, each crop as a PNG, to review what the models saw. The CSV is written last: it is there only
-    when everything is."""
+    per slide and, with ``save_patches``, each crop as a PNG, to review what the models saw. The CSV is written
+    last: it is there only when everything is."""
     from mitobench.data.slides import TRAINING_MPP, crop_mpp, crop_patches, open_slide, read_points
     from mitobench.data.slides import slide_mpp as read_mpp
 
@@ -351,8 +351,8 @@ def predict_slide(run_dir: str | Path, source: str | Path, points: str | Path, o
     config, fold_info, thresholds = _open_run(run_dir)
     out, explicit = _output_path(out, run_dir, f"{source.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv")
     if out.suffix.lower() != ".csv":
-        raise MitobenchError(f"--out {out}: name a .csv file (the GeoJSON and the patches take its stem) or a folder "
-                             "ending in /.")
+        raise MitobenchError(f"--out {out}: name a .csv file (the GeoJSON, summary and patches take its stem) or a "
+                             "folder ending in /.")
     taken = [p for p in slide_outputs(out, cohort, save_patches).values() if p.exists()]
     if explicit and taken:
         raise MitobenchError(f"{taken[0]} exists; mitobench never overwrites results. Choose another --out.")
