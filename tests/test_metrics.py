@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,6 +21,7 @@ from mitobench.evaluation.metrics import METRICS, _metrics_rows, binary_metrics,
 from mitobench.evaluation.published import CITATION, published_figure, published_results
 from mitobench.errors import MitobenchError
 from mitobench.evaluation.report import render_report, tidy_metrics
+from rich.console import Console
 
 
 def sklearn_metrics(y, p, thr=0.5):
@@ -216,3 +219,27 @@ def test_published_figures_shipped():
     method = {"LP": "probe", "E2E": "finetune", "LoRA": "lora"}.get(row["method"], row["method"])
     fig = published_figure(row["model"], method, row["dataset"])
     assert fig is not None and fig["bacc_mean"] == pytest.approx(row["bacc_mean"])
+
+
+def test_domain_metrics_split_each_set_by_its_domains():
+    from mitobench.evaluation.report import domain_metrics, render_domain_report
+
+    rng = np.random.default_rng(0)
+    images = [f"i{k}" for k in range(60)]
+    labels = np.tile([0, 0, 1], 20)
+    preds = pd.concat([pd.DataFrame({"image": images, "dataset": dataset, "fold": fold, "label": labels,
+                                     "probability": rng.uniform(size=60)})
+                       for dataset in ("A", "B") for fold in ("1", "2", "3", "ensemble")], ignore_index=True)
+    domains = {"A": {image: "X" if k < 30 else "Y" for k, image in enumerate(images)},
+               "B": {image: "Z" for image in images}}  # one domain: nothing to break down
+    thresholds = {"1": 0.5, "2": 0.4, "3": 0.5, "ensemble": 0.45}
+    by_domain = domain_metrics(preds, domains, thresholds, "m", "probe", n_boot=50)
+    assert set(by_domain["dataset"]) == {"A"} and sorted(by_domain["domain"].unique()) == ["X", "Y"]
+    for domain, part in (("X", images[:30]), ("Y", images[30:])):
+        expected = tidy_metrics(preds[(preds["dataset"] == "A") & preds["image"].isin(part)], thresholds, "m", "probe",
+                                n_boot=50)
+        got = by_domain[by_domain["domain"] == domain].drop(columns="domain").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, expected)
+    text = render_domain_report(by_domain, Console(file=io.StringIO()))
+    assert "per domain" in text and " X " in text and " Y " in text
+    assert domain_metrics(preds, {"B": domains["B"]}, thresholds, "m", "probe", n_boot=50).empty

@@ -47,6 +47,26 @@ def test_probe_predict_matches_the_runs_own_probabilities(probe_run, fixture_roo
     assert pd.read_csv(out).shape[0] == len(table)
 
 
+def test_the_run_breaks_its_metrics_down_by_domain(probe_run):
+    """AMi-Br's sets mix MIDOG21 and TUPAC16: metrics_by_domain.csv scores each part from predictions.csv."""
+    from mitobench.evaluation.metrics import binary_metrics
+
+    run_dir, _ = probe_run
+    by_domain = pd.read_csv(run_dir / "metrics_by_domain.csv", dtype={"fold": str})
+    assert set(by_domain["domain"]) == {"MIDOG21", "TUPAC16"}
+    assert {"AMi-Br-test", "AMi-Br-train (validation fold)"} <= set(by_domain["dataset"])
+    preds = pd.read_csv(run_dir / "predictions.csv", dtype={"fold": str})
+    ensemble = preds[(preds["dataset"] == "AMi-Br-test") & (preds["fold"] == "ensemble")]
+    threshold = np.mean([v["threshold"] for v in json.loads((run_dir / "fold_info.json").read_text()).values()])
+    for domain in ("MIDOG21", "TUPAC16"):
+        part = ensemble[ensemble["image"].str.startswith(domain)]  # the fixture's images are named by source
+        row = by_domain[(by_domain["dataset"] == "AMi-Br-test") & (by_domain["domain"] == domain)
+                        & (by_domain["fold"] == "ensemble") & (by_domain["metric"] == "auroc")].iloc[0]
+        assert row["n"] == len(part) > 0
+        assert row["value"] == pytest.approx(binary_metrics(part["label"], part["probability"], threshold)["auroc"])
+    assert "per domain" in (run_dir / "report.txt").read_text()
+
+
 def test_predict_never_overwrites(probe_run, fixture_root, tmp_path):
     run_dir, tmp = probe_run
     out = tmp_path / "p.csv"

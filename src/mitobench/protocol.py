@@ -22,7 +22,7 @@ from mitobench.config import RunConfig, save_config
 from mitobench.data.cache import PatchCache
 from mitobench.data.records import HOLDOUT_SETS, discover, evaluation_sets, load_custom, resolve_data_root
 from mitobench.errors import FoldFailedError, MitobenchError
-from mitobench.evaluation.report import VALIDATION, render_report, tidy_metrics
+from mitobench.evaluation.report import VALIDATION, domain_metrics, render_domain_report, render_report, tidy_metrics
 from mitobench.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from mitobench.runs import (RunDir, complete_environment, environment, load_run_config, new_run_dir,
                             require_run_dir)
@@ -378,10 +378,17 @@ def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, F
     thresholds = {str(f): float(r.info["threshold"]) for f, r in results.items()}
     thresholds["ensemble"] = float(np.mean(list(thresholds.values())))
     metrics = tidy_metrics(predictions, thresholds, config.model, config.method, config.n_boot, config.seed)
+    domains = {VALIDATION: dict(zip(train["image"], train["domain"])),
+               **{name: dict(zip(ctx.sets[name]["image"], ctx.sets[name]["domain"])) for name in ctx.holdouts}}
+    by_domain = domain_metrics(predictions, domains, thresholds, config.model, config.method, config.n_boot,
+                               config.seed)
     atomic_write_csv(run.path / "predictions.csv", predictions)
     atomic_write_csv(run.path / "metrics.csv", metrics)
     text = render_report(metrics, config.model, config.method, [VALIDATION, *ctx.holdouts], absent,
                          getattr(method, "pretrained", True), recipe=recipe(config), threshold=config.threshold)
+    if not by_domain.empty:
+        atomic_write_csv(run.path / "metrics_by_domain.csv", by_domain)
+        text += render_domain_report(by_domain)
     if failed:
         note = (f"WARNING: fold(s) {sorted(failed)} FAILED and are excluded: the mean, SD and ensemble use "
                 f"{len(results)} fold models. Rerun them with `mitobench run --resume {run.path}`.")

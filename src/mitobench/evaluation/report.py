@@ -38,6 +38,22 @@ def tidy_metrics(predictions: pd.DataFrame, thresholds: dict[str, float], model:
     return frame
 
 
+def domain_metrics(predictions: pd.DataFrame, domains: dict[str, dict], thresholds: dict[str, float], model: str,
+                   method: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """``tidy_metrics`` of each domain (scanner, source, tumour type) of every set that holds more than one; the
+    columns of metrics.csv plus ``domain``. ``domains``: per dataset, image -> domain (a missing one: unknown)."""
+    frames = []
+    for dataset, domain_of in domains.items():
+        part = predictions[predictions["dataset"] == dataset]
+        labels = part["image"].map(domain_of).fillna("unknown").astype(str)
+        if labels.nunique() < 2:
+            continue
+        for domain in sorted(labels.unique()):
+            frames.append(tidy_metrics(part[labels == domain], thresholds, model, method, n_boot, seed)
+                          .assign(domain=domain))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def _get(metrics: pd.DataFrame, dataset: str, fold: str, metric: str) -> pd.Series | None:
     row = metrics[(metrics["dataset"] == dataset) & (metrics["fold"] == fold) & (metrics["metric"] == metric)]
     return None if row.empty else row.iloc[0]
@@ -71,7 +87,6 @@ def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list
     """Print the paper-form table; return it as plain text for ``report.txt``. ``recipe``: a few words on how the
     models were trained (preset, precision, input size, TTA), shown in the title; ``threshold``: the run's
     ``threshold`` mode, said in the caption (it changes every BA)."""
-    console = console or Console(width=max(Console().width, 160))
     title = (f"{model} / {method}" + (f" ({recipe})" if recipe else "")
              + ("" if pretrained else "  [RANDOM INIT: no pretrained weights]"))
     folds = metrics["fold"].astype(str)
@@ -83,25 +98,47 @@ def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list
                 "AUROC ensemble [95% CI]", "paper BA (same model+method)", "paper best BA"):
         table.add_column(col)
     for dataset in datasets:
-        ba_m, ba_s = _get(metrics, dataset, "mean", "balanced_accuracy"), _get(metrics, dataset, "sd", "balanced_accuracy")
-        au_m, au_s = _get(metrics, dataset, "mean", "auroc"), _get(metrics, dataset, "sd", "auroc")
-        ba_e, au_e = _get(metrics, dataset, "ensemble", "balanced_accuracy"), _get(metrics, dataset, "ensemble", "auroc")
-        scored = _fold_counts(metrics, dataset)
         pub, best = published_figure(model, method, dataset), best_published(dataset)
         table.add_row(
-            dataset, scored,
-            f"{ba_m['value']:.4f} +- {ba_s['value']:.4f}" if ba_m is not None else "-",
-            f"{au_m['value']:.4f} +- {au_s['value']:.4f}" if au_m is not None else "-",
-            f"{ba_e['value']:.4f} [{ba_e['ci_low']:.4f}, {ba_e['ci_high']:.4f}]" if ba_e is not None else "-",
-            f"{au_e['value']:.4f} [{au_e['ci_low']:.4f}, {au_e['ci_high']:.4f}]" if au_e is not None else "-",
+            dataset, *_cells(metrics, dataset),
             f"{pub['bacc_mean']:.4f} +- {pub['bacc_std']:.4f}" if pub else "-",
             f"{best['bacc_mean']:.4f} ({best['model']} {best['method']})" if best else "-",
         )
     for name in absent:
         table.add_row(name, "ABSENT", "not found under the data root: not evaluated", "", "", "", "", "")
-    console.print(table)
-    console.print(f"Paper figures: {CITATION}.")
+    return _show([table, f"Paper figures: {CITATION}."], console)
+
+
+def _cells(metrics: pd.DataFrame, dataset: str) -> list[str]:
+    """n (atypical), BA and AUROC as fold mean +- SD, and the ensemble's BA and AUROC with their CIs."""
+    ba_m, ba_s = _get(metrics, dataset, "mean", "balanced_accuracy"), _get(metrics, dataset, "sd", "balanced_accuracy")
+    au_m, au_s = _get(metrics, dataset, "mean", "auroc"), _get(metrics, dataset, "sd", "auroc")
+    ba_e, au_e = _get(metrics, dataset, "ensemble", "balanced_accuracy"), _get(metrics, dataset, "ensemble", "auroc")
+    return [_fold_counts(metrics, dataset),
+            f"{ba_m['value']:.4f} +- {ba_s['value']:.4f}" if ba_m is not None else "-",
+            f"{au_m['value']:.4f} +- {au_s['value']:.4f}" if au_m is not None else "-",
+            f"{ba_e['value']:.4f} [{ba_e['ci_low']:.4f}, {ba_e['ci_high']:.4f}]" if ba_e is not None else "-",
+            f"{au_e['value']:.4f} [{au_e['ci_low']:.4f}, {au_e['ci_high']:.4f}]" if au_e is not None else "-"]
+
+
+def _show(parts: list, console: Console | None) -> str:
+    """Print ``parts`` (tables, lines) to ``console``; return them as plain text for ``report.txt``."""
+    console = console or Console(width=max(Console().width, 160))
     capture = Console(width=200, record=True, file=io.StringIO())
-    capture.print(table)
-    capture.print(f"Paper figures: {CITATION}.")
+    for part in parts:
+        console.print(part)
+        capture.print(part)
     return capture.export_text()
+
+
+def render_domain_report(by_domain: pd.DataFrame, console: Console | None = None) -> str:
+    """The per-domain breakdown (``domain_metrics``) in the main table's form, for report.txt."""
+    table = Table(title="per domain: the same fold models and ensemble, each set split by its images' domain",
+                  caption="domain: AMi-Br's source (MIDOG21 / TUPAC16: scanners and centres), or a custom set's "
+                          "domain column; a domain with one class has no BA or AUROC")
+    for col in ("set", "domain", "n (atyp.)", "BA fold mean+-SD", "AUROC fold mean+-SD", "BA ensemble [95% CI]",
+                "AUROC ensemble [95% CI]"):
+        table.add_column(col)
+    for (dataset, domain), part in by_domain.groupby(["dataset", "domain"], sort=False):
+        table.add_row(dataset, domain, *_cells(part, dataset))
+    return _show([table], console)
