@@ -284,3 +284,8 @@ def make_slide(path: str | Path, patches: np.ndarray, mpp: float | None = 0.25, 
                        subfiletype=1 if k else 0, subifds=len(levels) - 1 if k == 0 and len(levels) > 1 else None,
                        **res, **extra)
     return centres
+
+
+def real_figures(real_data: Path, per_class: int = 4) -> list[Path]:
+    """The first ``per_class`` atypical then normal AMi-Br PNGs of the real data (sorted by name)."""
+    return [p for cls in ("Atypical", "Normal") for p in sorted((real_data / "AMi-Br" / cls).glob("*.png"))[:per_class]]

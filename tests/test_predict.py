@@ -453,12 +453,11 @@ def slide_case(real_data, tmp_path_factory):
     """Eight real AMi-Br figures twice: as PNG files, and on an 80x pyramidal slide with their centres as points."""
     from PIL import Image
 
-    from fixtures import make_slide
+    from fixtures import make_slide, real_figures
 
     pytest.importorskip("tiffslide")
     tmp = tmp_path_factory.mktemp("slide_case")
-    paths = sorted((real_data / "AMi-Br" / "Atypical").glob("*.png"))[:4] + \
-        sorted((real_data / "AMi-Br" / "Normal").glob("*.png"))[:4]
+    paths = real_figures(real_data)
     (tmp / "files").mkdir()
     for p in paths:
         (tmp / "files" / p.name).write_bytes(p.read_bytes())
@@ -605,10 +604,10 @@ def test_slide_folder_and_points_must_agree(probe_run, slide_case, tmp_path):
         predict_slide(run_dir, case / "slide.tif", tmp_path / "p.csv", tmp_path / "a.csv")
     pd.DataFrame({"slide": ["slide.tif", "./slide.tif"], "x": [1, 2], "y": [1, 2]}).to_csv(tmp_path / "q.csv",
                                                                                            index=False)
-    with pytest.raises(MitobenchError, match="slide slide.tif is named two ways \\('slide.tif' and './slide.tif'\\)"):
-        predict_slide(run_dir, case, tmp_path / "q.csv", tmp_path / "a.csv")
-    with pytest.raises(MitobenchError, match="this slide named in several ways"):
-        predict_slide(run_dir, case / "slide.tif", tmp_path / "q.csv", tmp_path / "a.csv")
+    for source, message in ((case, "slide slide.tif is named two ways \\('slide.tif' and './slide.tif'\\)"),
+                            (case / "slide.tif", "this slide named in several ways")):
+        with pytest.raises(MitobenchError, match=message):
+            predict_slide(run_dir, source, tmp_path / "q.csv", tmp_path / "a.csv")
     assert not list(tmp_path.glob("a*"))
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fixtures import make_slide
+from fixtures import make_slide, real_figures
 from mitobench.data.slides import crop_patches, open_slide, read_points, slide_mpp
 from mitobench.errors import MitobenchError
 
@@ -20,9 +20,7 @@ pytest.importorskip("tiffslide")
 @pytest.fixture(scope="module")
 def real_patches(real_data) -> np.ndarray:
     """Eight real AMi-Br figures (four atypical, four normal), 128 x 128 RGB."""
-    paths = sorted((real_data / "AMi-Br" / "Atypical").glob("*.png"))[:4] + \
-        sorted((real_data / "AMi-Br" / "Normal").glob("*.png"))[:4]
-    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in real_figures(real_data)])
 
 
 def _points(centres) -> pd.DataFrame:
@@ -148,33 +146,27 @@ def test_points_from_qupath_geojson(tmp_path):
     pd.testing.assert_frame_equal(read_points(tmp_path / "list.json"), points)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("id,x\na,1\n", "missing column\\(s\\) \\['y'\\]"),
-    ("x,y\n1,abc\n", "x and y must be numbers"),
-    ("id,x,y\na,1,2\na,3,4\n", "id 'a' is used twice"),
-    ("x,y\n1,\n", "has no finite x, y"),
-    ("x,y,label\n1,2,mitosis\n", "row 2"),
-])
-def test_bad_points_csv(tmp_path, content, message):
-    path = tmp_path / "p.csv"
-    path.write_text(content)
-    with pytest.raises(MitobenchError, match=message):
-        read_points(path)
-
-
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "not a readable GeoJSON"),
-    ('{"type": "FeatureCollection", "features": []}', "no features"),
-    ('[{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}}]',
+@pytest.mark.parametrize("name, content, message", [
+    ("p.csv", "id,x\na,1\n", "missing column\\(s\\) \\['y'\\]"),
+    ("p.csv", "x,y\n1,abc\n", "x and y must be numbers"),
+    ("p.csv", "id,x,y\na,1,2\na,3,4\n", "id 'a' is used twice"),
+    ("p.csv", "x,y\n1,\n", "has no finite x, y"),
+    ("p.csv", "x,y,label\n1,2,mitosis\n", "row 2"),
+    ("p.geojson", "{not json", "not a readable GeoJSON"),
+    ("p.geojson", '{"type": "FeatureCollection", "features": []}', "no features"),
+    ("p.geojson", '[{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}}]',
      "'LineString' is not a point or polygon"),
-    ('[{"type": "Feature", "geometry": {"type": "Point", "coordinates": []}}]', "malformed Point"),
-    ('[{"type": "Feature", "properties": {}}]', "no geometry"),
+    ("p.geojson", '[{"type": "Feature", "geometry": {"type": "Point", "coordinates": []}}]', "malformed Point"),
+    ("p.geojson", '[{"type": "Feature", "properties": {}}]', "no geometry"),
 ])
-def test_bad_geojson(tmp_path, content, message):
-    path = tmp_path / "p.geojson"
+def test_bad_points_file(tmp_path, name, content, message):
+    path = tmp_path / name
     path.write_text(content)
     with pytest.raises(MitobenchError, match=message):
         read_points(path)
+
+
+def test_a_missing_points_file(tmp_path):
     with pytest.raises(MitobenchError, match="no such points file"):
         read_points(tmp_path / "absent.csv")
 
