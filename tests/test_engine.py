@@ -1226,3 +1226,29 @@ def test_evaluation_sees_the_patch_as_training_does(tiny_vit_card, monkeypatch, 
     trained = BatchAugment(PRESETS["none"], 32, 0)(patches)
     expected = (trained - model.backbone._mean) / model.backbone._std
     torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-5)
+
+
+def test_train_seed_changes_only_the_training(fixture_root, tmp_path):
+    """The default run, a run with train_seed equal to seed, and another seed: the first two train identically, the
+    third differently, on the same (the paper's) folds."""
+    results = {}
+    for name, seed in (("default", None), ("same", 42), ("other", 7)):
+        config = make_config(fixture_root, tmp_path / name, train={"epochs": 1}, train_seed=seed)
+        _, ctx, _, result = fit_fold(config, tmp_path / name / "fold_1")
+        results[name] = (ctx.folds, result.probs["validation"])
+    assert np.array_equal(results["default"][0], results["other"][0])  # the folds stay the paper's
+    np.testing.assert_array_equal(results["default"][1], results["same"][1])
+    assert not np.allclose(results["default"][1], results["other"][1])
+
+
+def test_fold_seeds_of_different_train_seeds_never_coincide():
+    """train_seed + fold would give seed 43's fold 1 the streams of seed 42's fold 2; derived seeds do not."""
+    from mitobench.config import RunConfig
+
+    default = {RunConfig().fold_seed(k) for k in range(1, 6)}
+    assert default == {43, 44, 45, 46, 47}
+    assert RunConfig(train_seed=42).fold_seed(3) == 45
+    repeats = [RunConfig(train_seed=s) for s in (43, 44, 0)]
+    seeds = [c.fold_seed(k) for c in repeats for k in range(1, 6)]
+    assert len(set(seeds)) == len(seeds) and not set(seeds) & default
+    assert RunConfig(train_seed=43).fold_seed(1) == RunConfig(train_seed=43).fold_seed(1)  # reproducible

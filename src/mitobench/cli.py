@@ -65,6 +65,10 @@ def run(
     dtype: Optional[str] = typer.Option(None, help="Embedding dtype: auto (card's on GPU, float32 on CPU) | float32 | bfloat16 | float16."),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta", help="Dihedral test-time augmentation (training methods): 8 views per crop in train.tta_crops."),
     allow_download: Optional[bool] = typer.Option(None, "--allow-download/--offline", help="Allow Hugging Face downloads."),
+    train_seed: Optional[int] = typer.Option(None, "--train-seed", min=0, help="Seed of the training alone (init, "
+                                             "sampler, augmentation; the probe's inner CV), the folds staying the "
+                                             "paper's: repeat a run with other values to measure seed variance "
+                                             "(`mitobench report --seeds`). Default: the seed (42)."),
     fold_workers: Optional[int] = typer.Option(None, "--fold-workers", min=1, help="finetune/lora: train this many folds at "
                                                "once in worker processes sharing the CPU cores (default 1)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume an interrupted run folder with its own config.yaml (only --data-root, "
@@ -81,7 +85,7 @@ def run(
                  "train.preset": preset, "train.epochs": epochs, "probe.head": probe_head, "threshold": threshold,
                  "datasets": list(dataset) if dataset else None, "dedup": dedup, "runs_dir": runs_dir,
                  "cache_dir": cache_dir, "device": device, "dtype": dtype, "train.tta": tta, "allow_download": allow_download,
-                 "fold_workers": fold_workers}
+                 "fold_workers": fold_workers, "train_seed": train_seed}
     flagged = {key for key, value in overrides.items() if value is not None}
     if resume is not None:  # a resumed run keeps its recipe; only moved data/cache and result-neutral settings change
         from mitobench.protocol import RESUME_SETTINGS
@@ -244,14 +248,30 @@ def _run_recipe(run_dir: Path) -> str:
 
 
 @app.command()
-def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete run folders.")) -> None:
+def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete run folders."),
+           seeds: bool = typer.Option(False, "--seeds", help="The runs are seed repeats of one recipe (--train-seed): "
+                                      "also print the seed variance apart from the fold SD and the bootstrap CI."),
+           out: Optional[Path] = typer.Option(None, "--out", help="With --seeds: write the seed summary to this new "
+                                              "CSV (never overwritten).")) -> None:
     """Compare runs side by side: fold mean +- SD and ensemble BA / AUROC per hold-out set."""
     import pandas as pd
     from rich.table import Table
 
     from mitobench.runs import require_complete_run
 
-    rows = []
+    if out is not None and not seeds:
+        raise MitobenchError("--out writes the seed summary: add --seeds (and give seed repeats of one run).")
+    if out is not None and (out.suffix.lower() != ".csv" or out.exists()):
+        raise MitobenchError(f"--out {out}: give a new .csv path" + (" (that file exists; nothing is overwritten)."
+                                                                     if out.exists() else "."))
+    if seeds:  # before any table: runs that are not repeats of one recipe are refused at once
+        from mitobench.evaluation.repeats import check_repeats
+        from mitobench.runs import load_run_config
+
+        for run_dir in run_dirs:
+            require_complete_run(run_dir, needs=("metrics.csv", "config.yaml"))
+        check_repeats([(str(run_dir), load_run_config(run_dir)) for run_dir in run_dirs])
+    rows, frames = [], []
     names = [run_dir.name for run_dir in run_dirs]
     legend = []
     for number, run_dir in enumerate(run_dirs, 1):
@@ -261,6 +281,7 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
             m = pd.read_csv(path, dtype={"fold": str})
             how = f"{m['model'].iloc[0]} / {m['method'].iloc[0]}" if len(m) else "?"
             m = m[m["metric"].isin(["balanced_accuracy", "auroc"])][["dataset", "metric", "fold", "value", "ci_low", "ci_high"]]
+            frames.append(m)
         except (ValueError, KeyError, pd.errors.ParserError) as exc:
             raise MitobenchError(f"{path}: not a mitobench metrics file ({exc}); the run folder is damaged.") from exc
         if m.empty:
@@ -282,6 +303,15 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
     for line in legend:  # full names, never cut: two runs' names often differ only at their end
         console.print(line, soft_wrap=True, markup=False, highlight=False)
     console.print(table)
+    if seeds:
+        from mitobench.evaluation.repeats import seed_summary, seed_table
+        from mitobench.io import atomic_write_csv
+
+        summary = seed_summary(frames)
+        console.print(seed_table(summary, run_dirs))
+        if out is not None:
+            atomic_write_csv(out, summary, exclusive=True)
+            console.print(f"seed summary written to {out}", markup=False, highlight=False)
 
 
 @data_app.command("fetch")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from mitobench.device import DTYPES
@@ -97,7 +98,11 @@ class RunConfig:
     method: str = "probe"  # probe | finetune | lora
     threshold: str = "fixed"  # fixed (0.5, the paper's) | validation (Youden on the validation fold)
     n_folds: int = 5
-    seed: int = 42
+    seed: int = 42  # the folds (the paper's: 42) and the bootstrap; also the training seed unless train_seed is set
+    # seeds the training alone (weights' init, sampler, augmentation, dropout; the probe's inner CV), the folds staying
+    # the paper's: repeat a run with other train_seed values to measure seed variance (`mitobench report --seeds`).
+    # None or equal to seed: train as seed says
+    train_seed: int | None = None
     patch_size: int = 128
     batch_size: int | None = None  # embedding extraction; None: 8 on CPU (cache-friendly, fastest here), 128 on GPU
     # CPU embedding in this many single-threaded worker processes (faster than threads on a small CPU);
@@ -120,6 +125,19 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def fold_seed(self, fold: int) -> int:
+        """The seed of fold ``fold``'s training. Without ``train_seed`` (or with it equal to ``seed``) it is
+        ``seed + fold``, as runs always trained; another ``train_seed`` gets streams independent of every other
+        seed's, not ``train_seed + fold`` (which would reuse a neighbouring seed's fold streams)."""
+        if self.train_seed is None or self.train_seed == self.seed:
+            return self.seed + fold
+        return int(np.random.SeedSequence([self.train_seed, fold]).generate_state(1, np.uint64)[0] >> 1)
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of a whole-run estimator (the probe): ``train_seed`` when set, else ``seed``."""
+        return self.seed if self.train_seed is None else self.train_seed
 
 
 SELECT_RULES = ("ba", "auroc", "last")
@@ -273,6 +291,10 @@ def check_values(config: RunConfig) -> None:
         value = _get(config, key)
         if value is not None and value < low:
             raise MitobenchError(f"{key}={value!r}: it must be at least {low}.")
+    for key in ("seed", "train_seed"):  # numpy and scikit-learn take seeds in [0, 2**32)
+        value = _get(config, key)
+        if value is not None and not 0 <= value < 2**32:
+            raise MitobenchError(f"{key}={value!r}: a seed is a whole number from 0 to 4294967295.")
     for key in ("probe.lr", "train.lr", "train.lora_alpha"):
         if not _get(config, key) > 0:
             raise MitobenchError(f"{key}={_get(config, key)!r}: it must be above 0.")

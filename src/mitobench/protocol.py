@@ -294,7 +294,9 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
             from mitobench.methods.precision import resolve_precision
 
             config.train.precision = resolve_precision("native", pick_device(config.device))
-        run = RunDir(new_run_dir(config.runs_dir, config.model, config.method))
+        repeat = config.train_seed is not None and config.train_seed != config.seed
+        run = RunDir(new_run_dir(config.runs_dir, config.model, config.method,
+                                 f"seed{config.train_seed}" if repeat else ""))
         run.lock()
         save_config(config, run.path / "config.yaml")
         atomic_write_json(run.path / "environment.json", environment())

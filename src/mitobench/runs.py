@@ -28,12 +28,13 @@ from mitobench.errors import MitobenchError
 from mitobench.io import atomic_write, atomic_write_json
 
 
-def new_run_dir(runs_dir: str | Path, model: str, method: str) -> Path:
-    """Create a fresh folder; an existing name gets a numeric suffix, never reuse."""
+def new_run_dir(runs_dir: str | Path, model: str, method: str, tag: str = "") -> Path:
+    """Create a fresh folder; an existing name gets a numeric suffix, never reuse. ``tag`` ends the name (a
+    seed repeat's ``seed43``), so that repeats are told apart in a listing."""
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = f"{stamp}-{model.replace('/', '-')}-{method}"
+    base = f"{stamp}-{model.replace('/', '-')}-{method}" + (f"-{tag}" if tag else "")
     for i in range(1000):
         path = runs_dir / (base if i == 0 else f"{base}-{i}")
         try:

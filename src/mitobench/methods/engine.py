@@ -294,7 +294,7 @@ class TrainMethod:
         from mitobench.protocol import FoldResult
 
         cfg = self.config.train
-        seed = self.config.seed + fold
+        seed = self.config.fold_seed(fold)
         torch.manual_seed(seed)
         train = ctx.sets["AMi-Br-train"]
         labels = train["label"].to_numpy()

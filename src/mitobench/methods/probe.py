@@ -212,9 +212,9 @@ class ProbeMethod:
     def _estimator(self):
         p = self.config.probe
         if p.head == "logistic":
-            return LogisticProbe(tuple(p.Cs), p.inner_splits, p.max_iter, self.config.seed)
+            return LogisticProbe(tuple(p.Cs), p.inner_splits, p.max_iter, self.config.training_seed)
         if p.head == "torch":
-            return TorchProbe(p.lr, p.weight_decay, p.batch_size, p.max_epochs, p.patience, random_state=self.config.seed)
+            return TorchProbe(p.lr, p.weight_decay, p.batch_size, p.max_epochs, p.patience, random_state=self.config.training_seed)
         from mitobench.errors import MitobenchError
 
         raise MitobenchError(f"unknown probe head {p.head!r}: use logistic or torch")
