@@ -109,3 +109,29 @@ def test_a_dead_worker_is_reported_with_its_log(tmp_path):
 def test_fold_workers_are_checked(values, message):
     with pytest.raises(MitobenchError, match=message):
         load_config(None, values)
+
+
+def test_workers_take_turns_on_the_gpus():
+    from mitobench.fold_workers import worker_gpus
+
+    assert worker_gpus("cuda", 4, None) == ["0", "1", "2", "3"]
+    assert worker_gpus("auto", 2, "GPU-aaa,GPU-bbb") == ["GPU-aaa", "GPU-bbb"]  # the user's own choice, in its order
+    assert worker_gpus("auto", 2, "3,5") == ["3", "5"]
+    assert worker_gpus("cuda", 1, None) is None  # one GPU: every worker shares it
+    assert worker_gpus("cuda:1", 4, None) is None  # pinned by the user
+    assert worker_gpus("cpu", 4, None) is None
+
+
+def test_each_worker_gets_its_gpu(fixture_root, tmp_path, monkeypatch):
+    """With two GPUs the folds of a round go one to each, in turn (on this CPU machine the workers still train on
+    the CPU: only the hand-out is checked)."""
+    import mitobench.fold_workers as fold_workers
+
+    monkeypatch.setattr(fold_workers, "_gpu_plan", lambda device: ["0", "1"])
+    config = make_config(fixture_root, tmp_path, "gpus")
+    config.fold_workers = 2
+    console = quiet()
+    run = run_benchmark(config, console=console)
+    assert "fold workers take turns on 2 GPUs (CUDA_VISIBLE_DEVICES 0, 1)" in console.file.getvalue()
+    for fold, gpu in zip(range(1, 6), "01010"):
+        assert f"fold {fold}: CUDA_VISIBLE_DEVICES={gpu}" in (run / "folds" / f"fold_{fold}.log").read_text()

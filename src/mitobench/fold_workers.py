@@ -47,6 +47,30 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+def worker_gpus(device: str, n_gpus: int, visible: str | None) -> list[str] | None:
+    """The GPUs fold workers take turns on, as ``CUDA_VISIBLE_DEVICES`` values: every GPU torch sees when the run's
+    device is ``auto`` or ``cuda`` and there are several (each fold then trains alone on its GPU, with the code and
+    numbers of a one-GPU run); None (every worker sees what this process sees) for one GPU, the CPU, or an explicit
+    ``cuda:N``, which pins all workers to that GPU. ``visible``: this process's own ``CUDA_VISIBLE_DEVICES``, whose
+    entries (indices or UUIDs) are handed out in its order."""
+    if device not in ("auto", "cuda") or n_gpus < 2:
+        return None
+    entries = [e.strip() for e in visible.split(",") if e.strip()] if visible else []
+    return entries[:n_gpus] if len(entries) >= n_gpus else [str(i) for i in range(n_gpus)]
+
+
+def _gpu_plan(device: str) -> list[str] | None:
+    if device not in ("auto", "cuda"):
+        return None
+    from mitobench.device import device_type
+
+    if device_type(device) != "cuda":
+        return None
+    import torch
+
+    return worker_gpus(device, torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
 def planned_rounds(n_folds: int, workers: int, num_threads: int | None, cores: int) -> list[list[tuple[int, int]]]:
     """Rounds of ``(fold, threads)`` of a whole run: folds 1..n in order, ``workers`` at a time, the cores shared out
     within each round. A fold's thread count is part of its arithmetic, so a resumed fold keeps its planned one."""
@@ -59,7 +83,7 @@ def planned_rounds(n_folds: int, workers: int, num_threads: int | None, cores: i
 
 
 def run_folds(run: RunDir, folds: list[int], workers: int, num_threads: int | None, console: Console,
-              n_folds: int | None = None) -> None:
+              n_folds: int | None = None, device: str = "cpu") -> None:
     """Train ``folds`` of ``run`` in the rounds of ``planned_rounds`` (only the given folds of each; a resumed run
     trains each fold as an uninterrupted run would, in its round's place, with its thread count); each worker saves
     its fold in the run folder. ``num_threads`` (``train.num_threads``) fixes each worker's threads; None shares
@@ -67,14 +91,19 @@ def run_folds(run: RunDir, folds: list[int], workers: int, num_threads: int | No
     failures: list[str] = []
     running: list[tuple[int, subprocess.Popen, Path]] = []
     plan = planned_rounds(n_folds or max(folds), workers, num_threads, cpu_cores())
+    gpus = _gpu_plan(device)
+    if gpus:
+        console.print(f"fold workers take turns on {len(gpus)} GPUs (CUDA_VISIBLE_DEVICES {', '.join(gpus)})",
+                      markup=False, highlight=False)
     try:
         for planned in plan:
             batch = [fold for fold, _ in planned if fold in folds]
             shares = [threads for fold, threads in planned if fold in folds]
             if not batch:
                 continue
-            for fold, threads in zip(batch, shares):
-                running.append((fold, *_launch(run, fold, threads)))
+            for slot, (fold, threads) in enumerate(zip(batch, shares)):
+                gpu = gpus[slot % len(gpus)] if gpus else None
+                running.append((fold, *_launch(run, fold, threads, gpu)))
             what = f"folds {', '.join(map(str, batch))} training at once" if len(batch) > 1 else f"fold {batch[0]} training"
             console.print(f"{what} (threads: {'/'.join(map(str, shares))}); progress in {run.path / 'folds'}/fold_N.log",
                           markup=False,
@@ -103,9 +132,11 @@ def run_folds(run: RunDir, folds: list[int], workers: int, num_threads: int | No
                              f"`mitobench run --resume {run.path}`.\n" + "\n".join(failures))
 
 
-def _launch(run: RunDir, fold: int, threads: int) -> tuple[subprocess.Popen, Path]:
+def _launch(run: RunDir, fold: int, threads: int, gpu: str | None = None) -> tuple[subprocess.Popen, Path]:
     log = run.scratch(fold).parent / f"fold_{fold}.log"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    if gpu is not None:  # the worker sees one GPU, as its cuda:0
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     with open(log, "ab") as out:  # appended: a resumed fold's log keeps what came before
         proc = subprocess.Popen([sys.executable, "-c", "from mitobench.fold_workers import serve; serve()",
                                  str(run.path), str(fold), str(threads)], stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -121,6 +152,8 @@ def serve() -> None:
 
     run_path, fold, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(threads)
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        print(f"fold {fold}: CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}", flush=True)
     try:
         config = load_run_config(run_path)
         config.train.num_threads = threads

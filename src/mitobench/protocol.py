@@ -324,7 +324,8 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         if config.fold_workers > 1 and pending:  # the workers prepare the method themselves
             from mitobench.fold_workers import run_folds
 
-            run_folds(run, pending, config.fold_workers, config.train.num_threads, console, config.n_folds)
+            run_folds(run, pending, config.fold_workers, config.train.num_threads, console, config.n_folds,
+                      config.device)
             for fold in pending:
                 probs, info = run.load_fold(fold) or ({}, {"failed": "its worker saved no result"})
                 if info.get("failed"):

@@ -15,10 +15,10 @@ from mitobench.config import RunConfig
 from mitobench.errors import MitobenchError
 
 #: options that leave a run's results as they are (where its files went, how many processes or threads, how
-#: big an evaluation batch) or that a repeat changes on purpose; every other option must agree between repeats
+#: big an evaluation batch) or that a repeat changes on purpose; every other option must agree between repeats,
+#: the device by its kind (cuda:0 and cuda:1 agree, the CPU and a GPU do not: precision and kernels differ)
 NEUTRAL = frozenset({"train_seed", "runs_dir", "cache_dir", "data_root", "fold_workers", "embed_workers",
-                     "batch_size", "device", "allow_download", "probe.workers", "train.num_threads",
-                     "train.eval_batch_size"})
+                     "batch_size", "allow_download", "probe.workers", "train.num_threads", "train.eval_batch_size"})
 METRICS = ("balanced_accuracy", "auroc")
 
 
@@ -28,7 +28,7 @@ def _flat(values: dict, prefix: str = "") -> dict:
         if isinstance(value, dict):
             out.update(_flat(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = value
+            out[f"{prefix}{key}"] = str(value).split(":")[0] if f"{prefix}{key}" == "device" else value
     return out
 
 
