@@ -314,6 +314,26 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
             console.print(f"seed summary written to {out}", markup=False, highlight=False)
 
 
+@app.command()
+def plot(run_dirs: list[Path] = typer.Argument(..., help="One or more complete run folders."),
+         out: Optional[Path] = typer.Option(None, "--out", help="New folder for the figures (default: RUN/plots for one "
+                                            "run, ./plots-<date>-<time> for several).")) -> None:
+    """ROC, precision-recall and calibration curves per set (PNG) and their numbers (curves.csv)."""
+    from datetime import datetime
+
+    from mitobench.evaluation.plots import plot_runs
+
+    if out is None:
+        base = run_dirs[0] / "plots" if len(run_dirs) == 1 else Path(f"plots-{datetime.now():%Y%m%d-%H%M%S}")
+        out = next(p for p in (base, *(base.with_name(f"{base.name}-{k}") for k in range(1, 1000))) if not p.exists())
+    table = plot_runs(run_dirs, out)
+    shown = table[table["fold"] == "ensemble"] if (table["fold"] == "ensemble").any() else table
+    for row in shown.itertuples():
+        console.print(f"#{row.run} {row.dataset} {row.fold}: AUROC {row.auroc:.4f}, AP {row.average_precision:.4f}, "
+                      f"ECE {row.ece:.4f}, Brier {row.brier:.4f}", markup=False, highlight=False)
+    console.print(f"figures and curves.csv written to {out}", markup=False, highlight=False)
+
+
 @data_app.command("fetch")
 def data_fetch(data_root: Optional[str] = DataRoot,
                force: bool = typer.Option(False, help="Download again even if present.")) -> None:

@@ -1,0 +1,160 @@
+"""Figures of finished runs: ROC, precision-recall and calibration curves per set, from ``predictions.csv``.
+
+One run: its five fold models (thin) and their ensemble (bold), with the operating point at the run's threshold,
+so a reader sees the fold spread the table's SD summarises. Several runs: each run's ensemble, one colour each, so
+methods compare on one axis. Everything drawn is also written to ``curves.csv`` (AUROC, AP, ECE, Brier and the
+operating point of each curve), for re-plotting in the user's own style. matplotlib is the ``plots`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from mitobench.errors import MitobenchError
+
+N_BINS = 10  # reliability diagram: equal-width probability bins
+
+
+def calibration(labels: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS) -> tuple[pd.DataFrame, float]:
+    """Per equal-width bin of the predicted probability: its mean prediction, the fraction atypical and the count;
+    and the expected calibration error (count-weighted mean gap between the two)."""
+    bins = np.minimum((probs * n_bins).astype(int), n_bins - 1)
+    rows = [{"bin": b, "predicted": probs[bins == b].mean(), "observed": labels[bins == b].mean(),
+             "n": int((bins == b).sum())} for b in range(n_bins) if (bins == b).any()]
+    table = pd.DataFrame(rows)
+    ece = float((table["n"] * (table["predicted"] - table["observed"]).abs()).sum() / len(probs))
+    return table, ece
+
+
+def curve_summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """What a curve shows, in numbers: AUROC, AP (atypical positive), ECE, Brier score, and the sensitivity and
+    specificity at ``threshold`` (the point marked on the ROC curve)."""
+    positive = probs >= threshold
+    return {"auroc": float(roc_auc_score(labels, probs)), "average_precision": float(average_precision_score(labels, probs)),
+            "ece": calibration(labels, probs)[1], "brier": float(np.mean((probs - labels) ** 2)),
+            "threshold": threshold, "sensitivity": float(positive[labels == 1].mean()),
+            "specificity": float((~positive[labels == 0]).mean())}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def _read_run(run_dir: Path) -> tuple[pd.DataFrame, dict[str, float]]:
+    """A complete run's predictions and its thresholds (each fold's; the ensemble's is their mean)."""
+    from mitobench.runs import require_complete_run
+
+    require_complete_run(run_dir, needs=("predictions.csv", "fold_info.json"))
+    try:
+        preds = pd.read_csv(run_dir / "predictions.csv", dtype={"fold": str})
+        info = json.loads((run_dir / "fold_info.json").read_text())
+        preds = preds[["dataset", "fold", "probability", "label"]]
+        thresholds = {str(fold): float(v.get("threshold", 0.5)) for fold, v in info.items()
+                      if isinstance(v, dict) and not v.get("failed")}
+    except (OSError, ValueError, KeyError, AttributeError, pd.errors.ParserError) as exc:
+        raise MitobenchError(f"{run_dir}: cannot read predictions.csv or fold_info.json ({exc}); the run folder is "
+                             "damaged.") from exc
+    thresholds["ensemble"] = float(np.mean(list(thresholds.values()))) if thresholds else 0.5
+    return preds, thresholds
+
+
+def curves(run_dirs: list[Path]) -> pd.DataFrame:
+    """One row per drawn curve: run number, run folder, set, fold ('1'..'5' or 'ensemble'), n, n_atypical and
+    ``curve_summary``. With several runs only their ensembles (and the fold models of sets without one)."""
+    rows = []
+    for number, run_dir in enumerate(run_dirs, 1):
+        preds, thresholds = _read_run(run_dir)
+        for (dataset, fold), part in preds.groupby(["dataset", "fold"], sort=False):
+            has_ensemble = ((preds["dataset"] == dataset) & (preds["fold"] == "ensemble")).any()
+            if len(run_dirs) > 1 and fold != "ensemble" and has_ensemble:
+                continue
+            labels, probs = part["label"].to_numpy(int), part["probability"].to_numpy(float)
+            if len(np.unique(labels)) < 2:
+                continue  # one class: no curve
+            rows.append({"run": number, "run_dir": str(run_dir), "dataset": dataset, "fold": fold, "n": len(part),
+                         "n_atypical": int(labels.sum()),
+                         **curve_summary(labels, probs, thresholds.get(fold, 0.5))})
+    return pd.DataFrame(rows)
+
+
+def _figure(dataset: str, parts: list[tuple[str, pd.DataFrame, float, bool]], title: str):
+    """ROC, precision-recall and reliability panels of one set; ``parts``: (legend, predictions, threshold, bold)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 5), layout="constrained")
+    roc, pr, rel = fig.subplots(1, 3)
+    for legend, part, threshold, bold in parts:
+        labels, probs = part["label"].to_numpy(int), part["probability"].to_numpy(float)
+        style = {"lw": 2.2 if bold else 0.9, "alpha": 1.0 if bold else 0.6,
+                 **({"color": "black"} if legend == "ensemble" else {})}  # one run: its ensemble over coloured folds
+        s = curve_summary(labels, probs, threshold)
+        fpr, tpr, _ = roc_curve(labels, probs)
+        (line,) = roc.plot(fpr, tpr, label=f"{legend}: AUROC {s['auroc']:.3f}", **style)
+        if bold:
+            roc.plot(1 - s["specificity"], s["sensitivity"], "o", color=line.get_color(), ms=7)
+        precision, recall, _ = precision_recall_curve(labels, probs)
+        pr.step(recall, precision, where="post", label=f"{legend}: AP {s['average_precision']:.3f}",
+                **{**style, "color": line.get_color()})
+        if bold:
+            table, ece = calibration(labels, probs)
+            rel.plot(table["predicted"], table["observed"], "o-", label=f"{legend}: ECE {ece:.3f}, Brier {s['brier']:.3f}",
+                     **{**style, "color": line.get_color()})
+    prevalence = parts[0][1]["label"].mean()
+    roc.plot([0, 1], [0, 1], ":", color="grey")
+    pr.axhline(prevalence, ls=":", color="grey", label=f"prevalence {prevalence:.3f}")
+    rel.plot([0, 1], [0, 1], ":", color="grey")
+    for ax, (x, y, name) in zip((roc, pr, rel), (("1 - specificity", "sensitivity", "ROC (dot: the threshold)"),
+                                                 ("recall (sensitivity)", "precision", "precision-recall"),
+                                                 ("mean predicted P(atypical)", "fraction atypical",
+                                                  f"calibration ({N_BINS} bins)"))):
+        ax.set(xlabel=x, ylabel=y, title=name, xlim=(0, 1), ylim=(0, 1.01))
+        if ax.get_legend_handles_labels()[0]:  # the validation folds have no ensemble to calibrate
+            ax.legend(fontsize=7, loc="lower right" if ax is roc else "best")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{dataset}: {title} (positive class = atypical)")
+    return fig
+
+
+def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
+    """Write one PNG per set and ``curves.csv`` into the new folder ``out_dir`` (built aside, then renamed: an
+    interrupted call leaves no half-made folder); returns the curves table."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MitobenchError("mitobench plot needs matplotlib: pip install 'mitobench[plots]'.") from exc
+    if out_dir.exists():
+        raise MitobenchError(f"{out_dir} exists; mitobench never overwrites results. Choose another --out.")
+    table = curves(run_dirs)  # reads and checks every run before anything is written
+    if table.empty:
+        raise MitobenchError("no set of these runs holds both classes: there is no curve to draw.")
+    runs = {number: _read_run(run_dir) for number, run_dir in enumerate(run_dirs, 1)}
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    staging.mkdir(parents=True)
+    try:
+        for dataset in pd.unique(table["dataset"]):
+            drawn = table[table["dataset"] == dataset]
+            parts = []
+            for row in drawn.itertuples():
+                preds, thresholds = runs[row.run]
+                part = preds[(preds["dataset"] == dataset) & (preds["fold"] == row.fold)]
+                name = "ensemble" if row.fold == "ensemble" else f"fold {row.fold}"
+                legend = f"#{row.run} {name}" if len(run_dirs) > 1 else name
+                parts.append((legend, part, thresholds.get(row.fold, 0.5), row.fold == "ensemble"))
+            title = Path(run_dirs[0]).name if len(run_dirs) == 1 else f"{len(run_dirs)} runs' ensembles"
+            _figure(dataset, parts, title).savefig(staging / f"{_slug(dataset)}.png", dpi=120)
+        table.to_csv(staging / "curves.csv", index=False)
+        if len(run_dirs) > 1:
+            (staging / "runs.txt").write_text("".join(f"#{k}  {r}\n" for k, r in enumerate(run_dirs, 1)))
+        staging.rename(out_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return table

@@ -1,0 +1,89 @@
+"""`mitobench plot`: the curves drawn are the run's own (their AUROC is metrics.csv's), the calibration numbers are
+right, nothing is overwritten, and a damaged or unfinished run is one clear error."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from mitobench.config import load_config
+from mitobench.errors import MitobenchError
+from mitobench.evaluation.plots import calibration, curve_summary, plot_runs
+from mitobench.protocol import run_benchmark
+
+WIDE = {"COLUMNS": "1000"}
+
+
+@pytest.fixture(scope="module")
+def runs(fixture_root, tmp_path_factory):
+    """Two probe runs of the synthetic data: the logistic head and the paper's torch head."""
+    tmp = tmp_path_factory.mktemp("plots")
+    made = []
+    for head in ("logistic", "torch"):
+        values = {"data_root": str(fixture_root), "cache_dir": str(tmp / "cache"), "runs_dir": str(tmp / "runs"),
+                  "n_boot": 50, "probe.head": head, "probe.max_epochs": 3}
+        made.append(run_benchmark(load_config(None, values), console=Console(file=io.StringIO())))
+    return made
+
+
+def test_calibration_bins_and_ece():
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    probs = np.array([0.05, 0.15, 0.12, 0.95, 0.91, 0.55])
+    table, ece = calibration(labels, probs)
+    assert table["bin"].tolist() == [0, 1, 5, 9] and table["n"].tolist() == [1, 2, 1, 2]
+    assert table["observed"].tolist() == [0.0, 0.5, 0.0, 1.0]
+    expected = (1 * 0.05 + 2 * abs(0.135 - 0.5) + 1 * 0.55 + 2 * abs(0.93 - 1.0)) / 6
+    assert ece == pytest.approx(expected)
+    s = curve_summary(labels, probs, 0.5)
+    assert s["sensitivity"] == pytest.approx(2 / 3) and s["specificity"] == pytest.approx(2 / 3)
+    assert s["brier"] == pytest.approx(np.mean((probs - labels) ** 2))
+
+
+def test_one_run_draws_each_set_with_its_folds(runs, cli):
+    run = runs[0]
+    result = cli("plot", str(run), env=WIDE)
+    assert result.returncode == 0, result.stderr
+    out = run / "plots"
+    table = pd.read_csv(out / "curves.csv", dtype={"fold": str})
+    metrics = pd.read_csv(run / "metrics.csv", dtype={"fold": str})
+    auroc = metrics[metrics["metric"] == "auroc"].set_index(["dataset", "fold"])["value"]
+    for row in table.itertuples():  # every curve drawn is the run's own model on the run's own set
+        assert row.auroc == pytest.approx(auroc.loc[(row.dataset, row.fold)])
+    assert set(table["fold"]) == {"1", "2", "3", "4", "5", "ensemble"}
+    for dataset in table["dataset"].unique():
+        png = out / f"{dataset.replace(' ', '_').replace('(', '').replace(')', '').replace('-', '_')}.png"
+        with Image.open(png) as image:
+            assert image.size[0] > 1000 and image.size[1] > 400
+    assert f"figures and curves.csv written to {out}" in " ".join(result.stdout.split())
+    again = cli("plot", str(run), env=WIDE)  # a second call never touches the first's figures
+    assert again.returncode == 0 and (run / "plots-1" / "curves.csv").is_file()
+    explicit = cli("plot", str(run), "--out", str(out), env=WIDE)
+    assert explicit.returncode == 2 and "never overwrites" in explicit.stderr
+
+
+def test_several_runs_draw_their_ensembles(runs, tmp_path):
+    table = plot_runs(runs, tmp_path / "both")
+    holdouts = table[table["fold"] == "ensemble"]
+    assert set(holdouts["run"]) == {1, 2}
+    assert not ((table["fold"] != "ensemble") & table["dataset"].isin(holdouts["dataset"])).any()
+    assert (tmp_path / "both" / "runs.txt").read_text().startswith(f"#1  {runs[0]}")
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_an_unfinished_or_damaged_run_is_refused(runs, tmp_path):
+    import json
+    import shutil
+
+    broken = shutil.copytree(runs[0], tmp_path / "broken", ignore=shutil.ignore_patterns("plots*"))
+    (broken / "predictions.csv").write_text("not,a\nrun,file\n")
+    with pytest.raises(MitobenchError, match="the run folder is damaged"):
+        plot_runs([broken], tmp_path / "out")
+    (broken / "status.json").write_text(json.dumps({"state": "failed"}))
+    with pytest.raises(MitobenchError, match="not a complete run"):
+        plot_runs([broken], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
