@@ -66,12 +66,14 @@ def seed_summary(metrics: list[pd.DataFrame]) -> pd.DataFrame:
     for dataset in sets:
         for metric in METRICS:
             picked = [m[(m["dataset"] == dataset) & (m["metric"] == metric)].set_index("fold") for m in metrics]
-            picked = [p for p in picked if {"mean", "sd", "ensemble"} <= set(p.index)]
+            picked = [p for p in picked if {"mean", "sd"} <= set(p.index)]
             if not picked:
                 continue
             means = np.array([p.at["mean", "value"] for p in picked], dtype=float)
-            ensembles = np.array([p.at["ensemble", "value"] for p in picked], dtype=float)
-            widths = np.array([p.at["ensemble", "ci_high"] - p.at["ensemble", "ci_low"] for p in picked], dtype=float)
+            # the validation folds have no ensemble (each fold model scores its own fold): NaN there
+            ensembles = np.array([p.at["ensemble", "value"] if "ensemble" in p.index else np.nan for p in picked])
+            widths = np.array([p.at["ensemble", "ci_high"] - p.at["ensemble", "ci_low"] if "ensemble" in p.index
+                               else np.nan for p in picked])
             several = len(picked) > 1
             rows.append({"dataset": dataset, "metric": metric, "n_seeds": len(picked),
                          "fold_mean": means.mean(),
@@ -94,8 +96,10 @@ def seed_table(summary: pd.DataFrame, runs: list[Path]) -> Table:
                 "ensemble min-max", "CI width"):
         table.add_column(col)
     for r in summary.itertuples():
+        ensemble = not np.isnan(r.ensemble_mean)
         table.add_row(r.dataset, "BA" if r.metric == "balanced_accuracy" else "AUROC", str(r.n_seeds),
                       f"{r.fold_mean:.4f}", f"{r.fold_sd:.4f}", f"{r.seed_sd:.4f}",
-                      f"{r.ensemble_mean:.4f} +- {r.ensemble_seed_sd:.4f}",
-                      f"{r.ensemble_min:.4f}-{r.ensemble_max:.4f}", f"{r.ci_width:.4f}")
+                      f"{r.ensemble_mean:.4f} +- {r.ensemble_seed_sd:.4f}" if ensemble else "-",
+                      f"{r.ensemble_min:.4f}-{r.ensemble_max:.4f}" if ensemble else "-",
+                      f"{r.ci_width:.4f}" if ensemble else "-")
     return table
