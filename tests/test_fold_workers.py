@@ -127,11 +127,30 @@ def test_each_worker_gets_its_gpu(fixture_root, tmp_path, monkeypatch):
     the CPU: only the hand-out is checked)."""
     import mitobench.fold_workers as fold_workers
 
-    monkeypatch.setattr(fold_workers, "_gpu_plan", lambda device: ["0", "1"])
+    asked = []
+    monkeypatch.setattr(fold_workers, "_gpu_plan", lambda device: asked.append(device) or ["0", "1", "2"])
     config = make_config(fixture_root, tmp_path, "gpus")
-    config.fold_workers = 2
+    config.fold_workers, config.device = 2, "cpu"
     console = quiet()
     run = run_benchmark(config, console=console)
+    assert asked == ["cpu"]  # the run's own device setting reaches the hand-out
     assert "fold workers take turns on 2 GPUs (CUDA_VISIBLE_DEVICES 0, 1)" in console.file.getvalue()
     for fold, gpu in zip(range(1, 6), "01010"):
         assert f"fold {fold}: CUDA_VISIBLE_DEVICES={gpu}" in (run / "folds" / f"fold_{fold}.log").read_text()
+
+
+def test_the_gpu_plan_asks_torch_how_many_gpus(monkeypatch):
+    import torch
+
+    import mitobench.device
+    import mitobench.fold_workers as fold_workers
+
+    monkeypatch.setattr(mitobench.device, "device_type", lambda name: "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert fold_workers._gpu_plan("auto") == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert fold_workers._gpu_plan("cuda") == ["4", "6"]
+    assert fold_workers._gpu_plan("cuda:1") is None and fold_workers._gpu_plan("cpu") is None
+    monkeypatch.setattr(mitobench.device, "device_type", lambda name: "cpu")  # auto without a GPU
+    assert fold_workers._gpu_plan("auto") is None

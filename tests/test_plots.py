@@ -66,6 +66,13 @@ def test_one_run_draws_each_set_with_its_folds(runs, cli):
     assert explicit.returncode == 2 and "never overwrites" in explicit.stderr
 
 
+def test_a_killed_call_leaves_nothing_that_blocks_the_next(runs, tmp_path):
+    (tmp_path / ".figs.abc123.partial").mkdir()  # what a SIGKILL mid-drawing leaves behind
+    table = plot_runs(runs[:1], tmp_path / "figs")
+    assert (tmp_path / "figs" / "curves.csv").is_file() and len(table) > 0
+    assert set(pd.read_csv(tmp_path / "figs" / "curves.csv")["figure"]) == {p.name for p in (tmp_path / "figs").glob("*.png")}
+
+
 def test_several_runs_draw_their_ensembles(runs, tmp_path):
     table = plot_runs(runs, tmp_path / "both")
     holdouts = table[table["fold"] == "ensemble"]

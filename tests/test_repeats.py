@@ -103,7 +103,54 @@ def test_repeats_may_differ_in_where_they_ran_but_not_in_how():
 
     check_repeats([("a", RunConfig(device="cuda:0", fold_workers=2)),
                    ("b", RunConfig(device="cuda:1", train_seed=43, runs_dir="elsewhere"))])
-    with pytest.raises(MitobenchError, match="device: 'cpu' in a, 'cuda' in b"):
+    with pytest.raises(MitobenchError, match="device used: 'cpu' in a, 'cuda' in b"):
         check_repeats([("a", RunConfig(device="cpu")), ("b", RunConfig(device="cuda", train_seed=43))])
+    with pytest.raises(MitobenchError, match="device used: 'cpu' in a, 'cuda' in b"):  # auto, resolved per run
+        check_repeats([("a", RunConfig()), ("b", RunConfig(train_seed=43))], ["cpu", "cuda"])
     with pytest.raises(MitobenchError, match="both trained with seed 43"):
         check_repeats([("a", RunConfig(seed=43)), ("b", RunConfig(train_seed=43, seed=43))])
+
+
+def test_the_device_a_run_used_comes_from_its_environment(repeats, tmp_path):
+    import json
+    import shutil
+
+    from mitobench.config import RunConfig
+    from mitobench.evaluation.repeats import device_used
+
+    assert device_used(repeats[0], RunConfig()) == "cpu"  # auto on this machine: no GPU in environment.json
+    assert device_used(repeats[0], RunConfig(device="cuda:1")) == "cuda"
+    gpu_run = shutil.copytree(repeats[1], tmp_path / "gpu_run")
+    env = json.loads((gpu_run / "environment.json").read_text())
+    (gpu_run / "environment.json").write_text(json.dumps({**env, "gpu": "NVIDIA H100 80GB HBM3"}))
+    assert device_used(gpu_run, RunConfig()) == "cuda"
+
+
+def test_a_run_with_failed_folds_is_not_a_repeat(repeats, cli, tmp_path):
+    import json
+    import shutil
+
+    broken = shutil.copytree(repeats[2], tmp_path / "broken")
+    status = json.loads((broken / "status.json").read_text())
+    (broken / "status.json").write_text(json.dumps({**status, "failed_folds": {"3": "NaN loss"}}))
+    result = cli("report", "--seeds", str(repeats[0]), str(broken), env=WIDE)
+    assert result.returncode == 2 and "has failed folds (3 of 5)" in " ".join(result.stderr.split())
+
+
+def test_a_resumed_repeat_keeps_its_seed(repeats, cli):
+    """--resume reads the run's config.yaml: the seed is part of the recipe, and a new one is refused."""
+    from mitobench.runs import load_run_config
+
+    assert load_run_config(repeats[1]).train_seed == 7
+    assert "train seed 7" in (repeats[1] / "report.txt").read_text()
+    refused = cli("run", "--resume", str(repeats[1]), "--train-seed", "9", env=WIDE)
+    assert refused.returncode == 2 and "--train-seed" in refused.stderr
+
+
+def test_a_config_without_train_seed_still_loads(tmp_path):
+    """Run folders written before train_seed existed hold no such key: they trained as train_seed None does."""
+    from mitobench.config import load_config
+
+    (tmp_path / "config.yaml").write_text("method: finetune\nseed: 42\n")
+    config = load_config(tmp_path / "config.yaml")
+    assert config.train_seed is None and config.fold_seed(2) == 44

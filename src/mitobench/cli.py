@@ -265,12 +265,15 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
         raise MitobenchError(f"--out {out}: give a new .csv path" + (" (that file exists; nothing is overwritten)."
                                                                      if out.exists() else "."))
     if seeds:  # before any table: runs that are not repeats of one recipe are refused at once
-        from mitobench.evaluation.repeats import check_repeats
+        from mitobench.evaluation.repeats import check_complete_folds, check_repeats, device_used
         from mitobench.runs import load_run_config
 
+        configs = []
         for run_dir in run_dirs:
             require_complete_run(run_dir, needs=("metrics.csv", "config.yaml"))
-        check_repeats([(str(run_dir), load_run_config(run_dir)) for run_dir in run_dirs])
+            configs.append((str(run_dir), load_run_config(run_dir)))
+            check_complete_folds(run_dir, configs[-1][1])
+        check_repeats(configs, [device_used(run_dir, config) for run_dir, (_, config) in zip(run_dirs, configs)])
     rows, frames = [], []
     names = [run_dir.name for run_dir in run_dirs]
     legend = []
@@ -310,7 +313,10 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
         summary = seed_summary(frames)
         console.print(seed_table(summary, run_dirs))
         if out is not None:
-            atomic_write_csv(out, summary, exclusive=True)
+            try:
+                atomic_write_csv(out, summary, exclusive=True)
+            except FileExistsError as exc:  # made since the check above
+                raise MitobenchError(f"--out {out}: that file exists; nothing is overwritten.") from exc
             console.print(f"seed summary written to {out}", markup=False, highlight=False)
 
 
@@ -325,7 +331,10 @@ def plot(run_dirs: list[Path] = typer.Argument(..., help="One or more complete r
 
     if out is None:
         base = run_dirs[0] / "plots" if len(run_dirs) == 1 else Path(f"plots-{datetime.now():%Y%m%d-%H%M%S}")
-        out = next(p for p in (base, *(base.with_name(f"{base.name}-{k}") for k in range(1, 1000))) if not p.exists())
+        out = next((p for p in (base, *(base.with_name(f"{base.name}-{k}") for k in range(1, 1000))) if not p.exists()),
+                   None)
+        if out is None:
+            raise MitobenchError(f"{base} and 999 numbered copies exist: give a new folder with --out.")
     table = plot_runs(run_dirs, out)
     shown = table[table["fold"] == "ensemble"] if (table["fold"] == "ensemble").any() else table
     for row in shown.itertuples():

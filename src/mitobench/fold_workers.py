@@ -91,7 +91,7 @@ def run_folds(run: RunDir, folds: list[int], workers: int, num_threads: int | No
     failures: list[str] = []
     running: list[tuple[int, subprocess.Popen, Path]] = []
     plan = planned_rounds(n_folds or max(folds), workers, num_threads, cpu_cores())
-    gpus = _gpu_plan(device)
+    gpus = (_gpu_plan(device) or [])[:workers]  # as many as train at once
     if gpus:
         console.print(f"fold workers take turns on {len(gpus)} GPUs (CUDA_VISIBLE_DEVICES {', '.join(gpus)})",
                       markup=False, highlight=False)

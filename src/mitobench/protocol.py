@@ -196,8 +196,9 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
 def recipe(config: RunConfig) -> str:
     """How the fold models were made, in a few words for the report's title: the probe's head, or for finetune/LoRA
     the preset, precision, input size, epochs and TTA."""
+    seed = f", train seed {config.train_seed}" if config.train_seed not in (None, config.seed) else ""
     if config.method == "probe":
-        return "logistic head, C by inner CV" if config.probe.head == "logistic" else "torch head (the paper's)"
+        return ("logistic head, C by inner CV" if config.probe.head == "logistic" else "torch head (the paper's)") + seed
     from mitobench.device import pick_device
     from mitobench.methods.precision import autocast_dtype
 
@@ -207,7 +208,7 @@ def recipe(config: RunConfig) -> str:
     parts += ["bf16" if dtype is not None else "float32", f"{train.img_size} px", f"{train.epochs} epoch" + ("s" if train.epochs != 1 else "")]
     if train.tta:
         parts.append(f"TTA {8 * len(train.tta_crops)} views")
-    return ", ".join(parts)
+    return ", ".join(parts) + seed
 
 
 def check_weights_found(config: RunConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from mitobench.errors import MitobenchError
+from mitobench.evaluation.metrics import checked
 
 N_BINS = 10  # reliability diagram: equal-width probability bins
 
@@ -74,7 +76,11 @@ def curves(run_dirs: list[Path]) -> pd.DataFrame:
             has_ensemble = ((preds["dataset"] == dataset) & (preds["fold"] == "ensemble")).any()
             if len(run_dirs) > 1 and fold != "ensemble" and has_ensemble:
                 continue
-            labels, probs = part["label"].to_numpy(int), part["probability"].to_numpy(float)
+            try:
+                labels, probs = checked(part["label"].to_numpy(), part["probability"].to_numpy())
+            except MitobenchError as exc:
+                raise MitobenchError(f"{run_dir / 'predictions.csv'}: {dataset}, fold {fold}: {exc} The run folder "
+                                     "is damaged.") from exc
             if len(np.unique(labels)) < 2:
                 continue  # one class: no curve
             rows.append({"run": number, "run_dir": str(run_dir), "dataset": dataset, "fold": fold, "n": len(part),
@@ -105,7 +111,7 @@ def _figure(dataset: str, parts: list[tuple[str, pd.DataFrame, float, bool]], ti
             table, ece = calibration(labels, probs)
             rel.plot(table["predicted"], table["observed"], "o-", label=f"{legend}: ECE {ece:.3f}, Brier {s['brier']:.3f}",
                      **{**style, "color": line.get_color()})
-    prevalence = parts[0][1]["label"].mean()
+    prevalence = pd.concat([part["label"] for _, part, _, _ in parts]).mean()  # the validation folds: pooled
     roc.plot([0, 1], [0, 1], ":", color="grey")
     pr.axhline(prevalence, ls=":", color="grey", label=f"prevalence {prevalence:.3f}")
     rel.plot([0, 1], [0, 1], ":", color="grey")
@@ -134,27 +140,42 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
     if table.empty:
         raise MitobenchError("no set of these runs holds both classes: there is no curve to draw.")
     runs = {number: _read_run(run_dir) for number, run_dir in enumerate(run_dirs, 1)}
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    staging.mkdir(parents=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    except OSError as exc:
+        raise MitobenchError(f"cannot create the figures' folder in {out_dir.parent} ({exc}); give --out a "
+                             "writable place.") from exc
+    names: dict[str, str] = {}
     try:
         for dataset in pd.unique(table["dataset"]):
+            name = _slug(dataset)
+            if name in names.values():  # two sets whose names differ only in punctuation
+                name = f"{name}_{len(names) + 1}"
+            names[dataset] = name
             drawn = table[table["dataset"] == dataset]
             parts = []
             for row in drawn.itertuples():
                 preds, thresholds = runs[row.run]
                 part = preds[(preds["dataset"] == dataset) & (preds["fold"] == row.fold)]
-                name = "ensemble" if row.fold == "ensemble" else f"fold {row.fold}"
-                legend = f"#{row.run} {name}" if len(run_dirs) > 1 else name
+                curve = "ensemble" if row.fold == "ensemble" else f"fold {row.fold}"
+                legend = f"#{row.run} {curve}" if len(run_dirs) > 1 else curve
                 parts.append((legend, part, thresholds.get(row.fold, 0.5), row.fold == "ensemble"))
             title = Path(run_dirs[0]).name if len(run_dirs) == 1 else f"{len(run_dirs)} runs' ensembles"
-            _figure(dataset, parts, title).savefig(staging / f"{_slug(dataset)}.png", dpi=120)
-        table.to_csv(staging / "curves.csv", index=False)
+            _figure(dataset, parts, title).savefig(staging / f"{name}.png", dpi=120)
+        table.assign(figure=table["dataset"].map(lambda d: f"{names[d]}.png")).to_csv(staging / "curves.csv",
+                                                                                       index=False)
         if len(run_dirs) > 1:
             (staging / "runs.txt").write_text("".join(f"#{k}  {r}\n" for k, r in enumerate(run_dirs, 1)))
+        if out_dir.exists():  # made while the figures were drawn: never replaced
+            raise MitobenchError(f"{out_dir} appeared while the figures were drawn; nothing was written there. "
+                                 "Choose another --out.")
         staging.rename(out_dir)
-    except BaseException:
+    except BaseException as exc:
         import shutil
 
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise MitobenchError(f"cannot write the figures to {out_dir} ({exc}).") from exc
         raise
     return table

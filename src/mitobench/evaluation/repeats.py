@@ -14,11 +14,13 @@ from rich.table import Table
 from mitobench.config import RunConfig
 from mitobench.errors import MitobenchError
 
-#: options that leave a run's results as they are (where its files went, how many processes or threads, how
-#: big an evaluation batch) or that a repeat changes on purpose; every other option must agree between repeats,
-#: the device by its kind (cuda:0 and cuda:1 agree, the CPU and a GPU do not: precision and kernels differ)
+#: options that leave a run's recipe as it is (where its files went, how many processes or threads, how big an
+#: evaluation batch, which GPU) or that a repeat changes on purpose; every other option must agree between repeats.
+#: Thread counts change the order of floating-point sums, i.e. training noise of the kind a seed measures. The
+#: device is compared by what the run used: the CPU and a GPU differ (precision ``auto`` and kernels differ).
 NEUTRAL = frozenset({"train_seed", "runs_dir", "cache_dir", "data_root", "fold_workers", "embed_workers",
-                     "batch_size", "allow_download", "probe.workers", "train.num_threads", "train.eval_batch_size"})
+                     "batch_size", "allow_download", "probe.workers", "train.num_threads", "train.eval_batch_size",
+                     "device"})
 METRICS = ("balanced_accuracy", "auroc")
 
 
@@ -28,19 +30,49 @@ def _flat(values: dict, prefix: str = "") -> dict:
         if isinstance(value, dict):
             out.update(_flat(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = str(value).split(":")[0] if f"{prefix}{key}" == "device" else value
+            out[f"{prefix}{key}"] = value
     return out
 
 
-def check_repeats(configs: list[tuple[str, RunConfig]]) -> None:
-    """Refuse runs that are not repeats of one recipe: an option (other than ``NEUTRAL``) that differs, or two runs
-    that trained with the same seed (the same training twice, which would understate the variance)."""
+def device_used(run_dir: Path, config: RunConfig) -> str:
+    """``cpu`` or ``cuda`` (or ``mps``...): the kind of device a finished run trained on. ``auto`` is resolved from
+    the run's ``environment.json``, which names the GPU torch saw (none: the CPU)."""
+    import json
+
+    if config.device != "auto":
+        return config.device.split(":")[0]
+    try:
+        gpu = json.loads((Path(run_dir) / "environment.json").read_text()).get("gpu")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return "cuda" if gpu else "cpu"
+
+
+def check_complete_folds(run_dir: Path, config: RunConfig) -> None:
+    """A run with failed folds has a mean, SD and ensemble over fewer fold models: not a repeat of the others."""
+    import json
+
+    try:
+        failed = json.loads((Path(run_dir) / "status.json").read_text()).get("failed_folds") or {}
+    except (OSError, ValueError, AttributeError):
+        failed = {}
+    if failed:
+        raise MitobenchError(f"--seeds: {run_dir} has failed folds ({', '.join(map(str, failed))} of "
+                             f"{config.n_folds}), so its figures are over fewer fold models than a repeat's. Leave it "
+                             "out, or train that seed again.")
+
+
+def check_repeats(configs: list[tuple[str, RunConfig]], devices: list[str] | None = None) -> None:
+    """Refuse runs that are not repeats of one recipe: an option (other than ``NEUTRAL``) that differs, a run on
+    another kind of device (``devices``: each run's ``device_used``), or two runs that trained with the same seed
+    (the same training twice, which would understate the variance)."""
     if len(configs) < 2:
         raise MitobenchError("--seeds needs at least two runs of one recipe, each with its own --train-seed.")
+    devices = devices or [c.device.split(":")[0] for _, c in configs]
     first_name, first = configs[0]
-    reference = _flat(dataclasses.asdict(first))
-    for name, config in configs[1:]:
-        values = _flat(dataclasses.asdict(config))
+    reference = {**_flat(dataclasses.asdict(first)), "device used": devices[0]}
+    for (name, config), device in zip(configs[1:], devices[1:]):
+        values = {**_flat(dataclasses.asdict(config)), "device used": device}
         differ = sorted(k for k in reference.keys() | values.keys()
                         if k not in NEUTRAL and reference.get(k) != values.get(k))
         if differ:
@@ -89,9 +121,11 @@ def seed_summary(metrics: list[pd.DataFrame]) -> pd.DataFrame:
 def seed_table(summary: pd.DataFrame, runs: list[Path]) -> Table:
     """``seed_summary`` as a rich table."""
     table = Table(title=f"seed repeats: {len(runs)} runs of one recipe, only the training seed differs",
-                  caption="fold SD: within a run (population SD over its fold models, the paper's), averaged over the "
-                          "seeds; seed SD: across the seeds' fold means (or ensembles), sample SD; CI width: the "
-                          "ensemble's 95% bootstrap CI, averaged: test-set sampling, which no seed changes")
+                  caption="fold SD: within a run (population SD over its fold models, the paper's: which training "
+                          "folds a model saw, and its own seed), averaged over the runs; seed SD: sample SD of the "
+                          "runs' fold means (a mean of 5 models: about a fold model's seed noise / sqrt 5), and of "
+                          "their ensembles; CI width: the ensemble's 95% bootstrap CI, averaged over the runs: "
+                          "test-set sampling, which no seed changes; seeds: the runs holding that set")
     for col in ("set", "metric", "seeds", "fold mean", "fold SD", "seed SD", "ensemble mean +- seed SD",
                 "ensemble min-max", "CI width"):
         table.add_column(col)
