@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import (
     average_precision_score,
+    brier_score_loss,
     balanced_accuracy_score,
     f1_score,
     matthews_corrcoef,
@@ -35,7 +36,20 @@ def sklearn_metrics(y, p, thr=0.5):
         "f1": f1_score(y, pred, zero_division=0),
         "average_precision": average_precision_score(y, p),
         "mcc": matthews_corrcoef(y, pred),
+        "brier": brier_score_loss(y, p),
+        "ece": reference_ece(y, p),
     }
+
+
+def reference_ece(y, p, n_bins=10):
+    """The textbook loop: bins [0, 0.1), ..., [0.9, 1.0], each weighted by its share of the images."""
+    total = 0.0
+    for b in range(n_bins):
+        low, high = b / n_bins, (b + 1) / n_bins
+        inside = (p >= low) & ((p < high) if b < n_bins - 1 else (p <= high))
+        if inside.any():
+            total += inside.mean() * abs(p[inside].mean() - y[inside].mean())
+    return total
 
 
 @pytest.mark.parametrize("seed", range(5))

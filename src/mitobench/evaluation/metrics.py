@@ -7,7 +7,9 @@ import numpy as np
 from mitobench.errors import MitobenchError
 
 METRICS = ("balanced_accuracy", "auroc", "sensitivity", "specificity", "precision", "f1",
-           "average_precision", "mcc")
+           "average_precision", "mcc", "brier", "ece")
+#: equal-width probability bins of the expected calibration error
+ECE_BINS = 10
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -84,7 +86,17 @@ def _metrics_rows(labels: np.ndarray, probs: np.ndarray, threshold: float) -> di
     group_end = np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
     ap = (sorted_y * np.take_along_axis(precision_at, group_end, 1)).sum(1) / pos
     return {"balanced_accuracy": (sens + spec) / 2, "auroc": auroc, "sensitivity": sens, "specificity": spec,
-            "precision": prec, "f1": f1, "average_precision": ap, "mcc": mcc}
+            "precision": prec, "f1": f1, "average_precision": ap, "mcc": mcc,
+            "brier": ((probs - labels) ** 2).mean(1), "ece": _ece_rows(labels, probs)}
+
+
+def _ece_rows(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
+    """Expected calibration error of each row: over equal-width bins of the predicted probability, the
+    count-weighted gap between mean prediction and fraction atypical, i.e. sum over bins |sum p - sum y| / N."""
+    rows, n = probs.shape
+    bins = np.minimum((probs * n_bins).astype(int), n_bins - 1) + n_bins * np.arange(rows)[:, None]
+    gap = np.bincount(bins.ravel(), weights=(probs - labels).ravel(), minlength=rows * n_bins)
+    return np.abs(gap.reshape(rows, n_bins)).sum(1) / n
 
 
 def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5, n_boot: int = 1000,

@@ -15,33 +15,26 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 from mitobench.errors import MitobenchError
-from mitobench.evaluation.metrics import checked
-
-N_BINS = 10  # reliability diagram: equal-width probability bins
+from mitobench.evaluation.metrics import ECE_BINS, binary_metrics, checked
 
 
-def calibration(labels: np.ndarray, probs: np.ndarray, n_bins: int = N_BINS) -> tuple[pd.DataFrame, float]:
-    """Per equal-width bin of the predicted probability: its mean prediction, the fraction atypical and the count;
-    and the expected calibration error (count-weighted mean gap between the two)."""
+def calibration(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> pd.DataFrame:
+    """The reliability diagram's points: per non-empty equal-width bin of the predicted probability, its mean
+    prediction, the fraction atypical and the count (the bins of metrics.csv's ECE)."""
     bins = np.minimum((probs * n_bins).astype(int), n_bins - 1)
-    rows = [{"bin": b, "predicted": probs[bins == b].mean(), "observed": labels[bins == b].mean(),
-             "n": int((bins == b).sum())} for b in range(n_bins) if (bins == b).any()]
-    table = pd.DataFrame(rows)
-    ece = float((table["n"] * (table["predicted"] - table["observed"]).abs()).sum() / len(probs))
-    return table, ece
+    return pd.DataFrame([{"bin": b, "predicted": probs[bins == b].mean(), "observed": labels[bins == b].mean(),
+                          "n": int((bins == b).sum())} for b in range(n_bins) if (bins == b).any()])
 
 
 def curve_summary(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
-    """What a curve shows, in numbers: AUROC, AP (atypical positive), ECE, Brier score, and the sensitivity and
-    specificity at ``threshold`` (the point marked on the ROC curve)."""
-    positive = probs >= threshold
-    return {"auroc": float(roc_auc_score(labels, probs)), "average_precision": float(average_precision_score(labels, probs)),
-            "ece": calibration(labels, probs)[1], "brier": float(np.mean((probs - labels) ** 2)),
-            "threshold": threshold, "sensitivity": float(positive[labels == 1].mean()),
-            "specificity": float((~positive[labels == 0]).mean())}
+    """What a curve shows, in numbers (``binary_metrics``, as in metrics.csv): AUROC, AP (atypical positive), ECE,
+    Brier score, and the sensitivity and specificity at ``threshold`` (the point marked on the ROC curve)."""
+    values = binary_metrics(labels, probs, threshold)
+    return {"threshold": threshold, **{k: values[k] for k in ("auroc", "average_precision", "ece", "brier",
+                                                              "sensitivity", "specificity")}}
 
 
 def _slug(name: str) -> str:
@@ -108,8 +101,8 @@ def _figure(dataset: str, parts: list[tuple[str, pd.DataFrame, float, bool]], ti
         pr.step(recall, precision, where="post", label=f"{legend}: AP {s['average_precision']:.3f}",
                 **{**style, "color": line.get_color()})
         if bold:
-            table, ece = calibration(labels, probs)
-            rel.plot(table["predicted"], table["observed"], "o-", label=f"{legend}: ECE {ece:.3f}, Brier {s['brier']:.3f}",
+            table = calibration(labels, probs)
+            rel.plot(table["predicted"], table["observed"], "o-", label=f"{legend}: ECE {s['ece']:.3f}, Brier {s['brier']:.3f}",
                      **{**style, "color": line.get_color()})
     prevalence = pd.concat([part["label"] for _, part, _, _ in parts]).mean()  # the validation folds: pooled
     roc.plot([0, 1], [0, 1], ":", color="grey")
@@ -118,7 +111,7 @@ def _figure(dataset: str, parts: list[tuple[str, pd.DataFrame, float, bool]], ti
     for ax, (x, y, name) in zip((roc, pr, rel), (("1 - specificity", "sensitivity", "ROC (dot: the threshold)"),
                                                  ("recall (sensitivity)", "precision", "precision-recall"),
                                                  ("mean predicted P(atypical)", "fraction atypical",
-                                                  f"calibration ({N_BINS} bins)"))):
+                                                  f"calibration ({ECE_BINS} bins)"))):
         ax.set(xlabel=x, ylabel=y, title=name, xlim=(0, 1), ylim=(0, 1.01))
         if ax.get_legend_handles_labels()[0]:  # the validation folds have no ensemble to calibrate
             ax.legend(fontsize=7, loc="lower right" if ax is roc else "best")
