@@ -57,6 +57,8 @@ def run(
     epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (finetune/lora)."),
     probe_head: Optional[str] = typer.Option(None, help="logistic (default) | torch (the paper's head)."),
     threshold: Optional[str] = typer.Option(None, help="fixed (0.5, default) | validation (chosen on the validation fold)."),
+    calibration: Optional[str] = typer.Option(None, help="none (default) | platt: each fold model's probabilities "
+                                              "calibrated on its validation fold; its decisions stay the same."),
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Extra hold-out set: class folders or CSV path,label[,group,domain]. Repeatable."),
     dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="Also evaluate de-duplicated hold-out sets."),
     runs_dir: Optional[str] = typer.Option(None, help="Where run folders go (default ./runs)."),
@@ -83,6 +85,7 @@ def run(
 
     overrides = {"data_root": data_root, "model": model, "weights": weights, "method": method,
                  "train.preset": preset, "train.epochs": epochs, "probe.head": probe_head, "threshold": threshold,
+                 "calibration": calibration,
                  "datasets": list(dataset) if dataset else None, "dedup": dedup, "runs_dir": runs_dir,
                  "cache_dir": cache_dir, "device": device, "dtype": dtype, "train.tta": tta, "allow_download": allow_download,
                  "fold_workers": fold_workers, "train_seed": train_seed}

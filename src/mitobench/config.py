@@ -97,6 +97,9 @@ class RunConfig:
     weights: str | None = None
     method: str = "probe"  # probe | finetune | lora
     threshold: str = "fixed"  # fixed (0.5, the paper's) | validation (Youden on the validation fold)
+    # none | platt: each fold model's probabilities Platt-scaled on its validation fold (evaluation/calibration.py),
+    # its threshold mapped alike, so its decisions stay and its probabilities mean the training split's prevalence
+    calibration: str = "none"
     n_folds: int = 5
     seed: int = 42  # the folds (the paper's: 42) and the bootstrap; also the training seed unless train_seed is set
     # seeds the training alone (weights' init, sampler, augmentation, dropout; the probe's inner CV), the folds staying
@@ -263,7 +266,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 AUGMENTS = ("none", "dihedral", "paper", "strong")
 CHOICES = {"train.optimizer": ("adamw", "adam"), "train.sampler": ("weighted", "shuffle"),
            "train.loss": ("bce", "weighted_bce", "focal"), "train.augment": AUGMENTS,
-           "probe.head": ("logistic", "torch"), "dtype": ("auto", *DTYPES)}
+           "probe.head": ("logistic", "torch"), "dtype": ("auto", *DTYPES), "calibration": ("none", "platt")}
 DEVICE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
 
 

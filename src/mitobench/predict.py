@@ -289,6 +289,11 @@ def _score(run_dir: Path, config, fold_info: dict, thresholds: list[float], patc
         if p.shape != (len(table),) or not np.isfinite(p).all():  # never an ensemble silently over fewer folds
             raise MitobenchError(f"fold {fold} ({predictor.checkpoint(fold)}) gives {why} probabilities; "
                                  "the run folder is damaged. Nothing was written.")
+        calibration = fold_info.get(str(fold), {}).get("calibration")
+        if calibration:  # as the run scored its hold-out sets (evaluation/calibration.py)
+            from mitobench.evaluation.calibration import apply_platt
+
+            p = apply_platt(p, calibration)
         table[f"p_fold{fold}"] = p
     table["p_ensemble"] = table[[f"p_fold{f}" for f in range(1, config.n_folds + 1)]].mean(axis=1)
     threshold = float(np.mean(thresholds))

@@ -182,6 +182,19 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
     val_labels = ctx.sets["AMi-Br-train"]["label"].to_numpy()[val_idx]
     result.info["threshold"] = (best_threshold(val_labels, result.probs["validation"])
                                 if config.threshold == "validation" else 0.5)
+    if config.calibration == "platt":  # monotone, threshold mapped alike: the fold model's decisions stay
+        from mitobench.evaluation.calibration import calibrate_fold
+
+        try:
+            result.probs, threshold, params = calibrate_fold(result.probs, val_labels, result.info["threshold"])
+        except MitobenchError as exc:
+            why = f"fold {fold}: {exc}"
+            console.print(f"[bold red]fold {fold} FAILED:[/] {escape(why)}")
+            run.save_fold(fold, {}, {"failed": why})
+            (run.scratch(fold) / "last.pt").unlink(missing_ok=True)
+            return None, why
+        result.info["calibration"] = {"method": "platt", **params, "threshold_before": result.info["threshold"]}
+        result.info["threshold"] = threshold
     result.info["seconds"] = time.perf_counter() - t_fold
     run.save_fold(fold, result.probs, result.info)
     run.drop_checkpoints(fold)
@@ -197,6 +210,7 @@ def recipe(config: RunConfig) -> str:
     """How the fold models were made, in a few words for the report's title: the probe's head, or for finetune/LoRA
     the preset, precision, input size, epochs and TTA."""
     seed = f", train seed {config.train_seed}" if config.train_seed not in (None, config.seed) else ""
+    seed += ", Platt-calibrated on each validation fold (thresholds mapped alike)" if config.calibration == "platt" else ""
     if config.method == "probe":
         return ("logistic head, C by inner CV" if config.probe.head == "logistic" else "torch head (the paper's)") + seed
     from mitobench.device import pick_device
