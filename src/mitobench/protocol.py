@@ -210,7 +210,7 @@ def recipe(config: RunConfig) -> str:
     """How the fold models were made, in a few words for the report's title: the probe's head, or for finetune/LoRA
     the preset, precision, input size, epochs and TTA."""
     seed = f", train seed {config.train_seed}" if config.train_seed not in (None, config.seed) else ""
-    seed += ", Platt-calibrated on each validation fold (thresholds mapped alike)" if config.calibration == "platt" else ""
+    seed += ", Platt-calibrated on each validation fold, thresholds mapped alike" if config.calibration == "platt" else ""
     if config.method == "probe":
         return ("logistic head, C by inner CV" if config.probe.head == "logistic" else "torch head (the paper's)") + seed
     from mitobench.device import pick_device
