@@ -76,6 +76,17 @@ def test_a_calibrated_run_decides_as_the_plain_one_and_predict_agrees(fixture_ro
         assert fold_info["calibration"]["method"] == "platt" and fold_info["calibration"]["a"] > 0
         assert fold_info["calibration"]["threshold_before"] == 0.5 and fold_info["threshold"] != 0.5
     assert "Platt-calibrated on each validation fold" in (calibrated / "report.txt").read_text()
+    # benchmarks/calibration_check.py, applied to the plain run's saved probabilities, gives the calibrated run's
+    from test_engine import load_benchmark_script
+
+    check = load_benchmark_script("calibration_check")
+    plain_info = json.loads((plain / "fold_info.json").read_text())
+    thresholds = {f: v["threshold"] for f, v in plain_info.items()}
+    redone, mapped = check.calibrated_predictions(pd.read_csv(plain / "predictions.csv", dtype={"fold": str}),
+                                                  {**thresholds, "ensemble": 0.5})
+    trained = pd.read_csv(calibrated / "predictions.csv", dtype={"fold": str})
+    np.testing.assert_allclose(redone["probability"].to_numpy(), trained["probability"].to_numpy(), atol=1e-6)
+    assert all(mapped[f] == pytest.approx(v["threshold"]) for f, v in info.items())
     _, table = predict(calibrated, fixture_root / "AtNorM-Br", tmp_path / "p.csv", cache_dir=str(tmp_path / "cache"))
     preds = pd.read_csv(calibrated / "predictions.csv", dtype={"fold": str})
     ensemble = preds[(preds["dataset"] == "AtNorM-Br") & (preds["fold"] == "ensemble")].set_index("image")["probability"]

@@ -67,8 +67,9 @@ class _Worker:
         try:
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
+        except (OSError, subprocess.TimeoutExpired):  # a worker starved of CPU may take longer to exit
             self.proc.kill()
+            self.proc.wait()  # SIGKILL: returns at once, and leaves no zombie behind
         self.log.close()
 
 
