@@ -161,6 +161,19 @@ def build_context(config: RunConfig, sets: dict[str, pd.DataFrame], folds: np.nd
     return ctx
 
 
+def _calibrate(result: FoldResult, val_labels: np.ndarray, fold: int) -> None:
+    """Platt-map the fold's probabilities and threshold (fitted on its validation fold): monotone, the threshold
+    mapped alike, so the fold model's decisions stay; the map goes into fold_info.json for ``predict``."""
+    from mitobench.evaluation.calibration import calibrate_fold
+
+    try:
+        result.probs, threshold, params = calibrate_fold(result.probs, val_labels, result.info["threshold"])
+    except MitobenchError as exc:
+        raise FoldFailedError(f"fold {fold}: {exc}") from exc
+    result.info["calibration"] = {"method": "platt", **params, "threshold_before": result.info["threshold"]}
+    result.info["threshold"] = threshold
+
+
 def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Console) -> tuple[FoldResult | None, str]:
     """Train and predict one fold and save it in the run folder; a failed fold (e.g. a NaN loss) is saved as
     failed, said so, and returned as ``(None, why)`` so the other folds go on."""
@@ -174,27 +187,16 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
             raise FoldFailedError(f"fold {fold}: the fold model predicted non-finite probabilities (NaN or inf) on "
                                   f"{', '.join(broken)}; this fold was stopped, the other folds go on. Lower the "
                                   "learning rate (train.lr) or train in float32 (train.precision=fp32).")
+        val_labels = ctx.sets["AMi-Br-train"]["label"].to_numpy()[val_idx]
+        result.info["threshold"] = (best_threshold(val_labels, result.probs["validation"])
+                                    if config.threshold == "validation" else 0.5)
+        if config.calibration == "platt":
+            _calibrate(result, val_labels, fold)
     except FoldFailedError as exc:
         console.print(f"[bold red]fold {fold} FAILED:[/] {escape(str(exc))}")
         run.save_fold(fold, {}, {"failed": str(exc)})
         (run.scratch(fold) / "last.pt").unlink(missing_ok=True)  # a resume retries it from scratch
         return None, str(exc)
-    val_labels = ctx.sets["AMi-Br-train"]["label"].to_numpy()[val_idx]
-    result.info["threshold"] = (best_threshold(val_labels, result.probs["validation"])
-                                if config.threshold == "validation" else 0.5)
-    if config.calibration == "platt":  # monotone, threshold mapped alike: the fold model's decisions stay
-        from mitobench.evaluation.calibration import calibrate_fold
-
-        try:
-            result.probs, threshold, params = calibrate_fold(result.probs, val_labels, result.info["threshold"])
-        except MitobenchError as exc:
-            why = f"fold {fold}: {exc}"
-            console.print(f"[bold red]fold {fold} FAILED:[/] {escape(why)}")
-            run.save_fold(fold, {}, {"failed": why})
-            (run.scratch(fold) / "last.pt").unlink(missing_ok=True)
-            return None, why
-        result.info["calibration"] = {"method": "platt", **params, "threshold_before": result.info["threshold"]}
-        result.info["threshold"] = threshold
     result.info["seconds"] = time.perf_counter() - t_fold
     run.save_fold(fold, result.probs, result.info)
     run.drop_checkpoints(fold)
