@@ -60,8 +60,6 @@ def worker_gpus(device: str, n_gpus: int, visible: str | None) -> list[str] | No
 
 
 def _gpu_plan(device: str) -> list[str] | None:
-    if device not in ("auto", "cuda"):
-        return None
     from mitobench.device import device_type
 
     if device_type(device) != "cuda":

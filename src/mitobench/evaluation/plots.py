@@ -59,15 +59,15 @@ def _read_run(run_dir: Path) -> tuple[pd.DataFrame, dict[str, float]]:
     return preds, thresholds
 
 
-def curves(run_dirs: list[Path]) -> pd.DataFrame:
-    """One row per drawn curve: run number, run folder, set, fold ('1'..'5' or 'ensemble'), n, n_atypical and
-    ``curve_summary``. With several runs only their ensembles (and the fold models of sets without one)."""
+def curves(runs: list[tuple[Path, pd.DataFrame, dict[str, float]]]) -> pd.DataFrame:
+    """One row per drawn curve of ``runs`` (each run's folder and ``_read_run``): run number, run folder, set, fold
+    ('1'..'5' or 'ensemble'), n, n_atypical and ``curve_summary``. With several runs only their ensembles (and the
+    fold models of sets without one)."""
     rows = []
-    for number, run_dir in enumerate(run_dirs, 1):
-        preds, thresholds = _read_run(run_dir)
+    for number, (run_dir, preds, thresholds) in enumerate(runs, 1):
         for (dataset, fold), part in preds.groupby(["dataset", "fold"], sort=False):
             has_ensemble = ((preds["dataset"] == dataset) & (preds["fold"] == "ensemble")).any()
-            if len(run_dirs) > 1 and fold != "ensemble" and has_ensemble:
+            if len(runs) > 1 and fold != "ensemble" and has_ensemble:
                 continue
             try:
                 labels, probs = checked(part["label"].to_numpy(), part["probability"].to_numpy())
@@ -82,17 +82,17 @@ def curves(run_dirs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _figure(dataset: str, parts: list[tuple[str, pd.DataFrame, float, bool]], title: str):
-    """ROC, precision-recall and reliability panels of one set; ``parts``: (legend, predictions, threshold, bold)."""
+def _figure(dataset: str, parts: list[tuple[str, pd.DataFrame, dict, bool]], title: str):
+    """ROC, precision-recall and reliability panels of one set; ``parts``: (legend, predictions, the curve's row of
+    ``curves``, bold)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(15, 5), layout="constrained")
     roc, pr, rel = fig.subplots(1, 3)
-    for legend, part, threshold, bold in parts:
+    for legend, part, s, bold in parts:
         labels, probs = part["label"].to_numpy(int), part["probability"].to_numpy(float)
         style = {"lw": 2.2 if bold else 0.9, "alpha": 1.0 if bold else 0.6,
                  **({"color": "black"} if legend == "ensemble" else {})}  # one run: its ensemble over coloured folds
-        s = curve_summary(labels, probs, threshold)
         fpr, tpr, _ = roc_curve(labels, probs)
         (line,) = roc.plot(fpr, tpr, label=f"{legend}: AUROC {s['auroc']:.3f}", **style)
         if bold:
@@ -129,10 +129,10 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
         raise MitobenchError("mitobench plot needs matplotlib: pip install 'mitobench[plots]'.") from exc
     if out_dir.exists():
         raise MitobenchError(f"{out_dir} exists; mitobench never overwrites results. Choose another --out.")
-    table = curves(run_dirs)  # reads and checks every run before anything is written
+    runs = [(run_dir, *_read_run(run_dir)) for run_dir in run_dirs]  # every run read and checked before any write
+    table = curves(runs)
     if table.empty:
         raise MitobenchError("no set of these runs holds both classes: there is no curve to draw.")
-    runs = {number: _read_run(run_dir) for number, run_dir in enumerate(run_dirs, 1)}
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
@@ -148,12 +148,12 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
             names[dataset] = name
             drawn = table[table["dataset"] == dataset]
             parts = []
-            for row in drawn.itertuples():
-                preds, thresholds = runs[row.run]
-                part = preds[(preds["dataset"] == dataset) & (preds["fold"] == row.fold)]
-                curve = "ensemble" if row.fold == "ensemble" else f"fold {row.fold}"
-                legend = f"#{row.run} {curve}" if len(run_dirs) > 1 else curve
-                parts.append((legend, part, thresholds.get(row.fold, 0.5), row.fold == "ensemble"))
+            for row in drawn.to_dict("records"):
+                preds = runs[row["run"] - 1][1]
+                part = preds[(preds["dataset"] == dataset) & (preds["fold"] == row["fold"])]
+                curve = "ensemble" if row["fold"] == "ensemble" else f"fold {row['fold']}"
+                legend = f"#{row['run']} {curve}" if len(run_dirs) > 1 else curve
+                parts.append((legend, part, row, row["fold"] == "ensemble"))
             title = Path(run_dirs[0]).name if len(run_dirs) == 1 else f"{len(run_dirs)} runs' ensembles"
             _figure(dataset, parts, title).savefig(staging / f"{name}.png", dpi=120)
         table.assign(figure=table["dataset"].map(lambda d: f"{names[d]}.png")).to_csv(staging / "curves.csv",

@@ -50,12 +50,9 @@ def device_used(run_dir: Path, config: RunConfig) -> str:
 
 def check_complete_folds(run_dir: Path, config: RunConfig) -> None:
     """A run with failed folds has a mean, SD and ensemble over fewer fold models: not a repeat of the others."""
-    import json
+    from mitobench.runs import RunDir
 
-    try:
-        failed = json.loads((Path(run_dir) / "status.json").read_text()).get("failed_folds") or {}
-    except (OSError, ValueError, AttributeError):
-        failed = {}
+    failed = RunDir(Path(run_dir)).status().get("failed_folds") or {}
     if failed:
         raise MitobenchError(f"--seeds: {run_dir} has failed folds ({', '.join(map(str, failed))} of "
                              f"{config.n_folds}), so its figures are over fewer fold models than a repeat's. Leave it "
