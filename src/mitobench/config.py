@@ -129,11 +129,16 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def seed_repeat(self) -> bool:
+        """Whether ``train_seed`` makes this run train differently from the default (unset or equal to ``seed``: no)."""
+        return self.train_seed is not None and self.train_seed != self.seed
+
     def fold_seed(self, fold: int) -> int:
-        """The seed of fold ``fold``'s training. Without ``train_seed`` (or with it equal to ``seed``) it is
-        ``seed + fold``, as runs always trained; another ``train_seed`` gets streams independent of every other
-        seed's, not ``train_seed + fold`` (which would reuse a neighbouring seed's fold streams)."""
-        if self.train_seed is None or self.train_seed == self.seed:
+        """The seed of fold ``fold``'s training. Without a seed repeat it is ``seed + fold``, as runs always
+        trained; another ``train_seed`` gets streams independent of every other seed's, not ``train_seed + fold``
+        (which would reuse a neighbouring seed's fold streams)."""
+        if not self.seed_repeat:
             return self.seed + fold
         return int(np.random.SeedSequence([self.train_seed, fold]).generate_state(1, np.uint64)[0] >> 1)
 

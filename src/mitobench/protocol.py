@@ -211,10 +211,10 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
 def recipe(config: RunConfig) -> str:
     """How the fold models were made, in a few words for the report's title: the probe's head, or for finetune/LoRA
     the preset, precision, input size, epochs and TTA."""
-    seed = f", train seed {config.train_seed}" if config.train_seed not in (None, config.seed) else ""
-    seed += ", Platt-calibrated on each validation fold, thresholds mapped alike" if config.calibration == "platt" else ""
+    extra = f", train seed {config.train_seed}" if config.seed_repeat else ""
+    extra += ", Platt-calibrated on each validation fold, thresholds mapped alike" if config.calibration == "platt" else ""
     if config.method == "probe":
-        return ("logistic head, C by inner CV" if config.probe.head == "logistic" else "torch head (the paper's)") + seed
+        return ("logistic head, C by inner CV" if config.probe.head == "logistic" else "torch head (the paper's)") + extra
     from mitobench.device import pick_device
     from mitobench.methods.precision import autocast_dtype
 
@@ -224,7 +224,7 @@ def recipe(config: RunConfig) -> str:
     parts += ["bf16" if dtype is not None else "float32", f"{train.img_size} px", f"{train.epochs} epoch" + ("s" if train.epochs != 1 else "")]
     if train.tta:
         parts.append(f"TTA {8 * len(train.tta_crops)} views")
-    return ", ".join(parts) + seed
+    return ", ".join(parts) + extra
 
 
 def check_weights_found(config: RunConfig) -> None:
@@ -311,9 +311,8 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
             from mitobench.methods.precision import resolve_precision
 
             config.train.precision = resolve_precision("native", pick_device(config.device))
-        repeat = config.train_seed is not None and config.train_seed != config.seed
         run = RunDir(new_run_dir(config.runs_dir, config.model, config.method,
-                                 f"seed{config.train_seed}" if repeat else ""))
+                                 f"seed{config.train_seed}" if config.seed_repeat else ""))
         run.lock()
         save_config(config, run.path / "config.yaml")
         atomic_write_json(run.path / "environment.json", environment())

@@ -14,7 +14,6 @@ import numpy as np
 
 from mitobench.errors import MitobenchError
 
-CALIBRATIONS = ("none", "platt")
 _EPS = 1e-7
 
 
