@@ -455,3 +455,53 @@ def test_environment_records_mitobench_s_own_commit_only(tmp_path, monkeypatch):
         subprocess.run(["git", *args], cwd=other, check=True, capture_output=True)
     monkeypatch.setattr(runs_mod, "__file__", str(copy / "runs.py"))
     assert runs_mod.source_commit() == (None, None)
+
+
+def test_the_run_scores_figures_by_expert_agreement(probe_run, fixture_root):
+    """AMi-Br's 3 and AtNorM-MD's 5 experts' votes, read here from the label files themselves, split each set into
+    unanimous and split-vote figures; AtNorM-Br has no votes and is left out."""
+    from mitobench.evaluation.metrics import binary_metrics
+
+    path, _ = probe_run
+    by_agreement = pd.read_csv(path / "metrics_by_agreement.csv", dtype={"fold": str})
+    assert set(by_agreement["dataset"]) == {VALIDATION, "AMi-Br-test", "AtNorM-MD"}
+    assert set(by_agreement["agreement"]) == {"unanimous", "split"}
+    labels = pd.read_csv(fixture_root / "AMI-BR.csv")
+    experts = labels[["expert1_atypical", "expert2_atypical", "expert3_atypical"]].astype(str)
+    fraction = (experts.apply(lambda c: c.str.lower() == "true")).mean(axis=1)
+    fraction.index = labels["dataset"] + "_" + labels["uid"].astype(str) + ".png"
+    preds = pd.read_csv(path / "predictions.csv", dtype={"fold": str})
+    ens = preds[(preds["dataset"] == "AMi-Br-test") & (preds["fold"] == "ensemble")]
+    threshold = np.mean([v["threshold"] for v in json.loads((path / "fold_info.json").read_text()).values()])
+    split = ens["image"].map(fraction).between(0.01, 0.99)
+    for group, part in (("unanimous", ens[~split]), ("split", ens[split])):
+        row = by_agreement[(by_agreement["dataset"] == "AMi-Br-test") & (by_agreement["agreement"] == group)
+                           & (by_agreement["fold"] == "ensemble") & (by_agreement["metric"] == "balanced_accuracy")]
+        assert row["n"].item() == len(part) > 0
+        assert row["value"].item() == pytest.approx(
+            binary_metrics(part["label"], part["probability"], threshold)["balanced_accuracy"])
+    calls = pd.read_csv(path / "calls_by_votes.csv")
+    test_calls = calls[calls["dataset"] == "AMi-Br-test"].set_index("votes_atypical")
+    for level, count in ens["image"].map(lambda i: f"{round(fraction[i] * 3)}/3").value_counts().items():
+        assert test_calls.loc[level, "n"] == count
+    md = calls[calls["dataset"] == "AtNorM-MD"]
+    assert (md["experts"] == 5).all() and md["n"].sum() == (preds["dataset"] == "AtNorM-MD").sum() / 6
+    report = (path / "report.txt").read_text()
+    assert "per expert agreement" in report and "calls per vote level" in report
+
+
+def test_agreement_check_rescores_a_finished_run_as_the_run_did(probe_run):
+    """benchmarks/agreement_check.py (for runs made before the agreement tables) gives the run's own tables."""
+    from test_engine import load_benchmark_script
+
+    path, _ = probe_run
+    check = load_benchmark_script("agreement_check")
+    by_agreement, by_votes = check.score_run(path)
+    written = pd.read_csv(path / "metrics_by_agreement.csv", dtype={"fold": str})
+    for column in ("value", "ci_low", "ci_high"):  # probabilities pass through predictions.csv: float rounding
+        np.testing.assert_allclose(by_agreement[column].to_numpy(float), written[column].to_numpy(float), atol=1e-6,
+                                   equal_nan=True)
+    calls = pd.read_csv(path / "calls_by_votes.csv")
+    np.testing.assert_allclose(by_votes["called_atypical"], calls["called_atypical"])
+    table = check.markdown(by_agreement, by_votes)
+    assert "| AMi-Br-test | unanimous |" in table and "| AtNorM-MD | 3/5 | Atypical |" in table

@@ -248,3 +248,22 @@ def load_run_config(run_dir: str | Path, overrides: dict | None = None):
         raise MitobenchError(f"{first}. This run folder was written by mitobench {wrote} (environment.json), this is "
                              f"mitobench {this}: use the version that wrote it, or remove the option from config.yaml "
                              "if you know it changes nothing.") from exc
+
+
+def read_predictions(run_dir: Path):
+    """A complete run's ``predictions.csv`` (image, dataset, fold, probability, label) and its thresholds (each
+    fold's from fold_info.json; the ensemble's is their mean), for analyses of a finished run."""
+    import pandas as pd
+
+    require_complete_run(run_dir, needs=("predictions.csv", "fold_info.json"))
+    try:
+        preds = pd.read_csv(run_dir / "predictions.csv", dtype={"fold": str, "image": str})
+        info = json.loads((run_dir / "fold_info.json").read_text())
+        preds = preds[["image", "dataset", "fold", "probability", "label"]]
+        thresholds = {str(fold): float(v.get("threshold", 0.5)) for fold, v in info.items()
+                      if isinstance(v, dict) and not v.get("failed")}
+    except (OSError, ValueError, KeyError, AttributeError, pd.errors.ParserError) as exc:
+        raise MitobenchError(f"{run_dir}: cannot read predictions.csv or fold_info.json ({exc}); the run folder is "
+                             "damaged.") from exc
+    thresholds["ensemble"] = float(np.mean(list(thresholds.values()))) if thresholds else 0.5
+    return preds, thresholds

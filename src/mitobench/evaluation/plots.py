@@ -8,7 +8,6 @@ operating point of each curve), for re-plotting in the user's own style. matplot
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from mitobench.errors import MitobenchError
 from mitobench.evaluation.metrics import ECE_BINS, binary_metrics, checked
+from mitobench.runs import read_predictions
 
 
 def calibration(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> pd.DataFrame:
@@ -41,26 +41,8 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
-def _read_run(run_dir: Path) -> tuple[pd.DataFrame, dict[str, float]]:
-    """A complete run's predictions and its thresholds (each fold's; the ensemble's is their mean)."""
-    from mitobench.runs import require_complete_run
-
-    require_complete_run(run_dir, needs=("predictions.csv", "fold_info.json"))
-    try:
-        preds = pd.read_csv(run_dir / "predictions.csv", dtype={"fold": str})
-        info = json.loads((run_dir / "fold_info.json").read_text())
-        preds = preds[["dataset", "fold", "probability", "label"]]
-        thresholds = {str(fold): float(v.get("threshold", 0.5)) for fold, v in info.items()
-                      if isinstance(v, dict) and not v.get("failed")}
-    except (OSError, ValueError, KeyError, AttributeError, pd.errors.ParserError) as exc:
-        raise MitobenchError(f"{run_dir}: cannot read predictions.csv or fold_info.json ({exc}); the run folder is "
-                             "damaged.") from exc
-    thresholds["ensemble"] = float(np.mean(list(thresholds.values()))) if thresholds else 0.5
-    return preds, thresholds
-
-
 def curves(runs: list[tuple[Path, pd.DataFrame, dict[str, float]]]) -> pd.DataFrame:
-    """One row per drawn curve of ``runs`` (each run's folder and ``_read_run``): run number, run folder, set, fold
+    """One row per drawn curve of ``runs`` (each run's folder and ``read_predictions``): run number, run folder, set, fold
     ('1'..'5' or 'ensemble'), n, n_atypical and ``curve_summary``. With several runs only their ensembles (and the
     fold models of sets without one)."""
     rows = []
@@ -129,7 +111,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
         raise MitobenchError("mitobench plot needs matplotlib: pip install 'mitobench[plots]'.") from exc
     if out_dir.exists():
         raise MitobenchError(f"{out_dir} exists; mitobench never overwrites results. Choose another --out.")
-    runs = [(run_dir, *_read_run(run_dir)) for run_dir in run_dirs]  # every run read and checked before any write
+    runs = [(run_dir, *read_predictions(run_dir)) for run_dir in run_dirs]  # every run read and checked before any write
     table = curves(runs)
     if table.empty:
         raise MitobenchError("no set of these runs holds both classes: there is no curve to draw.")

@@ -38,20 +38,31 @@ def tidy_metrics(predictions: pd.DataFrame, thresholds: dict[str, float], model:
     return frame
 
 
-def domain_metrics(predictions: pd.DataFrame, domains: dict[str, dict], thresholds: dict[str, float], model: str,
-                   method: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """``tidy_metrics`` of each domain (scanner, source, tumour type) of every set that holds more than one; the
-    columns of metrics.csv plus ``domain``. ``domains``: per dataset, image -> domain (a missing one: unknown)."""
+def subgroup_metrics(predictions: pd.DataFrame, groups: dict[str, dict], thresholds: dict[str, float], model: str,
+                     method: str, n_boot: int = 1000, seed: int = 0, column: str = "domain",
+                     missing: str | None = "unknown") -> pd.DataFrame:
+    """``tidy_metrics`` of each subgroup (a domain, an expert-agreement level) of every set that holds more than one;
+    the columns of metrics.csv plus ``column``. ``groups``: per dataset, image -> group; an image without one goes
+    to the group ``missing``, or is left out where ``missing`` is None."""
     frames = []
-    for dataset, domain_of in domains.items():
+    for dataset, group_of in groups.items():
         part = predictions[predictions["dataset"] == dataset]
-        labels = part["image"].map(domain_of).fillna("unknown").astype(str)
+        labels = part["image"].map(group_of)
+        if missing is None:
+            part, labels = part[labels.notna()], labels[labels.notna()]
+        labels = labels.fillna(missing).astype(str)
         if labels.nunique() < 2:
             continue
-        for domain in sorted(labels.unique()):
-            frames.append(tidy_metrics(part[labels == domain], thresholds, model, method, n_boot, seed)
-                          .assign(domain=domain))
+        for group in sorted(labels.unique()):
+            frames.append(tidy_metrics(part[labels == group], thresholds, model, method, n_boot, seed)
+                          .assign(**{column: group}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def domain_metrics(predictions: pd.DataFrame, domains: dict[str, dict], thresholds: dict[str, float], model: str,
+                   method: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """``subgroup_metrics`` by domain (scanner, source, tumour type); an image without one is "unknown"."""
+    return subgroup_metrics(predictions, domains, thresholds, model, method, n_boot, seed)
 
 
 def _get(metrics: pd.DataFrame, dataset: str, fold: str, metric: str) -> pd.Series | None:
@@ -106,7 +117,7 @@ def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list
         )
     for name in absent:
         table.add_row(name, "ABSENT", "not found under the data root: not evaluated", "", "", "", "", "")
-    return _show([table, f"Paper figures: {CITATION}."], console)
+    return show_parts([table, f"Paper figures: {CITATION}."], console)
 
 
 def _cells(metrics: pd.DataFrame, dataset: str) -> list[str]:
@@ -121,7 +132,7 @@ def _cells(metrics: pd.DataFrame, dataset: str) -> list[str]:
             f"{au_e['value']:.4f} [{au_e['ci_low']:.4f}, {au_e['ci_high']:.4f}]" if au_e is not None else "-"]
 
 
-def _show(parts: list, console: Console | None) -> str:
+def show_parts(parts: list, console: Console | None) -> str:
     """Print ``parts`` (tables, lines) to ``console``; return them as plain text for ``report.txt``."""
     console = console or Console(width=max(Console().width, 160))
     capture = Console(width=200, record=True, file=io.StringIO())
@@ -131,14 +142,21 @@ def _show(parts: list, console: Console | None) -> str:
     return capture.export_text()
 
 
-def render_domain_report(by_domain: pd.DataFrame, console: Console | None = None) -> str:
-    """The per-domain breakdown (``domain_metrics``) in the main table's form, for report.txt."""
-    table = Table(title="per domain: the same fold models and ensemble, each set split by its images' domain",
-                  caption="domain: AMi-Br's source (MIDOG21 / TUPAC16: scanners and centres), or a custom set's "
-                          "domain column; a domain with one class has no BA or AUROC")
-    for col in ("set", "domain", "n (atyp.)", "BA fold mean+-SD", "AUROC fold mean+-SD", "BA ensemble [95% CI]",
+def render_subgroup_report(frame: pd.DataFrame, column: str, title: str, caption: str,
+                           console: Console | None = None) -> str:
+    """A ``subgroup_metrics`` breakdown in the main table's form, for report.txt."""
+    table = Table(title=title, caption=caption)
+    for col in ("set", column, "n (atyp.)", "BA fold mean+-SD", "AUROC fold mean+-SD", "BA ensemble [95% CI]",
                 "AUROC ensemble [95% CI]"):
         table.add_column(col)
-    for (dataset, domain), part in by_domain.groupby(["dataset", "domain"], sort=False):
-        table.add_row(dataset, domain, *_cells(part, dataset))
-    return _show([table], console)
+    for (dataset, group), part in frame.groupby(["dataset", column], sort=False):
+        table.add_row(dataset, group, *_cells(part, dataset))
+    return show_parts([table], console)
+
+
+def render_domain_report(by_domain: pd.DataFrame, console: Console | None = None) -> str:
+    """The per-domain breakdown (``domain_metrics``), for report.txt."""
+    return render_subgroup_report(
+        by_domain, "domain", "per domain: the same fold models and ensemble, each set split by its images' domain",
+        "domain: AMi-Br's source (MIDOG21 / TUPAC16: scanners and centres), or a custom set's domain column; a domain "
+        "with one class has no BA or AUROC", console)

@@ -1,0 +1,74 @@
+"""How does a finished run do where the experts agreed, and where they split? The run's own predictions, scored as
+every run since 2026-12-07 scores them itself (``metrics_by_agreement.csv``, ``calls_by_votes.csv``): each set with
+expert votes split into unanimous and split-vote figures, and the share called atypical at each vote level. For
+runs made before that, or to print the figures in RESULTS.md's form. Reads the run folder and the data root's label
+files; trains and chooses nothing.
+
+Usage: .venv/bin/python benchmarks/agreement_check.py RUN_DIR [--data-root DIR] [--append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results  # noqa: E402
+
+from mitobench.evaluation.agreement import (agreement_metrics, calls_by_votes, render_agreement_report,  # noqa: E402
+                                            votes_of_sets)
+from mitobench.protocol import load_sets  # noqa: E402
+from mitobench.runs import load_run_config, read_predictions  # noqa: E402
+
+
+def markdown(by_agreement, by_votes) -> str:
+    """The two breakdowns as RESULTS.md tables: BA and AUROC (fold mean +- SD, ensemble with its CI) per agreement
+    group; the ensemble's share called atypical per vote level."""
+    lines = ["| set | figures | n (atypical) | BA fold mean +- SD | AUROC fold mean +- SD | BA ensemble [95% CI] |",
+             "|---|---|---|---|---|---|"]
+    for (dataset, group), part in by_agreement.groupby(["dataset", "agreement"], sort=False):
+        t = {m: part[part["metric"] == m].set_index("fold") for m in ("balanced_accuracy", "auroc")}
+        ba, au = t["balanced_accuracy"], t["auroc"]
+        counts = part[part["fold"] == "1"].iloc[0] if "ensemble" not in ba.index else ba.loc["ensemble"]
+        ens = (f"{ba.at['ensemble', 'value']:.4f} [{ba.at['ensemble', 'ci_low']:.4f}, "
+               f"{ba.at['ensemble', 'ci_high']:.4f}]") if "ensemble" in ba.index else "-"
+        lines.append(f"| {dataset} | {group} | {counts['n']} ({counts['n_atypical']}) | "
+                     f"{ba.at['mean', 'value']:.4f} +- {ba.at['sd', 'value']:.4f} | "
+                     f"{au.at['mean', 'value']:.4f} +- {au.at['sd', 'value']:.4f} | {ens} |")
+    lines += ["", "| set | votes atypical | label | n | called atypical [95% Wilson CI] | mean probability | by |",
+              "|---|---|---|---|---|---|---|"]
+    for row in by_votes.itertuples(index=False):
+        label = "Atypical" if row.label == 1 else "Normal"
+        lines.append(f"| {row.dataset} | {row.votes_atypical} | {label} | {row.n} | {row.called_atypical:.3f} "
+                     f"[{row.ci_low:.3f}, {row.ci_high:.3f}] | {row.mean_probability:.3f} | {row.model} |")
+    return "\n".join(lines)
+
+
+def score_run(run: Path, data_root: str | None = None):
+    """The run's ``metrics_by_agreement.csv`` and ``calls_by_votes.csv`` frames, as the run itself scores them."""
+    predictions, thresholds = read_predictions(run)
+    config = load_run_config(run, {"data_root": data_root} if data_root else None)
+    sets, _ = load_sets(config)
+    votes = votes_of_sets(sets)
+    return (agreement_metrics(predictions, votes, thresholds, config.model, config.method, config.n_boot, config.seed),
+            calls_by_votes(predictions, votes, thresholds))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--data-root", help="where the label files are, if not the run's data root")
+    parser.add_argument("--append", action="store_true", help="append the tables to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    by_agreement, by_votes = score_run(args.run, args.data_root)
+    if by_agreement.empty and by_votes.empty:
+        raise SystemExit(f"{args.run}: none of its sets has expert votes (AMi-Br and AtNorM-MD have them).")
+    render_agreement_report(by_agreement, by_votes)
+    if args.append:
+        append_results(f"## Expert agreement: {args.run.name}",
+                       f"Run `{args.run}`.\n\n" + markdown(by_agreement, by_votes))
+
+
+if __name__ == "__main__":
+    main()
