@@ -18,6 +18,7 @@ from common import append_results  # noqa: E402
 
 from mitobench.evaluation.agreement import (agreement_metrics, calls_by_votes, render_agreement_report,  # noqa: E402
                                             votes_of_sets)
+from mitobench.evaluation.report import fold_counts  # noqa: E402
 from mitobench.protocol import load_sets  # noqa: E402
 from mitobench.runs import load_run_config, read_predictions  # noqa: E402
 
@@ -30,10 +31,9 @@ def markdown(by_agreement, by_votes) -> str:
     for (dataset, group), part in by_agreement.groupby(["dataset", "agreement"], sort=False):
         t = {m: part[part["metric"] == m].set_index("fold") for m in ("balanced_accuracy", "auroc")}
         ba, au = t["balanced_accuracy"], t["auroc"]
-        counts = part[part["fold"] == "1"].iloc[0] if "ensemble" not in ba.index else ba.loc["ensemble"]
         ens = (f"{ba.at['ensemble', 'value']:.4f} [{ba.at['ensemble', 'ci_low']:.4f}, "
                f"{ba.at['ensemble', 'ci_high']:.4f}]") if "ensemble" in ba.index else "-"
-        lines.append(f"| {dataset} | {group} | {counts['n']} ({counts['n_atypical']}) | "
+        lines.append(f"| {dataset} | {group} | {fold_counts(part, dataset)} | "
                      f"{ba.at['mean', 'value']:.4f} +- {ba.at['sd', 'value']:.4f} | "
                      f"{au.at['mean', 'value']:.4f} +- {au.at['sd', 'value']:.4f} | {ens} |")
     lines += ["", "| set | votes atypical | label | n | called atypical [95% Wilson CI] | mean probability | by |",

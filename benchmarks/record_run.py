@@ -15,6 +15,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results  # noqa: E402
 
+from mitobench.evaluation.report import fold_counts  # noqa: E402
+
 
 def summary(run_dir: Path) -> str:
     metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"fold": str})
@@ -31,10 +33,9 @@ def summary(run_dir: Path) -> str:
 
         ba_m, ba_s, au_m, au_s = get("mean", "balanced_accuracy"), get("sd", "balanced_accuracy"), get("mean", "auroc"), get("sd", "auroc")
         ba_e, au_e = get("ensemble", "balanced_accuracy"), get("ensemble", "auroc")
-        first = get("1", "balanced_accuracy")
         per_fold = " / ".join(f"{v:.4f}" for v in part[(part["metric"] == "balanced_accuracy") & part["fold"].str.isdigit()]["value"])
         ens = lambda r: f"{r['value']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]" if r is not None else "-"  # noqa: E731
-        rows.append(f"| {dataset} | {int(first['n'])} ({int(first['n_atypical'])}) | {ba_m['value']:.4f} +- {ba_s['value']:.4f} | "
+        rows.append(f"| {dataset} | {fold_counts(metrics, dataset)} | {ba_m['value']:.4f} +- {ba_s['value']:.4f} | "
                     f"{au_m['value']:.4f} +- {au_s['value']:.4f} | {ens(ba_e)} | {ens(au_e)} | {per_fold} |")
     total = status.get("timings", {}).get("total_s")
     fold_s = sum(float(v.get("seconds", 0)) for v in info.values())

@@ -505,3 +505,15 @@ def test_agreement_check_rescores_a_finished_run_as_the_run_did(probe_run):
     np.testing.assert_allclose(by_votes["called_atypical"], calls["called_atypical"])
     table = check.markdown(by_agreement, by_votes)
     assert "| AMi-Br-test | unanimous |" in table and "| AtNorM-MD | 3/5 | Atypical |" in table
+    n_val = by_agreement[(by_agreement["dataset"] == VALIDATION) & (by_agreement["agreement"] == "unanimous")
+                         & (by_agreement["metric"] == "auroc") & by_agreement["fold"].str.isdigit()]["n"].sum()
+    assert f"| {VALIDATION} | unanimous | {n_val} (" in table  # the 5 validation folds together, not fold 1's
+
+
+def test_record_run_counts_all_validation_folds(probe_run):
+    from test_engine import load_benchmark_script
+
+    path, _ = probe_run
+    folds = pd.read_csv(path / "folds.csv")
+    summary = load_benchmark_script("record_run").summary(path)
+    assert f"| {VALIDATION} | {len(folds)} ({int(folds['label'].sum())}) |" in summary

@@ -79,7 +79,7 @@ THRESHOLDS = {"fixed": "threshold 0.5 (the paper's)",
 VALIDATION = "AMi-Br-train (validation fold)"
 
 
-def _fold_counts(metrics: pd.DataFrame, dataset: str) -> str:
+def fold_counts(metrics: pd.DataFrame, dataset: str) -> str:
     """``n (atypical)`` the fold models were scored on: a hold-out set's size, or, for the validation folds (each
     fold model on its own fold), their sum: the whole training split when no fold failed."""
     rows = metrics[(metrics["dataset"] == dataset) & (metrics["metric"] == "balanced_accuracy")
@@ -125,7 +125,7 @@ def _cells(metrics: pd.DataFrame, dataset: str) -> list[str]:
     ba_m, ba_s = _get(metrics, dataset, "mean", "balanced_accuracy"), _get(metrics, dataset, "sd", "balanced_accuracy")
     au_m, au_s = _get(metrics, dataset, "mean", "auroc"), _get(metrics, dataset, "sd", "auroc")
     ba_e, au_e = _get(metrics, dataset, "ensemble", "balanced_accuracy"), _get(metrics, dataset, "ensemble", "auroc")
-    return [_fold_counts(metrics, dataset),
+    return [fold_counts(metrics, dataset),
             f"{ba_m['value']:.4f} +- {ba_s['value']:.4f}" if ba_m is not None else "-",
             f"{au_m['value']:.4f} +- {au_s['value']:.4f}" if au_m is not None else "-",
             f"{ba_e['value']:.4f} [{ba_e['ci_low']:.4f}, {ba_e['ci_high']:.4f}]" if ba_e is not None else "-",
