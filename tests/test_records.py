@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -296,6 +297,18 @@ def test_unknown_label_in_custom_csv(tmp_path):
     rewrite_csv(csv, lambda f: f.assign(label=["Atypical", "AFM"] + list(f["label"][2:])))
     with pytest.raises(MitobenchError, match=r"mydata\.csv row 3: label 'AFM'"):
         load_custom(csv)
+
+
+def test_custom_csv_votes_column(tmp_path):
+    """A custom set's expert votes, as k/n or a fraction (blank: unknown), feed the agreement breakdown."""
+    csv = make_custom_csv(tmp_path)
+    rewrite_csv(csv, lambda f: f.assign(votes=["3/3", "2/3", "0.5", "", "1/3", "0", 0.25, "0/3"]))
+    votes = load_custom(csv)["p_atypical_votes"].tolist()
+    np.testing.assert_allclose(votes, [1, 2 / 3, 0.5, np.nan, 1 / 3, 0, 0.25, 0])
+    for bad in ("4/3", "1.5", "two", "1/0", "-0.1"):
+        rewrite_csv(csv, lambda f: f.assign(votes=["1/3"] * 3 + [bad] + ["0/3"] * 4))
+        with pytest.raises(MitobenchError, match=rf"mydata\.csv row 5: votes '{re.escape(bad)}'.*k/n"):
+            load_custom(csv)
 
 
 def test_labels_are_case_insensitive(tmp_path):

@@ -66,6 +66,25 @@ def read_csv(path: Path, required: list[str], dtype: dict | None = None, rows: s
     return frame
 
 
+def parse_votes(value: object, where: str) -> float:
+    """A figure's expert votes for atypical: ``k/n`` (``2/3``) or a fraction in [0, 1]; blank means none."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
+        return np.nan
+    text = str(value).strip()
+    try:
+        if "/" in text:
+            k, n = (int(part) for part in text.split("/"))
+            fraction = k / n if n > 0 and 0 <= k <= n else -1.0
+        else:
+            fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0 <= fraction <= 1:
+        raise MitobenchError(f"{where}: votes {text!r} is not the experts' votes for atypical. Give k/n (2/3: two of "
+                             "three experts said atypical) or a fraction between 0 and 1, or leave it blank.")
+    return fraction
+
+
 def _list_images(folder: Path) -> list[Path]:
     """Image files in ``folder``, sorted, as paths under the resolved folder (one scandir, no stat per file)."""
     folder = folder.resolve()
@@ -209,7 +228,7 @@ def load_atnorm_md(root: Path) -> pd.DataFrame:
 
 def load_custom(source: str | Path, name: str | None = None) -> pd.DataFrame:
     """The user's own data: a folder of ``Atypical``/``Normal`` sub-folders, or a CSV with columns
-    ``path,label`` and optional ``group,domain`` (relative paths are relative to the CSV)."""
+    ``path,label`` and optional ``group,domain,votes`` (relative paths are relative to the CSV)."""
     source = Path(source).expanduser().resolve()
     name = name or source.stem
     if source.is_dir():
@@ -228,6 +247,8 @@ def load_custom(source: str | Path, name: str | None = None) -> pd.DataFrame:
         for col in ("group", "domain"):
             if col in table:
                 frame[col] = table[col].to_numpy()
+        if "votes" in table:
+            frame["p_atypical_votes"] = [parse_votes(v, f"{source} row {i + 2}") for i, v in enumerate(table["votes"])]
     else:
         raise MitobenchError(f"{source}: no such folder or CSV.")
     frame["dataset"] = name
