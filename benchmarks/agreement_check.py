@@ -16,16 +16,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results  # noqa: E402
 
-from mitobench.evaluation.agreement import (agreement_metrics, calls_by_votes, render_agreement_report,  # noqa: E402
-                                            votes_of_sets)
+from mitobench.evaluation.agreement import (agreement_metrics, calls_by_votes, kappa_summary,  # noqa: E402
+                                            rater_agreement, render_agreement_report, votes_of_sets)
 from mitobench.evaluation.report import fold_counts  # noqa: E402
 from mitobench.protocol import load_sets  # noqa: E402
 from mitobench.runs import load_run_config, read_predictions  # noqa: E402
 
 
-def markdown(by_agreement, by_votes) -> str:
-    """The two breakdowns as RESULTS.md tables: BA and AUROC (fold mean +- SD, ensemble with its CI) per agreement
-    group; the ensemble's share called atypical per vote level."""
+def markdown(by_agreement, by_votes, raters) -> str:
+    """The three breakdowns as RESULTS.md tables: BA and AUROC (fold mean +- SD, ensemble with its CI) per agreement
+    group; the ensemble's share called atypical per vote level; Cohen's kappas, expert with expert and model with
+    expert."""
     lines = ["| set | figures | n (atypical) | BA fold mean +- SD | AUROC fold mean +- SD | BA ensemble [95% CI] |",
              "|---|---|---|---|---|---|"]
     for (dataset, group), part in by_agreement.groupby(["dataset", "agreement"], sort=False):
@@ -42,17 +43,25 @@ def markdown(by_agreement, by_votes) -> str:
         label = "Atypical" if row.label == 1 else "Normal"
         lines.append(f"| {row.dataset} | {row.votes_atypical} | {label} | {row.n} | {row.called_atypical:.3f} "
                      f"[{row.ci_low:.3f}, {row.ci_high:.3f}] | {row.mean_probability:.3f} | {row.model} |")
+    lines += ["", "| set | n | Cohen's kappa, expert with expert: mean [min, max] | model with expert: mean [min, max] "
+              "| model with expert 1 / 2 / ... | model |", "|---|---|---|---|---|---|"]
+    for row in kappa_summary(raters).itertuples(index=False):
+        lines.append(f"| {row.dataset} | {row.n} | {row.expert_pairs_mean:.3f} [{row.expert_pairs_min:.3f}, "
+                     f"{row.expert_pairs_max:.3f}] | {row.model_mean:.3f} [{row.model_min:.3f}, {row.model_max:.3f}] "
+                     f"| {row.model_by_expert} | {row.model} |")
     return "\n".join(lines)
 
 
 def score_run(run: Path, data_root: str | None = None):
-    """The run's ``metrics_by_agreement.csv`` and ``calls_by_votes.csv`` frames, as the run itself scores them."""
+    """The run's ``metrics_by_agreement.csv``, ``calls_by_votes.csv`` and ``rater_agreement.csv`` frames, as the run
+    itself scores them."""
     predictions, thresholds = read_predictions(run)
     config = load_run_config(run, {"data_root": data_root} if data_root else None)
     sets, _ = load_sets(config)
     votes = votes_of_sets(sets)
     return (agreement_metrics(predictions, votes, thresholds, config.model, config.method, config.n_boot, config.seed),
-            calls_by_votes(predictions, votes, thresholds))
+            calls_by_votes(predictions, votes, thresholds),
+            rater_agreement(predictions, votes_of_sets(sets, "expert_votes"), thresholds))
 
 
 def main() -> None:
@@ -61,13 +70,13 @@ def main() -> None:
     parser.add_argument("--data-root", help="where the label files are, if not the run's data root")
     parser.add_argument("--append", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    by_agreement, by_votes = score_run(args.run, args.data_root)
+    by_agreement, by_votes, raters = score_run(args.run, args.data_root)
     if by_agreement.empty and by_votes.empty:
         raise SystemExit(f"{args.run}: none of its sets has expert votes (AMi-Br and AtNorM-MD have them).")
-    render_agreement_report(by_agreement, by_votes)
+    render_agreement_report(by_agreement, by_votes, raters)
     if args.append:
         append_results(f"## Expert agreement: {args.run.name}",
-                       f"Run `{args.run}`.\n\n" + markdown(by_agreement, by_votes))
+                       f"Run `{args.run}`.\n\n" + markdown(by_agreement, by_votes, raters))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_agreement_metrics_score_unanimous_and_split_figures_apart():
                                 "probe", n_boot=50)
         got = by_agreement[by_agreement["agreement"] == group].drop(columns="agreement").reset_index(drop=True)
         pd.testing.assert_frame_equal(got, expected)
-    text = render_agreement_report(by_agreement, pd.DataFrame(), Console(file=io.StringIO()))
+    text = render_agreement_report(by_agreement, pd.DataFrame(), console=Console(file=io.StringIO()))
     assert "per expert agreement" in text and "unanimous" in text and "split" in text
 
 
@@ -64,7 +64,7 @@ def test_calls_by_votes_count_the_ensembles_calls_at_each_level():
         assert row.mean_probability == pytest.approx(float(part["probability"].mean()))
         assert 0 <= row.ci_low <= row.called_atypical <= row.ci_high <= 1
     assert table["model"].unique().tolist() == ["ensemble"]
-    text = render_agreement_report(pd.DataFrame(), table, Console(file=io.StringIO()))
+    text = render_agreement_report(pd.DataFrame(), table, console=Console(file=io.StringIO()))
     assert "calls per vote level" in text and "2/3" in text and "Atypical" in text
 
 
@@ -84,4 +84,33 @@ def test_no_votes_anywhere_gives_empty_tables():
     none = {"B": votes["B"]}
     assert agreement_metrics(preds, none, {"ensemble": 0.5}, "m", "probe", n_boot=20).empty
     assert calls_by_votes(preds, none, {"ensemble": 0.5}).empty
-    assert render_agreement_report(pd.DataFrame(), pd.DataFrame(), Console(file=io.StringIO())) == ""
+    assert render_agreement_report(pd.DataFrame(), pd.DataFrame(), console=Console(file=io.StringIO())) == ""
+
+
+def test_rater_agreement_scores_the_model_as_one_more_expert():
+    from sklearn.metrics import cohen_kappa_score
+
+    from mitobench.evaluation.agreement import kappa_summary, rater_agreement
+
+    rng = np.random.default_rng(3)
+    images = [f"i{k}" for k in range(60)]
+    experts = rng.integers(0, 2, size=(60, 3))
+    codes = pd.Series(["".join(map(str, row)) for row in experts], index=images)
+    label = (experts.sum(axis=1) >= 2).astype(int)
+    probability = rng.uniform(size=60)
+    preds = pd.DataFrame({"image": images, "dataset": "A", "fold": "ensemble", "label": label,
+                          "probability": probability})
+    raters = rater_agreement(preds, {"A": codes, "B": pd.Series(np.nan, index=images, dtype=object)},
+                             {"ensemble": 0.4})
+    assert set(raters["dataset"]) == {"A"} and len(raters) == 6  # 3 expert pairs + the model with each expert
+    model = (probability >= 0.4).astype(int)
+    for row in raters.itertuples(index=False):
+        a = model if row.rater_a == "model" else experts[:, int(row.rater_a[-1]) - 1]
+        b = model if row.rater_b == "model" else experts[:, int(row.rater_b[-1]) - 1]
+        assert row.kappa == pytest.approx(cohen_kappa_score(a, b)) and row.n == 60
+    summary = kappa_summary(raters).iloc[0]
+    assert summary["experts"] == 3
+    assert summary["model_mean"] == pytest.approx(raters.loc[raters["rater_b"] == "model", "kappa"].mean())
+    assert summary["expert_pairs_min"] == pytest.approx(raters.loc[raters["rater_b"] != "model", "kappa"].min())
+    text = render_agreement_report(pd.DataFrame(), pd.DataFrame(), raters, console=Console(file=io.StringIO()))
+    assert "one more rater" in text and f"{summary['model_mean']:.3f}" in text

@@ -486,8 +486,12 @@ def test_the_run_scores_figures_by_expert_agreement(probe_run, fixture_root):
         assert test_calls.loc[level, "n"] == count
     md = calls[calls["dataset"] == "AtNorM-MD"]
     assert (md["experts"] == 5).all() and md["n"].sum() == (preds["dataset"] == "AtNorM-MD").sum() / 6
+    raters = pd.read_csv(path / "rater_agreement.csv")
+    counts = raters.groupby("dataset")["rater_a"].size().to_dict()
+    assert counts == {VALIDATION: 6, "AMi-Br-test": 6, "AtNorM-MD": 15}  # 3 experts: 3 pairs + 3; 5: 10 + 5
+    assert (raters.loc[raters["dataset"] == "AMi-Br-test", "n"] == len(ens)).all()
     report = (path / "report.txt").read_text()
-    assert "per expert agreement" in report and "calls per vote level" in report
+    assert "per expert agreement" in report and "calls per vote level" in report and "one more rater" in report
 
 
 def test_agreement_check_rescores_a_finished_run_as_the_run_did(probe_run):
@@ -496,14 +500,14 @@ def test_agreement_check_rescores_a_finished_run_as_the_run_did(probe_run):
 
     path, _ = probe_run
     check = load_benchmark_script("agreement_check")
-    by_agreement, by_votes = check.score_run(path)
+    by_agreement, by_votes, raters = check.score_run(path)
     written = pd.read_csv(path / "metrics_by_agreement.csv", dtype={"fold": str})
     for column in ("value", "ci_low", "ci_high"):  # probabilities pass through predictions.csv: float rounding
         np.testing.assert_allclose(by_agreement[column].to_numpy(float), written[column].to_numpy(float), atol=1e-6,
                                    equal_nan=True)
     calls = pd.read_csv(path / "calls_by_votes.csv")
     np.testing.assert_allclose(by_votes["called_atypical"], calls["called_atypical"])
-    table = check.markdown(by_agreement, by_votes)
+    table = check.markdown(by_agreement, by_votes, raters)
     assert "| AMi-Br-test | unanimous |" in table and "| AtNorM-MD | 3/5 | Atypical |" in table
     n_val = by_agreement[(by_agreement["dataset"] == VALIDATION) & (by_agreement["agreement"] == "unanimous")
                          & (by_agreement["metric"] == "auroc") & by_agreement["fold"].str.isdigit()]["n"].sum()

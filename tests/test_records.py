@@ -67,6 +67,8 @@ def test_load_amibr(tmp_path):
     got = dict(zip(records["image"], records["p_atypical_votes"]))
     assert got == pytest.approx(expected)
     assert set(np.round(records["p_atypical_votes"], 3)) == {0.0, 0.333, 0.667, 1.0}
+    calls = {r["dataset_uid"]: "".join("1" if v else "0" for v in r["votes"]) for r in fx.train + fx.test}
+    assert dict(zip(records["image"], records["expert_votes"])) == calls  # each expert's call, in column order
 
 
 def test_amibr_fixture_supports_paper_folds(tmp_path):
@@ -109,6 +111,9 @@ def test_load_atnorm_md_votes(tmp_path):
     # the folder label is the 3-of-5 majority
     assert ((records["p_atypical_votes"] >= 0.6).astype(int) == records["label"]).all()
     assert set(fractions.values()) == {0.0, 0.2, 0.4, 0.6, 0.8, 1.0}
+    votes_csv = pd.read_csv(tmp_path / "AtNorM-MD_expert_votes.csv").set_index("Filename")
+    for name, calls in zip(names, records["expert_votes"]):
+        assert calls == "".join("1" if votes_csv.at[name, f"Expert_{i}"] == "Atypical" else "0" for i in range(1, 6))
 
 
 def test_load_atnorm_md_without_votes(tmp_path):

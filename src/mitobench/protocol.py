@@ -22,8 +22,8 @@ from mitobench.config import RunConfig, save_config
 from mitobench.data.cache import PatchCache
 from mitobench.data.records import HOLDOUT_SETS, discover, evaluation_sets, load_custom, resolve_data_root
 from mitobench.errors import FoldFailedError, MitobenchError
-from mitobench.evaluation.agreement import (agreement_metrics, calls_by_votes, render_agreement_report,
-                                            votes_of_sets)
+from mitobench.evaluation.agreement import (agreement_metrics, calls_by_votes, rater_agreement,
+                                            render_agreement_report, votes_of_sets)
 from mitobench.evaluation.report import VALIDATION, domain_metrics, render_domain_report, render_report, tidy_metrics
 from mitobench.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from mitobench.runs import (RunDir, complete_environment, environment, load_run_config, new_run_dir,
@@ -414,11 +414,12 @@ def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, F
     by_agreement = agreement_metrics(predictions, votes, thresholds, config.model, config.method, config.n_boot,
                                      config.seed)
     by_votes = calls_by_votes(predictions, votes, thresholds)
-    if not by_agreement.empty:
-        atomic_write_csv(run.path / "metrics_by_agreement.csv", by_agreement)
-    if not by_votes.empty:
-        atomic_write_csv(run.path / "calls_by_votes.csv", by_votes)
-    text += render_agreement_report(by_agreement, by_votes)
+    raters = rater_agreement(predictions, votes_of_sets(ctx.sets, "expert_votes"), thresholds)
+    for name, frame in (("metrics_by_agreement", by_agreement), ("calls_by_votes", by_votes),
+                        ("rater_agreement", raters)):
+        if not frame.empty:
+            atomic_write_csv(run.path / f"{name}.csv", frame)
+    text += render_agreement_report(by_agreement, by_votes, raters)
     if failed:
         note = (f"WARNING: fold(s) {sorted(failed)} FAILED and are excluded: the mean, SD and ensemble use "
                 f"{len(results)} fold models. Rerun them with `mitobench run --resume {run.path}`.")

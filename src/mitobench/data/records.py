@@ -3,8 +3,9 @@
 Columns (``RECORD_COLUMNS``): ``image`` (id unique within its set), ``path`` (absolute), ``label``
 (1 = atypical, 0 = normal), ``dataset`` (AMi-Br, AtNorM-Br, AtNorM-MD or the user's name), ``split``
 (``train`` for the AMi-Br training split, else ``test``), ``group`` (slide, where published),
-``domain`` (MIDOG21 / TUPAC16 / TCGA / MIDOG++ / user) and ``p_atypical_votes`` (fraction of
-experts voting atypical, where published).
+``domain`` (MIDOG21 / TUPAC16 / TCGA / MIDOG++ / user), ``p_atypical_votes`` (fraction of
+experts voting atypical, where published) and ``expert_votes`` (each expert's call in a fixed expert order, ``1``
+atypical, ``0`` normal: ``101`` for AMi-Br's three; where published).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from platformdirs import user_cache_dir
 
 from mitobench.errors import MitobenchError
 
-RECORD_COLUMNS = ["image", "path", "label", "dataset", "split", "group", "domain", "p_atypical_votes"]
+RECORD_COLUMNS = ["image", "path", "label", "dataset", "split", "group", "domain", "p_atypical_votes", "expert_votes"]
 LABELS = {"atypical": 1, "normal": 0}
 CLASS_DIRS = ("Atypical", "Normal")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -160,7 +161,9 @@ def load_amibr(root: Path) -> pd.DataFrame:
     labels["image"] = labels["dataset"].astype(str) + "_" + labels["uid"].astype(str) + ".png"
     labels = labels.set_index("image")
     vote_cols = ["expert1_atypical", "expert2_atypical", "expert3_atypical"]
-    votes = labels[vote_cols].astype(str).apply(lambda c: c.str.lower() == "true").mean(axis=1)
+    calls = labels[vote_cols].astype(str).apply(lambda c: c.str.lower() == "true")
+    votes = calls.mean(axis=1)
+    calls_of = calls.astype(int).astype(str).agg("".join, axis=1).to_dict()
 
     file_path, file_label = files["path"].to_dict(), files["label"].to_dict()
     vote_of = votes.to_dict()
@@ -176,7 +179,8 @@ def load_amibr(root: Path) -> pd.DataFrame:
             raise MitobenchError(f"{where}: labelled {rec.final_label} but the file is in the other class folder.")
         rows.append({"image": rec.dataset_uid, "path": file_path[rec.dataset_uid], "label": label,
                      "split": "train", "group": rec.slide, "domain": rec.dataset,
-                     "p_atypical_votes": vote_of.get(rec.dataset_uid, np.nan)})
+                     "p_atypical_votes": vote_of.get(rec.dataset_uid, np.nan),
+                     "expert_votes": calls_of.get(rec.dataset_uid, np.nan)})
     train_names = set(train["dataset_uid"])
     if len(train_names) != len(train):
         raise MitobenchError(f"{train_csv}: some dataset_uid values are listed twice; each image must appear once.")
@@ -187,7 +191,7 @@ def load_amibr(root: Path) -> pd.DataFrame:
             continue
         rows.append({"image": name, "path": file_path[name], "label": file_label[name], "split": "test",
                      "group": slide_of.get(name, np.nan), "domain": source_of.get(name, name.split("_")[0]),
-                     "p_atypical_votes": vote_of.get(name, np.nan)})
+                     "p_atypical_votes": vote_of.get(name, np.nan), "expert_votes": calls_of.get(name, np.nan)})
     frame = pd.DataFrame(rows)
     frame["dataset"] = "AMi-Br"
     return _frame(frame)
@@ -209,12 +213,14 @@ def load_atnorm_md(root: Path) -> pd.DataFrame:
     votes_csv = root / ATNORM_MD_VOTES_CSV
     experts = [f"Expert_{i}" for i in range(1, 6)]
     p_votes = pd.Series(np.nan, index=files["name"])
+    calls = pd.Series(np.nan, index=files["name"], dtype=object)
     if votes_csv.is_file():
         votes = read_csv(votes_csv, ["Filename", *experts, "Majority"]).set_index("Filename")
         for name, row in votes.iterrows():
             where = f"{votes_csv} ({name})"
             codes = [parse_label(row[e], where) for e in experts]
             p_votes[name] = float(np.mean(codes))
+            calls[name] = "".join(map(str, codes))
             majority = parse_label(row["Majority"], where)
             match = files.loc[files["name"] == name, "label"]
             if len(match) and int(match.iloc[0]) != majority:
@@ -222,7 +228,8 @@ def load_atnorm_md(root: Path) -> pd.DataFrame:
     cls = files["label"].map({1: "Atypical", 0: "Normal"})
     frame = pd.DataFrame({"image": cls + "/" + files["name"], "path": files["path"], "label": files["label"],
                           "dataset": "AtNorM-MD", "split": "test", "domain": "MIDOG++",
-                          "p_atypical_votes": p_votes.reindex(files["name"]).to_numpy()})
+                          "p_atypical_votes": p_votes.reindex(files["name"]).to_numpy(),
+                          "expert_votes": calls.reindex(files["name"]).to_numpy()})
     return _frame(frame)
 
 

@@ -4,19 +4,23 @@ Pathologists disagree on atypical mitoses (AMi-Br: Fleiss kappa 0.58, and about 
 2-of-3 votes; AtNorM-MD: pairwise kappa 0.23-0.65). A model whose errors sit where the experts split behaves like
 one more expert; one that errs on figures all experts agree on does not. Every set whose figures carry expert votes
 (AMi-Br: 3 experts, AtNorM-MD: 5) is scored on its unanimous and its split-vote figures apart
-(``metrics_by_agreement.csv``), and the ensemble's calls are counted at each vote level (``calls_by_votes.csv``).
+(``metrics_by_agreement.csv``), the ensemble's calls are counted at each vote level (``calls_by_votes.csv``), and
+the model is scored as one more rater: its Cohen's kappa with each expert beside theirs with one another
+(``rater_agreement.csv``).
 """
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
+from itertools import combinations
 
 import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 from scipy.stats import binomtest
+from sklearn.metrics import cohen_kappa_score
 
 from mitobench.evaluation.report import VALIDATION, render_subgroup_report, show_parts, subgroup_metrics
 
@@ -43,11 +47,11 @@ def agreement_of(votes: pd.Series) -> pd.Series:
     return out.where(v.notna())
 
 
-def votes_of_sets(sets: dict[str, pd.DataFrame], train: str = "AMi-Br-train") -> dict[str, pd.Series]:
-    """Each set's vote fractions by image, keyed as predictions.csv names the sets (the training split's figures
-    are scored as the validation folds)."""
-    return {VALIDATION if name == train else name: frame.set_index("image")["p_atypical_votes"]
-            for name, frame in sets.items()}
+def votes_of_sets(sets: dict[str, pd.DataFrame], column: str = "p_atypical_votes",
+                  train: str = "AMi-Br-train") -> dict[str, pd.Series]:
+    """Each set's vote fractions (or, ``column="expert_votes"``, each expert's call) by image, keyed as
+    predictions.csv names the sets (the training split's figures are scored as the validation folds)."""
+    return {VALIDATION if name == train else name: frame.set_index("image")[column] for name, frame in sets.items()}
 
 
 def _voted_sets(votes: dict[str, pd.Series]) -> dict[str, pd.Series]:
@@ -64,22 +68,30 @@ def agreement_metrics(predictions: pd.DataFrame, votes: dict[str, pd.Series], th
                             missing=None)
 
 
+def model_calls(predictions: pd.DataFrame, dataset: str, thresholds: dict[str, float]) -> pd.DataFrame:
+    """The model's call on each figure of ``dataset``: the ensemble's at its threshold, or, for a set without an
+    ensemble (the validation folds), each image's one fold model at that fold's threshold. Columns image, called,
+    probability, label; ``attrs["by"]`` says which."""
+    part = predictions[predictions["dataset"] == dataset]
+    rows = part[part["fold"] == "ensemble"]
+    by = "ensemble"
+    if rows.empty:
+        rows, by = part[part["fold"].astype(str).str.isdigit()], "fold models"
+    threshold = rows["fold"].astype(str).map(lambda f: thresholds.get(f, 0.5)).to_numpy()
+    out = pd.DataFrame({"image": rows["image"].to_numpy(), "called": rows["probability"].to_numpy() >= threshold,
+                        "probability": rows["probability"].to_numpy(), "label": rows["label"].to_numpy()})
+    out.attrs["by"] = by
+    return out
+
+
 def calls_by_votes(predictions: pd.DataFrame, votes: dict[str, pd.Series],
                    thresholds: dict[str, float]) -> pd.DataFrame:
-    """Per set and vote level: how many figures, what share the ensemble called atypical (at its threshold; with a
-    Wilson 95 % CI) and its mean probability. Sets without an ensemble (the validation folds) use each image's one
-    fold model."""
+    """Per set and vote level: how many figures, what share the model called atypical (``model_calls``; with a
+    Wilson 95 % CI) and its mean probability."""
     rows = []
     for dataset, v in _voted_sets(votes).items():
-        part = predictions[predictions["dataset"] == dataset]
-        calls = part[part["fold"] == "ensemble"]
-        if calls.empty:
-            calls = part[part["fold"].astype(str).str.isdigit()]
-        threshold = calls["fold"].astype(str).map(lambda f: thresholds.get(f, 0.5)).to_numpy()
-        called = calls["probability"].to_numpy() >= threshold
-        level = calls["image"].map(vote_levels(v)).to_numpy()
-        frame = pd.DataFrame({"level": level, "called": called, "probability": calls["probability"].to_numpy(),
-                              "label": calls["label"].to_numpy()}).dropna(subset=["level"])
+        calls = model_calls(predictions, dataset, thresholds)
+        frame = calls.assign(level=calls["image"].map(vote_levels(v))).dropna(subset=["level"])
         n_experts = experts_behind(v)
         for level_name, group in frame.groupby("level", sort=False):
             k = int(group["called"].sum())
@@ -88,8 +100,7 @@ def calls_by_votes(predictions: pd.DataFrame, votes: dict[str, pd.Series],
                          "atypical_votes": int(level_name.split("/")[0]), "label": int(group["label"].iloc[0])
                          if group["label"].nunique() == 1 else np.nan,
                          "n": len(group), "called_atypical": k / len(group), "ci_low": ci.low, "ci_high": ci.high,
-                         "mean_probability": float(group["probability"].mean()),
-                         "model": "ensemble" if (calls["fold"] == "ensemble").any() else "fold models"})
+                         "mean_probability": float(group["probability"].mean()), "model": calls.attrs["by"]})
     if not rows:
         return pd.DataFrame()
     table = pd.DataFrame(rows)
@@ -98,23 +109,74 @@ def calls_by_votes(predictions: pd.DataFrame, votes: dict[str, pd.Series],
     return table.sort_values(["_order", "atypical_votes"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
-def render_agreement_report(by_agreement: pd.DataFrame, by_votes: pd.DataFrame,
+def rater_agreement(predictions: pd.DataFrame, expert_calls: dict[str, pd.Series],
+                    thresholds: dict[str, float]) -> pd.DataFrame:
+    """Cohen's kappa between every two experts, and between the model's calls (``model_calls``) and each expert, on
+    each set whose figures carry every expert's call (``expert_votes``: AMi-Br, AtNorM-MD). Is the model as close
+    to each expert as the experts are to one another? Columns dataset, rater_a, rater_b, kappa, n, model."""
+    rows = []
+    for dataset, calls in expert_calls.items():
+        calls = calls.dropna().astype(str)
+        if calls.empty or calls.str.len().nunique() != 1:
+            continue
+        model = model_calls(predictions, dataset, thresholds).set_index("image")
+        shared = model.index.intersection(calls.index)
+        if shared.empty:
+            continue
+        codes = calls.loc[shared]
+        raters = {f"expert {i + 1}": codes.str[i].astype(int).to_numpy() for i in range(codes.str.len().iloc[0])}
+        raters["model"] = model.loc[shared, "called"].astype(int).to_numpy()
+        for a, b in combinations(raters, 2):
+            rows.append({"dataset": dataset, "rater_a": a, "rater_b": b, "n": len(shared),
+                         "kappa": float(cohen_kappa_score(raters[a], raters[b])), "model": model.attrs["by"]})
+    return pd.DataFrame(rows)
+
+
+def kappa_summary(raters: pd.DataFrame) -> pd.DataFrame:
+    """Per set: the experts' kappas with one another and the model's with each expert, as mean, min and max."""
+    rows = []
+    for dataset, part in raters.groupby("dataset", sort=False):
+        with_model = part["rater_b"] == "model"
+        experts, model = part.loc[~with_model, "kappa"], part.loc[with_model].set_index("rater_a")["kappa"]
+        rows.append({"dataset": dataset, "n": int(part["n"].iloc[0]), "experts": len(model),
+                     "expert_pairs_mean": experts.mean(), "expert_pairs_min": experts.min(),
+                     "expert_pairs_max": experts.max(), "model_mean": model.mean(), "model_min": model.min(),
+                     "model_max": model.max(), "model_by_expert": " / ".join(f"{k:.3f}" for k in model),
+                     "model": part["model"].iloc[0]})
+    return pd.DataFrame(rows)
+
+
+def render_agreement_report(by_agreement: pd.DataFrame, by_votes: pd.DataFrame, raters: pd.DataFrame | None = None,
                             console: Console | None = None) -> str:
-    """Both breakdowns, for report.txt."""
+    """The three breakdowns, for report.txt."""
     text = render_subgroup_report(
         by_agreement, "agreement", "per expert agreement: the same fold models and ensemble, each set split into "
         "figures all experts agreed on and figures they split on",
         "unanimous: every expert gave the majority label; split: at least one disagreed (AMi-Br: 3 experts, "
         "AtNorM-MD: 5; AtNorM-Br has no votes)", console) if not by_agreement.empty else ""
-    if by_votes.empty:
-        return text
-    table = Table(title="calls per vote level: the share of figures called atypical, by how many experts said "
-                        "atypical", caption="ensemble at its threshold (validation folds: each image's fold model); "
-                                            "Wilson 95% CI")
-    for col in ("set", "votes atypical", "label", "n", "called atypical [95% CI]", "mean probability"):
-        table.add_column(col)
-    for row in by_votes.itertuples(index=False):
-        label = "-" if pd.isna(row.label) else ("Atypical" if row.label == 1 else "Normal")
-        table.add_row(row.dataset, row.votes_atypical, label, str(row.n),
-                      f"{row.called_atypical:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]", f"{row.mean_probability:.3f}")
-    return text + show_parts([table], console)
+    parts = []
+    if not by_votes.empty:
+        table = Table(title="calls per vote level: the share of figures called atypical, by how many experts said "
+                            "atypical", caption="ensemble at its threshold (validation folds: each image's fold "
+                                                "model); Wilson 95% CI")
+        for col in ("set", "votes atypical", "label", "n", "called atypical [95% CI]", "mean probability"):
+            table.add_column(col)
+        for row in by_votes.itertuples(index=False):
+            label = "-" if pd.isna(row.label) else ("Atypical" if row.label == 1 else "Normal")
+            table.add_row(row.dataset, row.votes_atypical, label, str(row.n),
+                          f"{row.called_atypical:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]",
+                          f"{row.mean_probability:.3f}")
+        parts.append(table)
+    if raters is not None and not raters.empty:
+        table = Table(title="the model as one more rater: Cohen's kappa of its calls with each expert, beside the "
+                            "experts' kappas with one another", caption="ensemble at its threshold (validation "
+                            "folds: each image's fold model)")
+        for col in ("set", "n", "experts", "expert with expert: mean [min, max]", "model with expert: mean [min, max]",
+                    "model with expert 1 / 2 / ..."):
+            table.add_column(col)
+        for row in kappa_summary(raters).itertuples(index=False):
+            table.add_row(row.dataset, str(row.n), str(row.experts),
+                          f"{row.expert_pairs_mean:.3f} [{row.expert_pairs_min:.3f}, {row.expert_pairs_max:.3f}]",
+                          f"{row.model_mean:.3f} [{row.model_min:.3f}, {row.model_max:.3f}]", row.model_by_expert)
+        parts.append(table)
+    return text + (show_parts(parts, console) if parts else "")
