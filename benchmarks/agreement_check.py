@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results  # noqa: E402
 
 from mitobench.evaluation.agreement import (agreement_metrics, calls_by_votes, kappa_summary,  # noqa: E402
-                                            rater_agreement, render_agreement_report, votes_of_sets)
+                                            label_name, rater_agreement, render_agreement_report, votes_of_sets)
 from mitobench.evaluation.report import fold_counts  # noqa: E402
 from mitobench.protocol import load_sets  # noqa: E402
 from mitobench.runs import load_run_config, read_predictions  # noqa: E402
@@ -40,8 +40,7 @@ def markdown(by_agreement, by_votes, raters) -> str:
     lines += ["", "| set | votes atypical | label | n | called atypical [95% Wilson CI] | mean probability | by |",
               "|---|---|---|---|---|---|---|"]
     for row in by_votes.itertuples(index=False):
-        label = "Atypical" if row.label == 1 else "Normal"
-        lines.append(f"| {row.dataset} | {row.votes_atypical} | {label} | {row.n} | {row.called_atypical:.3f} "
+        lines.append(f"| {row.dataset} | {row.votes_atypical} | {label_name(row.label)} | {row.n} | {row.called_atypical:.3f} "
                      f"[{row.ci_low:.3f}, {row.ci_high:.3f}] | {row.mean_probability:.3f} | {row.model} |")
     lines += ["", "| set | n | Cohen's kappa, expert with expert: mean [min, max] | model with expert: mean [min, max] "
               "| model with expert 1 / 2 / ... | model |", "|---|---|---|---|---|---|"]

@@ -114,3 +114,16 @@ def test_rater_agreement_scores_the_model_as_one_more_expert():
     assert summary["expert_pairs_min"] == pytest.approx(raters.loc[raters["rater_b"] != "model", "kappa"].min())
     text = render_agreement_report(pd.DataFrame(), pd.DataFrame(), raters, console=Console(file=io.StringIO()))
     assert "one more rater" in text and f"{summary['model_mean']:.3f}" in text
+
+
+def test_a_vote_level_holding_both_labels_has_no_single_label():
+    """A custom set's adjudicated labels may differ from the vote majority: that level's label is shown as '-'."""
+    from mitobench.evaluation.agreement import label_name
+
+    images = ["a", "b", "c", "d"]
+    preds = pd.DataFrame({"image": images, "dataset": "mine", "fold": "ensemble", "label": [0, 1, 1, 1],
+                          "probability": [0.2, 0.7, 0.6, 0.9]})
+    table = calls_by_votes(preds, {"mine": pd.Series([0.5, 0.5, 1.0, 1.0], index=images)}, {"ensemble": 0.5})
+    assert table["votes_atypical"].tolist() == ["1/2", "2/2"]
+    assert pd.isna(table.loc[0, "label"]) and table.loc[1, "label"] == 1
+    assert [label_name(v) for v in table["label"]] == ["-", "Atypical"]

@@ -132,6 +132,12 @@ def rater_agreement(predictions: pd.DataFrame, expert_calls: dict[str, pd.Series
     return pd.DataFrame(rows)
 
 
+def label_name(label: float) -> str:
+    """A vote level's label for tables: Atypical, Normal, or ``-`` where its figures carry both (a custom set's
+    adjudicated labels can differ from the vote majority)."""
+    return "-" if pd.isna(label) else ("Atypical" if label == 1 else "Normal")
+
+
 def kappa_summary(raters: pd.DataFrame) -> pd.DataFrame:
     """Per set: the experts' kappas with one another and the model's with each expert, as mean, min and max."""
     rows = []
@@ -162,8 +168,7 @@ def render_agreement_report(by_agreement: pd.DataFrame, by_votes: pd.DataFrame, 
         for col in ("set", "votes atypical", "label", "n", "called atypical [95% CI]", "mean probability"):
             table.add_column(col)
         for row in by_votes.itertuples(index=False):
-            label = "-" if pd.isna(row.label) else ("Atypical" if row.label == 1 else "Normal")
-            table.add_row(row.dataset, row.votes_atypical, label, str(row.n),
+            table.add_row(row.dataset, row.votes_atypical, label_name(row.label), str(row.n),
                           f"{row.called_atypical:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]",
                           f"{row.mean_probability:.3f}")
         parts.append(table)
