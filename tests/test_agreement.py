@@ -7,20 +7,27 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from mitobench.evaluation.agreement import (agreement_metrics, agreement_of, calls_by_votes, experts_behind,
-                                            render_agreement_report, vote_levels)
+from mitobench.evaluation.agreement import (agreement_metrics, agreement_of, calls_by_votes, render_agreement_report,
+                                            vote_levels)
 from mitobench.evaluation.report import tidy_metrics
 
 
-def test_vote_levels_read_the_number_of_experts_from_the_fractions():
-    thirds = pd.Series([0, 1 / 3, 2 / 3, 1, np.nan], index=list("abcde"))
-    assert experts_behind(thirds) == 3
+def voted(fractions, n_experts, index, calls=None) -> pd.DataFrame:
+    """``votes_of_sets``' frame for one set: vote fractions, how many experts voted, each expert's call."""
+    fractions = np.asarray(fractions, dtype=float)
+    n = np.broadcast_to(np.asarray(n_experts, dtype=float), fractions.shape).copy()
+    n[np.isnan(fractions)] = np.nan
+    return pd.DataFrame({"p_atypical_votes": fractions, "n_experts": n,
+                         "expert_votes": calls if calls is not None else np.nan}, index=index)
+
+
+def test_vote_levels_use_each_figures_number_of_experts():
+    thirds = voted([0, 1 / 3, 2 / 3, 1, np.nan], 3, list("abcde"))
     assert vote_levels(thirds).iloc[:4].tolist() == ["0/3", "1/3", "2/3", "3/3"] and pd.isna(vote_levels(thirds)["e"])
-    fifths = pd.Series([0.0, 0.2, 0.6, 0.8, 1.0])
-    assert experts_behind(fifths) == 5 and vote_levels(fifths).tolist() == ["0/5", "1/5", "3/5", "4/5", "5/5"]
-    assert experts_behind(pd.Series([np.nan, np.nan])) == 1
-    assert agreement_of(thirds).iloc[:4].tolist() == ["unanimous", "split", "split", "unanimous"]
-    assert pd.isna(agreement_of(thirds)["e"])
+    mixed = voted([0.0, 0.5, 1.0, 2 / 3, 10 / 21], [4, 4, 4, 3, 21], list("abcde"))
+    assert vote_levels(mixed).tolist() == ["0/4", "2/4", "4/4", "2/3", "10/21"]  # never reduced to 1/2 or 9/19
+    assert agreement_of(thirds["p_atypical_votes"]).iloc[:4].tolist() == ["unanimous", "split", "split", "unanimous"]
+    assert pd.isna(agreement_of(thirds["p_atypical_votes"])["e"])
 
 
 def _predictions(rng):
@@ -31,7 +38,7 @@ def _predictions(rng):
     preds = pd.concat([pd.DataFrame({"image": images, "dataset": dataset, "fold": fold, "label": labels,
                                      "probability": np.clip(votes + rng.normal(0, 0.3, 80), 0, 1)})
                        for dataset in ("A", "B") for fold in ("1", "2", "3", "ensemble")], ignore_index=True)
-    return preds, images, {"A": pd.Series(votes, index=images), "B": pd.Series(np.nan, index=images)}
+    return preds, images, {"A": voted(votes, 3, images), "B": voted(np.full(80, np.nan), 3, images)}
 
 
 def test_agreement_metrics_score_unanimous_and_split_figures_apart():
@@ -70,7 +77,7 @@ def test_calls_by_votes_count_the_ensembles_calls_at_each_level():
 
 def test_calls_on_the_validation_folds_use_each_images_fold_model_and_its_threshold():
     images = [f"v{k}" for k in range(8)]
-    votes = {"val": pd.Series([0, 0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1, 1], index=images)}
+    votes = {"val": voted([0, 0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1, 1], 3, images)}
     preds = pd.DataFrame({"image": images, "dataset": "val", "fold": ["1", "2"] * 4,
                           "label": [0, 0, 0, 0, 1, 1, 1, 1],
                           "probability": [0.1, 0.45, 0.6, 0.3, 0.42, 0.49, 0.8, 0.44]})
@@ -100,8 +107,8 @@ def test_rater_agreement_scores_the_model_as_one_more_expert():
     probability = rng.uniform(size=60)
     preds = pd.DataFrame({"image": images, "dataset": "A", "fold": "ensemble", "label": label,
                           "probability": probability})
-    raters = rater_agreement(preds, {"A": codes, "B": pd.Series(np.nan, index=images, dtype=object)},
-                             {"ensemble": 0.4})
+    raters = rater_agreement(preds, {"A": voted(experts.mean(axis=1), 3, images, codes),
+                                     "B": voted(np.full(60, np.nan), 3, images)}, {"ensemble": 0.4})
     assert set(raters["dataset"]) == {"A"} and len(raters) == 6  # 3 expert pairs + the model with each expert
     model = (probability >= 0.4).astype(int)
     for row in raters.itertuples(index=False):
@@ -123,7 +130,48 @@ def test_a_vote_level_holding_both_labels_has_no_single_label():
     images = ["a", "b", "c", "d"]
     preds = pd.DataFrame({"image": images, "dataset": "mine", "fold": "ensemble", "label": [0, 1, 1, 1],
                           "probability": [0.2, 0.7, 0.6, 0.9]})
-    table = calls_by_votes(preds, {"mine": pd.Series([0.5, 0.5, 1.0, 1.0], index=images)}, {"ensemble": 0.5})
+    table = calls_by_votes(preds, {"mine": voted([0.5, 0.5, 1.0, 1.0], 2, images)}, {"ensemble": 0.5})
     assert table["votes_atypical"].tolist() == ["1/2", "2/2"]
     assert pd.isna(table.loc[0, "label"]) and table.loc[1, "label"] == 1
     assert [label_name(v) for v in table["label"]] == ["-", "Atypical"]
+
+
+def test_a_custom_csvs_votes_reach_the_tables_with_their_own_number_of_experts(tmp_path):
+    """k/n votes of a user's CSV, with 4 raters on some figures and 3 on others: each level keeps its own n."""
+    from fixtures import make_custom_csv
+    from test_records import rewrite_csv
+
+    from mitobench.data.records import load_custom
+    from mitobench.evaluation.agreement import votes_of_sets
+
+    csv = make_custom_csv(tmp_path)  # 3 atypical, then 5 normal
+    rewrite_csv(csv, lambda f: f.assign(votes=["4/4", "3/4", "2/3", "1/4", "0/3", "0/3", "", "1/3"]))
+    records = load_custom(csv)
+    votes = votes_of_sets({"mydata": records})
+    preds = pd.DataFrame({"image": records["image"], "dataset": "mydata", "fold": "ensemble",
+                          "label": records["label"], "probability": np.linspace(0.9, 0.1, 8)})
+    table = calls_by_votes(preds, votes, {"ensemble": 0.5})
+    assert list(zip(table["votes_atypical"], table["experts"], table["n"])) == [
+        ("0/3", 3, 2), ("1/3", 3, 1), ("2/3", 3, 1), ("1/4", 4, 1), ("3/4", 4, 1), ("4/4", 4, 1)]
+    assert table.set_index("votes_atypical").loc["1/4", "label"] == 0  # an adjudicated label against the votes
+    by_agreement = agreement_metrics(preds, votes, {"ensemble": 0.5}, "m", "probe", n_boot=20)
+    n = by_agreement[(by_agreement["fold"] == "ensemble") & (by_agreement["metric"] == "auroc")].set_index("agreement")
+    assert (n.loc["unanimous", "n"], n.loc["split", "n"]) == (3, 4)  # the blank row has no votes: in neither
+
+
+def test_kappas_on_the_validation_folds_use_each_images_fold_model():
+    from sklearn.metrics import cohen_kappa_score
+
+    from mitobench.evaluation.agreement import rater_agreement
+
+    images = [f"v{k}" for k in range(8)]
+    codes = ["000", "001", "011", "111", "000", "110", "111", "010"]
+    preds = pd.DataFrame({"image": images, "dataset": "val", "fold": ["1", "2"] * 4, "label": [0, 0, 1, 1, 0, 1, 1, 0],
+                          "probability": [0.45, 0.45, 0.7, 0.9, 0.1, 0.55, 0.8, 0.3]})
+    raters = rater_agreement(preds, {"val": voted([c.count("1") / 3 for c in codes], 3, images, codes)},
+                             {"1": 0.4, "2": 0.5})  # v0 is called atypical by fold 1's threshold, v1 is not by fold 2's
+    model = [1, 0, 1, 1, 0, 1, 1, 0]
+    got = raters[raters["rater_b"] == "model"].set_index("rater_a")["kappa"]
+    for i in range(3):
+        assert got[f"expert {i + 1}"] == pytest.approx(cohen_kappa_score([int(c[i]) for c in codes], model))
+    assert raters["model"].unique().tolist() == ["fold models"]

@@ -305,12 +305,14 @@ def test_unknown_label_in_custom_csv(tmp_path):
 
 
 def test_custom_csv_votes_column(tmp_path):
-    """A custom set's expert votes, as k/n or a fraction (blank: unknown), feed the agreement breakdown."""
+    """A custom set's expert votes, k/n (blank: unknown), keep both the fraction and the number of experts."""
     csv = make_custom_csv(tmp_path)
-    rewrite_csv(csv, lambda f: f.assign(votes=["3/3", "2/3", "0.5", "", "1/3", "0", 0.25, "0/3"]))
-    votes = load_custom(csv)["p_atypical_votes"].tolist()
-    np.testing.assert_allclose(votes, [1, 2 / 3, 0.5, np.nan, 1 / 3, 0, 0.25, 0])
-    for bad in ("4/3", "1.5", "two", "1/0", "-0.1"):
+    rewrite_csv(csv, lambda f: f.assign(votes=["3/3", "2/3", "2/4", "", "1/3", "0/5", " 1/4 ", "0/3"]))
+    records = load_custom(csv)
+    np.testing.assert_allclose(records["p_atypical_votes"], [1, 2 / 3, 0.5, np.nan, 1 / 3, 0, 0.25, 0])
+    np.testing.assert_allclose(records["n_experts"], [3, 3, 4, np.nan, 3, 5, 4, 3])
+    assert records["expert_votes"].isna().all()  # which expert said what is not known
+    for bad in ("4/3", "1", "0.5", "two", "1/0", "-1/3"):  # a bare number is ambiguous: one vote, or all of them?
         rewrite_csv(csv, lambda f: f.assign(votes=["1/3"] * 3 + [bad] + ["0/3"] * 4))
         with pytest.raises(MitobenchError, match=rf"mydata\.csv row 5: votes '{re.escape(bad)}'.*k/n"):
             load_custom(csv)

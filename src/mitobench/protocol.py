@@ -414,7 +414,7 @@ def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, F
     by_agreement = agreement_metrics(predictions, votes, thresholds, config.model, config.method, config.n_boot,
                                      config.seed)
     by_votes = calls_by_votes(predictions, votes, thresholds)
-    raters = rater_agreement(predictions, votes_of_sets(ctx.sets, "expert_votes"), thresholds)
+    raters = rater_agreement(predictions, votes, thresholds)
     for name, frame in (("metrics_by_agreement", by_agreement), ("calls_by_votes", by_votes),
                         ("rater_agreement", raters)):
         if not frame.empty:

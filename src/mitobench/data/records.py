@@ -4,8 +4,8 @@ Columns (``RECORD_COLUMNS``): ``image`` (id unique within its set), ``path`` (ab
 (1 = atypical, 0 = normal), ``dataset`` (AMi-Br, AtNorM-Br, AtNorM-MD or the user's name), ``split``
 (``train`` for the AMi-Br training split, else ``test``), ``group`` (slide, where published),
 ``domain`` (MIDOG21 / TUPAC16 / TCGA / MIDOG++ / user), ``p_atypical_votes`` (fraction of
-experts voting atypical, where published) and ``expert_votes`` (each expert's call in a fixed expert order, ``1``
-atypical, ``0`` normal: ``101`` for AMi-Br's three; where published).
+experts voting atypical, where published), ``n_experts`` (how many voted) and ``expert_votes`` (each expert's call
+in a fixed expert order, ``1`` atypical, ``0`` normal: ``101`` for AMi-Br's three; where published).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from platformdirs import user_cache_dir
 
 from mitobench.errors import MitobenchError
 
-RECORD_COLUMNS = ["image", "path", "label", "dataset", "split", "group", "domain", "p_atypical_votes", "expert_votes"]
+RECORD_COLUMNS = ["image", "path", "label", "dataset", "split", "group", "domain", "p_atypical_votes", "n_experts",
+                  "expert_votes"]
 LABELS = {"atypical": 1, "normal": 0}
 CLASS_DIRS = ("Atypical", "Normal")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -67,23 +68,20 @@ def read_csv(path: Path, required: list[str], dtype: dict | None = None, rows: s
     return frame
 
 
-def parse_votes(value: object, where: str) -> float:
-    """A figure's expert votes for atypical: ``k/n`` (``2/3``) or a fraction in [0, 1]; blank means none."""
-    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
-        return np.nan
+def parse_votes(value: object, where: str) -> tuple[float, float]:
+    """A figure's expert votes for atypical, written ``k/n`` (``2/3``: two of three experts said atypical), as
+    (fraction, n); blank means none (NaN, NaN). A bare number is refused: ``1`` could be one vote or all of them."""
+    if pd.isna(value) or str(value).strip() == "":
+        return np.nan, np.nan
     text = str(value).strip()
     try:
-        if "/" in text:
-            k, n = (int(part) for part in text.split("/"))
-            fraction = k / n if n > 0 and 0 <= k <= n else -1.0
-        else:
-            fraction = float(text)
+        k, n = (int(part) for part in text.split("/"))
     except ValueError:
-        fraction = -1.0
-    if not 0 <= fraction <= 1:
-        raise MitobenchError(f"{where}: votes {text!r} is not the experts' votes for atypical. Give k/n (2/3: two of "
-                             "three experts said atypical) or a fraction between 0 and 1, or leave it blank.")
-    return fraction
+        k, n = -1, 0
+    if not 0 <= k <= n or n == 0:
+        raise MitobenchError(f"{where}: votes {text!r} is not the experts' votes for atypical. Write k/n (2/3: two of "
+                             "three experts said atypical; 0/3: none did), or leave it blank where unknown.")
+    return k / n, float(n)
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -180,6 +178,7 @@ def load_amibr(root: Path) -> pd.DataFrame:
         rows.append({"image": rec.dataset_uid, "path": file_path[rec.dataset_uid], "label": label,
                      "split": "train", "group": rec.slide, "domain": rec.dataset,
                      "p_atypical_votes": vote_of.get(rec.dataset_uid, np.nan),
+                     "n_experts": float(len(vote_cols)) if rec.dataset_uid in vote_of else np.nan,
                      "expert_votes": calls_of.get(rec.dataset_uid, np.nan)})
     train_names = set(train["dataset_uid"])
     if len(train_names) != len(train):
@@ -191,7 +190,8 @@ def load_amibr(root: Path) -> pd.DataFrame:
             continue
         rows.append({"image": name, "path": file_path[name], "label": file_label[name], "split": "test",
                      "group": slide_of.get(name, np.nan), "domain": source_of.get(name, name.split("_")[0]),
-                     "p_atypical_votes": vote_of.get(name, np.nan), "expert_votes": calls_of.get(name, np.nan)})
+                     "p_atypical_votes": vote_of.get(name, np.nan), "n_experts": float(len(vote_cols)) if name in vote_of else np.nan,
+                     "expert_votes": calls_of.get(name, np.nan)})
     frame = pd.DataFrame(rows)
     frame["dataset"] = "AMi-Br"
     return _frame(frame)
@@ -229,6 +229,7 @@ def load_atnorm_md(root: Path) -> pd.DataFrame:
     frame = pd.DataFrame({"image": cls + "/" + files["name"], "path": files["path"], "label": files["label"],
                           "dataset": "AtNorM-MD", "split": "test", "domain": "MIDOG++",
                           "p_atypical_votes": p_votes.reindex(files["name"]).to_numpy(),
+                          "n_experts": np.where(p_votes.reindex(files["name"]).notna(), float(len(experts)), np.nan),
                           "expert_votes": calls.reindex(files["name"]).to_numpy()})
     return _frame(frame)
 
@@ -255,7 +256,8 @@ def load_custom(source: str | Path, name: str | None = None) -> pd.DataFrame:
             if col in table:
                 frame[col] = table[col].to_numpy()
         if "votes" in table:
-            frame["p_atypical_votes"] = [parse_votes(v, f"{source} row {i + 2}") for i, v in enumerate(table["votes"])]
+            votes = [parse_votes(v, f"{source} row {i + 2}") for i, v in enumerate(table["votes"])]
+            frame["p_atypical_votes"], frame["n_experts"] = [v[0] for v in votes], [v[1] for v in votes]
     else:
         raise MitobenchError(f"{source}: no such folder or CSV.")
     frame["dataset"] = name

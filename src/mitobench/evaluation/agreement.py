@@ -11,8 +11,6 @@ the model is scored as one more rater: its Cohen's kappa with each expert beside
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
 from itertools import combinations
 
 import numpy as np
@@ -27,43 +25,45 @@ from mitobench.evaluation.report import VALIDATION, render_subgroup_report, show
 UNANIMOUS, SPLIT = "unanimous", "split"
 
 
-def experts_behind(votes: pd.Series) -> int:
-    """How many experts voted, read from the vote fractions (3 for thirds, 5 for fifths); 1 without any split."""
-    denominators = {Fraction(float(v)).limit_denominator(20).denominator for v in votes.dropna().unique()}
-    return math.lcm(*denominators) if denominators else 1
+VOTE_COLUMNS = ["p_atypical_votes", "n_experts", "expert_votes"]
 
 
-def vote_levels(votes: pd.Series) -> pd.Series:
-    """Each figure's atypical votes as ``k/n`` (``2/3``: two of three experts said atypical); NaN without votes."""
-    n = experts_behind(votes)
-    k = (votes.astype(float) * n).round()
-    return k.map(lambda v: np.nan if pd.isna(v) else f"{int(v)}/{n}")
+def vote_levels(votes: pd.DataFrame) -> pd.Series:
+    """Each figure's atypical votes as ``k/n`` (``2/3``: two of three experts said atypical); NaN without votes.
+    ``votes``: the record columns ``p_atypical_votes`` and ``n_experts``."""
+    n = votes["n_experts"].astype(float)
+    k = (votes["p_atypical_votes"].astype(float) * n).round()
+    known = k.notna() & n.notna()
+    return pd.Series([f"{int(a)}/{int(b)}" if ok else np.nan for a, b, ok in zip(k, n, known)], index=votes.index,
+                     dtype=object)
 
 
 def agreement_of(votes: pd.Series) -> pd.Series:
-    """``unanimous`` where every expert gave the figure's label, ``split`` where any disagreed; NaN without votes."""
+    """``unanimous`` where every expert voted the same way, ``split`` where any disagreed; NaN without votes.
+    ``votes``: the fraction of experts voting atypical."""
     v = votes.astype(float)
     out = pd.Series(np.where((v == 0) | (v == 1), UNANIMOUS, SPLIT), index=votes.index, dtype=object)
     return out.where(v.notna())
 
 
-def votes_of_sets(sets: dict[str, pd.DataFrame], column: str = "p_atypical_votes",
-                  train: str = "AMi-Br-train") -> dict[str, pd.Series]:
-    """Each set's vote fractions (or, ``column="expert_votes"``, each expert's call) by image, keyed as
-    predictions.csv names the sets (the training split's figures are scored as the validation folds)."""
-    return {VALIDATION if name == train else name: frame.set_index("image")[column] for name, frame in sets.items()}
+def votes_of_sets(sets: dict[str, pd.DataFrame], train: str = "AMi-Br-train") -> dict[str, pd.DataFrame]:
+    """Each set's vote columns (``VOTE_COLUMNS``) by image, keyed as predictions.csv names the sets (the training
+    split's figures are scored as the validation folds)."""
+    return {VALIDATION if name == train else name: frame.set_index("image")[VOTE_COLUMNS]
+            for name, frame in sets.items()}
 
 
-def _voted_sets(votes: dict[str, pd.Series]) -> dict[str, pd.Series]:
+def _voted_sets(votes: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """Only the sets whose figures carry votes (AtNorM-Br has none: it is left out, not called unanimous)."""
-    return {dataset: v.astype(float) for dataset, v in votes.items() if v.notna().any()}
+    return {dataset: v for dataset, v in votes.items() if v["p_atypical_votes"].notna().any()}
 
 
-def agreement_metrics(predictions: pd.DataFrame, votes: dict[str, pd.Series], thresholds: dict[str, float],
+def agreement_metrics(predictions: pd.DataFrame, votes: dict[str, pd.DataFrame], thresholds: dict[str, float],
                       model: str, method: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """metrics.csv's rows for each set's unanimous and split-vote figures apart, plus an ``agreement`` column.
-    ``votes``: per dataset, the fraction of experts voting atypical, indexed by image."""
-    groups = {dataset: agreement_of(v).dropna().to_dict() for dataset, v in _voted_sets(votes).items()}
+    ``votes``: per dataset, ``votes_of_sets``' frame."""
+    groups = {dataset: agreement_of(v["p_atypical_votes"]).dropna().to_dict()
+              for dataset, v in _voted_sets(votes).items()}
     return subgroup_metrics(predictions, groups, thresholds, model, method, n_boot, seed, column="agreement",
                             missing=None)
 
@@ -92,12 +92,12 @@ def calls_by_votes(predictions: pd.DataFrame, votes: dict[str, pd.Series],
     for dataset, v in _voted_sets(votes).items():
         calls = model_calls(predictions, dataset, thresholds)
         frame = calls.assign(level=calls["image"].map(vote_levels(v))).dropna(subset=["level"])
-        n_experts = experts_behind(v)
         for level_name, group in frame.groupby("level", sort=False):
             k = int(group["called"].sum())
             ci = binomtest(k, len(group)).proportion_ci(method="wilson")
-            rows.append({"dataset": dataset, "votes_atypical": level_name, "experts": n_experts,
-                         "atypical_votes": int(level_name.split("/")[0]), "label": int(group["label"].iloc[0])
+            atypical_votes, experts = (int(part) for part in level_name.split("/"))
+            rows.append({"dataset": dataset, "votes_atypical": level_name, "experts": experts,
+                         "atypical_votes": atypical_votes, "label": int(group["label"].iloc[0])
                          if group["label"].nunique() == 1 else np.nan,
                          "n": len(group), "called_atypical": k / len(group), "ci_low": ci.low, "ci_high": ci.high,
                          "mean_probability": float(group["probability"].mean()), "model": calls.attrs["by"]})
@@ -106,17 +106,17 @@ def calls_by_votes(predictions: pd.DataFrame, votes: dict[str, pd.Series],
     table = pd.DataFrame(rows)
     order = list(dict.fromkeys(predictions["dataset"]))
     table["_order"] = table["dataset"].map(order.index)
-    return table.sort_values(["_order", "atypical_votes"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    return table.sort_values(["_order", "experts", "atypical_votes"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
-def rater_agreement(predictions: pd.DataFrame, expert_calls: dict[str, pd.Series],
+def rater_agreement(predictions: pd.DataFrame, votes: dict[str, pd.DataFrame],
                     thresholds: dict[str, float]) -> pd.DataFrame:
     """Cohen's kappa between every two experts, and between the model's calls (``model_calls``) and each expert, on
     each set whose figures carry every expert's call (``expert_votes``: AMi-Br, AtNorM-MD). Is the model as close
     to each expert as the experts are to one another? Columns dataset, rater_a, rater_b, kappa, n, model."""
     rows = []
-    for dataset, calls in expert_calls.items():
-        calls = calls.dropna().astype(str)
+    for dataset, v in votes.items():
+        calls = v["expert_votes"].dropna().astype(str)
         if calls.empty or calls.str.len().nunique() != 1:
             continue
         model = model_calls(predictions, dataset, thresholds).set_index("image")

@@ -50,7 +50,9 @@ def subgroup_metrics(predictions: pd.DataFrame, groups: dict[str, dict], thresho
         labels = part["image"].map(group_of)
         if missing is None:
             part, labels = part[labels.notna()], labels[labels.notna()]
-        labels = labels.fillna(missing).astype(str)
+        else:
+            labels = labels.fillna(missing)
+        labels = labels.astype(str)
         if labels.nunique() < 2:
             continue
         for group in sorted(labels.unique()):
