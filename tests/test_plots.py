@@ -60,6 +60,8 @@ def test_one_run_draws_each_set_with_its_folds(runs, cli):
         with Image.open(png) as image:
             assert image.size[0] > 1000 and image.size[1] > 400
     assert f"figures and curves.csv written to {out}" in " ".join(result.stdout.split())
+    with Image.open(out / "agreement.png") as image:  # the fixture's AMi-Br and AtNorM-MD carry expert votes
+        assert image.size[0] > 1000  # one panel per voted set: the validation folds, AMi-Br-test, AtNorM-MD
     again = cli("plot", str(run), env=WIDE)  # a second call never touches the first's figures
     assert again.returncode == 0 and (run / "plots-1" / "curves.csv").is_file()
     explicit = cli("plot", str(run), "--out", str(out), env=WIDE)
@@ -70,7 +72,8 @@ def test_a_killed_call_leaves_nothing_that_blocks_the_next(runs, tmp_path):
     (tmp_path / ".figs.abc123.partial").mkdir()  # what a SIGKILL mid-drawing leaves behind
     table = plot_runs(runs[:1], tmp_path / "figs")
     assert (tmp_path / "figs" / "curves.csv").is_file() and len(table) > 0
-    assert set(pd.read_csv(tmp_path / "figs" / "curves.csv")["figure"]) == {p.name for p in (tmp_path / "figs").glob("*.png")}
+    drawn = set(pd.read_csv(tmp_path / "figs" / "curves.csv")["figure"]) | {"agreement.png"}
+    assert drawn == {p.name for p in (tmp_path / "figs").glob("*.png")}
 
 
 def test_several_runs_draw_their_ensembles(runs, tmp_path):
@@ -79,6 +82,7 @@ def test_several_runs_draw_their_ensembles(runs, tmp_path):
     assert set(holdouts["run"]) == {1, 2}
     assert not ((table["fold"] != "ensemble") & table["dataset"].isin(holdouts["dataset"])).any()
     assert (tmp_path / "both" / "runs.txt").read_text().startswith(f"#1  {runs[0]}")
+    assert (tmp_path / "both" / "agreement.png").is_file()
     assert not list(tmp_path.glob(".*partial"))
 
 
@@ -87,6 +91,9 @@ def test_an_unfinished_or_damaged_run_is_refused(runs, tmp_path):
     import shutil
 
     broken = shutil.copytree(runs[0], tmp_path / "broken", ignore=shutil.ignore_patterns("plots*"))
+    (broken / "calls_by_votes.csv").write_text("dataset,n\nAMi-Br-test,3\n")
+    with pytest.raises(MitobenchError, match="calls_by_votes.csv: not a mitobench calls table"):
+        plot_runs([broken], tmp_path / "out")
     (broken / "predictions.csv").write_text("not,a\nrun,file\n")
     with pytest.raises(MitobenchError, match="the run folder is damaged"):
         plot_runs([broken], tmp_path / "out")

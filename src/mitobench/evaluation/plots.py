@@ -3,7 +3,9 @@
 One run: its five fold models (thin) and their ensemble (bold), with the operating point at the run's threshold,
 so a reader sees the fold spread the table's SD summarises. Several runs: each run's ensemble, one colour each, so
 methods compare on one axis. Everything drawn is also written to ``curves.csv`` (AUROC, AP, ECE, Brier and the
-operating point of each curve), for re-plotting in the user's own style. matplotlib is the ``plots`` extra.
+operating point of each curve), for re-plotting in the user's own style. Where a run scored expert vote levels
+(``calls_by_votes.csv``), ``agreement.png`` draws the share called atypical at each. matplotlib is the ``plots``
+extra.
 """
 
 from __future__ import annotations
@@ -102,6 +104,48 @@ def _figure(dataset: str, parts: list[tuple[str, pd.DataFrame, dict, bool]], tit
     return fig
 
 
+def _agreement_figure(calls: list[tuple[str, pd.DataFrame]]):
+    """Per set with expert votes, the share of figures called atypical at each vote level (``calls_by_votes.csv``),
+    with its Wilson 95 % CI; one marker series per run. A model that tracks the experts climbs from 0/n to n/n."""
+    from matplotlib.figure import Figure
+
+    datasets = list(dict.fromkeys(d for _, table in calls for d in table["dataset"]))
+    fig = Figure(figsize=(5 * len(datasets), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, dataset in zip(axes, datasets):
+        levels = list(dict.fromkeys(level for _, table in calls
+                                    for level in table.loc[table["dataset"] == dataset, "votes_atypical"]))
+        for k, (legend, table) in enumerate(calls):
+            part = table[table["dataset"] == dataset].set_index("votes_atypical").reindex(levels).dropna(subset=["n"])
+            x = [levels.index(level) + (k - (len(calls) - 1) / 2) * 0.12 for level in part.index]
+            y = part["called_atypical"].to_numpy(float)
+            ax.errorbar(x, y, yerr=[y - part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float) - y], fmt="o-",
+                        capsize=3, label=legend)
+        ax.set_xticks(range(len(levels)), levels)
+        ax.set(xlabel="experts voting atypical", ylabel="share called atypical", title=dataset, ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("calls per expert vote level (Wilson 95% CI)")
+    return fig
+
+
+def _read_calls(run_dirs: list[Path]) -> list[tuple[str, pd.DataFrame]]:
+    """Each run's ``calls_by_votes.csv`` with its legend; runs without one (no set with votes, or made before
+    2026-12-07) are left out."""
+    out = []
+    for k, run_dir in enumerate(run_dirs, 1):
+        path = Path(run_dir) / "calls_by_votes.csv"
+        if not path.is_file():
+            continue
+        try:
+            table = pd.read_csv(path)
+            table = table[["dataset", "votes_atypical", "n", "called_atypical", "ci_low", "ci_high"]]
+        except (ValueError, KeyError, pd.errors.ParserError) as exc:
+            raise MitobenchError(f"{path}: not a mitobench calls table ({exc}); the run folder is damaged.") from exc
+        out.append((f"#{k} {Path(run_dir).name}" if len(run_dirs) > 1 else Path(run_dir).name, table))
+    return out
+
+
 def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
     """Write one PNG per set and ``curves.csv`` into the new folder ``out_dir`` (built aside, then renamed: an
     interrupted call leaves no half-made folder); returns the curves table."""
@@ -113,6 +157,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
         raise MitobenchError(f"{out_dir} exists; mitobench never overwrites results. Choose another --out.")
     runs = [(run_dir, *read_predictions(run_dir)) for run_dir in run_dirs]  # every run read and checked before any write
     table = curves(runs)
+    votes = _read_calls(run_dirs)
     if table.empty:
         raise MitobenchError("no set of these runs holds both classes: there is no curve to draw.")
     try:
@@ -125,7 +170,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
     try:
         for dataset in pd.unique(table["dataset"]):
             name = _slug(dataset)
-            if name in names.values():  # two sets whose names differ only in punctuation
+            if name in names.values() or name == "agreement":  # names differing only in punctuation; the votes figure
                 name = f"{name}_{len(names) + 1}"
             names[dataset] = name
             drawn = table[table["dataset"] == dataset]
@@ -140,6 +185,8 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
             _figure(dataset, parts, title).savefig(staging / f"{name}.png", dpi=120)
         table.assign(figure=table["dataset"].map(lambda d: f"{names[d]}.png")).to_csv(staging / "curves.csv",
                                                                                        index=False)
+        if votes:
+            _agreement_figure(votes).savefig(staging / "agreement.png", dpi=120)
         if len(run_dirs) > 1:
             (staging / "runs.txt").write_text("".join(f"#{k}  {r}\n" for k, r in enumerate(run_dirs, 1)))
         if out_dir.exists():  # made while the figures were drawn: never replaced
