@@ -23,8 +23,6 @@ from sklearn.metrics import cohen_kappa_score
 from mitobench.evaluation.report import VALIDATION, render_subgroup_report, show_parts, subgroup_metrics
 
 UNANIMOUS, SPLIT = "unanimous", "split"
-
-
 VOTE_COLUMNS = ["p_atypical_votes", "n_experts", "expert_votes"]
 
 
