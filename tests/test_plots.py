@@ -101,3 +101,28 @@ def test_an_unfinished_or_damaged_run_is_refused(runs, tmp_path):
     with pytest.raises(MitobenchError, match="not a complete run"):
         plot_runs([broken], tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_report_compares_runs_by_expert_agreement(runs, cli, tmp_path):
+    """`mitobench report` adds the runs' BA on unanimous and split-vote figures and their kappa with the experts."""
+    import shutil
+
+    from mitobench.evaluation.agreement import kappa_summary
+
+    old = shutil.copytree(runs[1], tmp_path / "old", ignore=shutil.ignore_patterns("plots*"))
+    for name in ("metrics_by_agreement.csv", "calls_by_votes.csv", "rater_agreement.csv"):
+        (old / name).unlink()  # as a run made before the agreement tables
+    result = cli("report", str(runs[0]), str(old), env=WIDE)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "by expert agreement" in text and "#2: no tables" in text
+    by_agreement = pd.read_csv(runs[0] / "metrics_by_agreement.csv", dtype={"fold": str})
+    ba = by_agreement[(by_agreement["dataset"] == "AMi-Br-test") & (by_agreement["metric"] == "balanced_accuracy")]
+    for group in ("unanimous", "split"):
+        get = ba[ba["agreement"] == group].set_index("fold")["value"]
+        assert f"{get['mean']:.4f} +- {get['sd']:.4f} | {get['ensemble']:.4f}" in text
+    kappa = kappa_summary(pd.read_csv(runs[0] / "rater_agreement.csv")).set_index("dataset").loc["AMi-Br-test"]
+    assert f"{kappa['model_mean']:.3f} ({kappa['expert_pairs_mean']:.3f})" in text
+    (old / "metrics_by_agreement.csv").write_text("nothing,useful\n1,2\n")
+    damaged = cli("report", str(old), env=WIDE)
+    assert damaged.returncode == 2 and "not a mitobench agreement table" in damaged.stderr

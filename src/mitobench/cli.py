@@ -309,6 +309,11 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
     for line in legend:  # full names, never cut: two runs' names often differ only at their end
         console.print(line, soft_wrap=True, markup=False, highlight=False)
     console.print(table)
+    from mitobench.evaluation.agreement import agreement_comparison
+
+    by_agreement = agreement_comparison(run_dirs)
+    if by_agreement is not None:
+        console.print(by_agreement)
     if seeds:
         from mitobench.evaluation.repeats import seed_summary, seed_table
         from mitobench.io import atomic_write_csv

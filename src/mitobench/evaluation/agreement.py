@@ -183,3 +183,50 @@ def render_agreement_report(by_agreement: pd.DataFrame, by_votes: pd.DataFrame, 
                           f"{row.model_mean:.3f} [{row.model_min:.3f}, {row.model_max:.3f}]", row.model_by_expert)
         parts.append(table)
     return text + (show_parts(parts, console) if parts else "")
+
+
+def _read_table(path, columns: list[str]) -> pd.DataFrame | None:
+    """One of a run's agreement CSVs, or None where the run has none (no set with votes, or made before them)."""
+    from mitobench.errors import MitobenchError
+
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path, dtype={"fold": str})[columns]
+    except (ValueError, KeyError, pd.errors.ParserError) as exc:
+        raise MitobenchError(f"{path}: not a mitobench agreement table ({exc}); the run folder is damaged.") from exc
+
+
+def agreement_comparison(run_dirs: list) -> Table | None:
+    """Runs side by side on their unanimous and split-vote figures (BA: fold mean +- SD, ensemble) and their model's
+    mean kappa with the experts, for ``mitobench report``; None where no run has the tables."""
+    from pathlib import Path
+
+    table = Table(title="by expert agreement: BA on the figures the experts agreed on and split on; kappa with them",
+                  caption="BA fold mean +- SD | ensemble; kappa: the model's mean with each expert (the experts' mean "
+                          "with one another)")
+    for col in ("run", "dataset", "BA unanimous", "BA split", "kappa with experts"):
+        table.add_column(col, no_wrap=col != "dataset")
+    without = []
+    for number, run_dir in enumerate(run_dirs, 1):
+        by_agreement = _read_table(Path(run_dir) / "metrics_by_agreement.csv",
+                                   ["dataset", "agreement", "fold", "metric", "value"])
+        raters = _read_table(Path(run_dir) / "rater_agreement.csv", ["dataset", "rater_a", "rater_b", "kappa", "n", "model"])
+        if by_agreement is None:
+            without.append(f"#{number}")
+            continue
+        kappas = kappa_summary(raters).set_index("dataset") if raters is not None and not raters.empty else None
+        ba = by_agreement[by_agreement["metric"] == "balanced_accuracy"]
+        for dataset in dict.fromkeys(ba["dataset"]):
+            cells = []
+            for group in (UNANIMOUS, SPLIT):
+                get = ba[(ba["dataset"] == dataset) & (ba["agreement"] == group)].set_index("fold")["value"]
+                cells.append("-" if get.empty else f"{get.get('mean', np.nan):.4f} +- {get.get('sd', np.nan):.4f}"
+                             + (f" | {get['ensemble']:.4f}" if "ensemble" in get else ""))
+            kappa = "-" if kappas is None or dataset not in kappas.index else \
+                f"{kappas.at[dataset, 'model_mean']:.3f} ({kappas.at[dataset, 'expert_pairs_mean']:.3f})"
+            table.add_row(f"#{number}", dataset, *cells, kappa)
+    if without:
+        table.caption += (f"; {', '.join(without)}: no tables (no set with votes, or made before 2026-12-07: "
+                          "benchmarks/agreement_check.py RUN scores it)")
+    return table if table.row_count else None
