@@ -250,7 +250,7 @@ def load_run_config(run_dir: str | Path, overrides: dict | None = None):
                              "if you know it changes nothing.") from exc
 
 
-def read_predictions(run_dir: Path):
+def read_predictions(run_dir: Path) -> "tuple[pd.DataFrame, dict[str, float]]":
     """A complete run's ``predictions.csv`` (image, dataset, fold, probability, label) and its thresholds (each
     fold's from fold_info.json; the ensemble's is their mean), for analyses of a finished run."""
     import pandas as pd

@@ -12,6 +12,7 @@ the model is scored as one more rater: its Cohen's kappa with each expert beside
 from __future__ import annotations
 
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from rich.table import Table
 from scipy.stats import binomtest
 from sklearn.metrics import cohen_kappa_score
 
+from mitobench.errors import MitobenchError
 from mitobench.evaluation.report import VALIDATION, render_subgroup_report, show_parts, subgroup_metrics
 
 UNANIMOUS, SPLIT = "unanimous", "split"
@@ -82,7 +84,7 @@ def model_calls(predictions: pd.DataFrame, dataset: str, thresholds: dict[str, f
     return out
 
 
-def calls_by_votes(predictions: pd.DataFrame, votes: dict[str, pd.Series],
+def calls_by_votes(predictions: pd.DataFrame, votes: dict[str, pd.DataFrame],
                    thresholds: dict[str, float]) -> pd.DataFrame:
     """Per set and vote level: how many figures, what share the model called atypical (``model_calls``; with a
     Wilson 95 % CI) and its mean probability."""
@@ -185,23 +187,20 @@ def render_agreement_report(by_agreement: pd.DataFrame, by_votes: pd.DataFrame, 
     return text + (show_parts(parts, console) if parts else "")
 
 
-def _read_table(path, columns: list[str]) -> pd.DataFrame | None:
-    """One of a run's agreement CSVs, or None where the run has none (no set with votes, or made before them)."""
-    from mitobench.errors import MitobenchError
-
+def read_agreement_table(path: Path, columns: list[str], what: str = "agreement table") -> pd.DataFrame | None:
+    """One of a run's agreement CSVs (its ``columns``), or None where the run has none (no set with votes, or made
+    before them); a damaged one is one clear error naming ``what`` it should be."""
     if not path.is_file():
         return None
     try:
         return pd.read_csv(path, dtype={"fold": str})[columns]
     except (ValueError, KeyError, pd.errors.ParserError) as exc:
-        raise MitobenchError(f"{path}: not a mitobench agreement table ({exc}); the run folder is damaged.") from exc
+        raise MitobenchError(f"{path}: not a mitobench {what} ({exc}); the run folder is damaged.") from exc
 
 
-def agreement_comparison(run_dirs: list) -> Table | None:
+def agreement_comparison(run_dirs: list[Path]) -> Table | None:
     """Runs side by side on their unanimous and split-vote figures (BA: fold mean +- SD, ensemble) and their model's
     mean kappa with the experts, for ``mitobench report``; None where no run has the tables."""
-    from pathlib import Path
-
     table = Table(title="by expert agreement: BA on the figures the experts agreed on and split on; kappa with them",
                   caption="BA fold mean +- SD | ensemble; kappa: the model's mean with each expert (the experts' mean "
                           "with one another)")
@@ -209,9 +208,10 @@ def agreement_comparison(run_dirs: list) -> Table | None:
         table.add_column(col, no_wrap=col != "dataset")
     without = []
     for number, run_dir in enumerate(run_dirs, 1):
-        by_agreement = _read_table(Path(run_dir) / "metrics_by_agreement.csv",
-                                   ["dataset", "agreement", "fold", "metric", "value"])
-        raters = _read_table(Path(run_dir) / "rater_agreement.csv", ["dataset", "rater_a", "rater_b", "kappa", "n", "model"])
+        by_agreement = read_agreement_table(Path(run_dir) / "metrics_by_agreement.csv",
+                                            ["dataset", "agreement", "fold", "metric", "value"])
+        raters = read_agreement_table(Path(run_dir) / "rater_agreement.csv",
+                                      ["dataset", "rater_a", "rater_b", "kappa", "n", "model"])
         if by_agreement is None:
             without.append(f"#{number}")
             continue

@@ -132,17 +132,15 @@ def _agreement_figure(calls: list[tuple[str, pd.DataFrame]]):
 def _read_calls(run_dirs: list[Path]) -> list[tuple[str, pd.DataFrame]]:
     """Each run's ``calls_by_votes.csv`` with its legend; runs without one (no set with votes, or made before
     2026-12-07) are left out."""
+    from mitobench.evaluation.agreement import read_agreement_table
+
     out = []
     for k, run_dir in enumerate(run_dirs, 1):
-        path = Path(run_dir) / "calls_by_votes.csv"
-        if not path.is_file():
-            continue
-        try:
-            table = pd.read_csv(path)
-            table = table[["dataset", "votes_atypical", "n", "called_atypical", "ci_low", "ci_high"]]
-        except (ValueError, KeyError, pd.errors.ParserError) as exc:
-            raise MitobenchError(f"{path}: not a mitobench calls table ({exc}); the run folder is damaged.") from exc
-        out.append((f"#{k} {Path(run_dir).name}" if len(run_dirs) > 1 else Path(run_dir).name, table))
+        table = read_agreement_table(Path(run_dir) / "calls_by_votes.csv",
+                                     ["dataset", "votes_atypical", "n", "called_atypical", "ci_low", "ci_high"],
+                                     what="calls table")
+        if table is not None:
+            out.append((f"#{k} {Path(run_dir).name}" if len(run_dirs) > 1 else Path(run_dir).name, table))
     return out
 
 
