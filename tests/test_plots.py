@@ -97,8 +97,12 @@ def test_an_unfinished_or_damaged_run_is_refused(runs, tmp_path):
     (broken / "predictions.csv").write_text("not,a\nrun,file\n")
     with pytest.raises(MitobenchError, match="the run folder is damaged"):
         plot_runs([broken], tmp_path / "out")
+    (broken / "predictions.csv").unlink()  # a complete run missing a result file: damaged, not resumable
+    with pytest.raises(MitobenchError, match="finished but has no predictions.csv: the run folder is damaged") as err:
+        plot_runs([broken], tmp_path / "out")
+    assert "--resume" not in str(err.value)
     (broken / "status.json").write_text(json.dumps({"state": "failed"}))
-    with pytest.raises(MitobenchError, match="not a complete run"):
+    with pytest.raises(MitobenchError, match="not a complete run.*--resume"):
         plot_runs([broken], tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
 

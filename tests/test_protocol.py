@@ -75,7 +75,8 @@ def test_run_folder_contents(probe_run, fixture_root):
     assert env["packages"]["scikit-learn"] == "1.9.1"
     # the saved config is the resolved one, and loads back to the same options
     saved = load_config(path / "config.yaml")
-    assert saved.to_dict() == config(fixture_root, tmp).to_dict()
+    # ... with dtype auto resolved for this CPU, so predict elsewhere embeds as the run did
+    assert saved.to_dict() == {**config(fixture_root, tmp).to_dict(), "dtype": "float32"}
     assert yaml.safe_load((path / "config.yaml").read_text())["model"] == "efficientnet_lite0"
 
 
@@ -263,6 +264,38 @@ def test_interrupted_probe_run_resumes_to_the_same_numbers(fixture_root, tmp_pat
     pd.testing.assert_frame_equal(pd.read_csv(run / "predictions.csv"), pd.read_csv(reference / "predictions.csv"))
     with pytest.raises(MitobenchError, match="already complete"):
         run_benchmark(resume=run, console=quiet())
+
+
+def test_resume_refuses_folds_that_finished_on_other_data(fixture_root, fixture_root_no_md, tmp_path, monkeypatch):
+    """A run started while AtNorM-MD was absent, resumed after it was fetched: its finished folds never predicted
+    AtNorM-MD and their models are gone, so the resume is refused, clearly, and the run stays resumable."""
+    interrupt_probe_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(config(fixture_root_no_md, tmp_path), console=quiet())
+    (run,) = list((tmp_path / "runs").iterdir())
+    with pytest.raises(MitobenchError, match=r"fold 1 finished on other data .*new now: AtNorM-MD.*--data-root"):
+        run_benchmark(resume=run, console=quiet(), relocate={"data_root": str(fixture_root)})
+    assert RunDir(run).status()["state"] == "interrupted"
+    info = RunDir(run).load_fold(1)[1]
+    assert set(info["sets"]) == {"validation", "AMi-Br-test", "AtNorM-Br"}
+
+    # a run saved before fold signatures existed is checked on set names and sizes
+    probs, info = RunDir(run).load_fold(1)
+    del info["sets"]
+    probs["AtNorM-Br"] = probs["AtNorM-Br"][:-1]
+    RunDir(run).save_fold(1, probs, info)
+    with pytest.raises(MitobenchError, match="different figures or labels now: AtNorM-Br"):
+        run_benchmark(resume=run, console=quiet())
+
+
+def test_a_run_folder_one_cannot_write_in_is_one_clear_error(tmp_path, monkeypatch):
+    """(Tests run as root here, so the read-only folder is simulated at the lock file's open.)"""
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("mitobench.runs.open", refuse, raising=False)
+    with pytest.raises(MitobenchError, match=r"cannot write in this run folder \(Permission denied\).*write permission"):
+        RunDir(tmp_path).lock()
 
 
 def test_resume_needs_a_run_folder(tmp_path):

@@ -7,6 +7,7 @@ evaluated identically.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -200,6 +201,7 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
         (run.scratch(fold) / "last.pt").unlink(missing_ok=True)  # a resume retries it from scratch
         return None, str(exc)
     result.info["seconds"] = time.perf_counter() - t_fold
+    result.info["sets"] = fold_set_signatures(ctx.sets, ctx.folds, fold)
     run.save_fold(fold, result.probs, result.info)
     run.drop_checkpoints(fold)
     if result.info.get("fitted_in_parallel"):  # the folds' fits ran at once in worker processes
@@ -208,6 +210,68 @@ def fit_fold(method: Method, ctx: Context, run: RunDir, fold: int, console: Cons
     else:
         console.print(f"fold {fold}/{config.n_folds} done in {result.info['seconds']:.1f}s")
     return result, ""
+
+
+def set_signature(frame: pd.DataFrame) -> str:
+    """Which figures, in which order, with which labels: a saved fold's probabilities are rows of exactly these."""
+    text = "\n".join(f"{image}\t{label}" for image, label in zip(frame["image"], frame["label"]))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fold_set_signatures(sets: dict[str, pd.DataFrame], folds: np.ndarray, fold: int) -> dict[str, str]:
+    """The signature of every set a fold model predicts: its validation fold and each hold-out set."""
+    signatures = {"validation": set_signature(sets["AMi-Br-train"].iloc[np.flatnonzero(folds == fold)])}
+    signatures.update({name: set_signature(frame) for name, frame in sets.items() if name != "AMi-Br-train"})
+    return signatures
+
+
+def check_saved_folds(run: RunDir, sets: dict[str, pd.DataFrame], folds: np.ndarray, n_folds: int) -> None:
+    """Refuse to resume a run whose finished folds predicted other sets than those found now (a hold-out set
+    fetched or removed since, a ``--dataset`` folder changed, another data root): their models are not kept, so
+    they cannot be re-scored, and mixing them with new folds would pair probabilities with the wrong figures.
+    Runs saved before fold signatures existed are checked on set names and sizes."""
+    for fold in range(1, n_folds + 1):
+        saved = run.load_fold(fold)
+        if saved is None or saved[1].get("failed"):
+            continue
+        probs, info = saved
+        now = fold_set_signatures(sets, folds, fold)
+        if "sets" in info:
+            then = info["sets"]
+        else:
+            then = {name: len(p) for name, p in probs.items() if name != "validation_by_epoch"}
+            now = {"validation": int(np.sum(folds == fold)),
+                   **{name: len(frame) for name, frame in sets.items() if name != "AMi-Br-train"}}
+        if then == now:
+            continue
+        gone = sorted(set(then) - set(now))
+        new = sorted(set(now) - set(then))
+        changed = sorted(n for n in set(then) & set(now) if then[n] != now[n])
+        what = "; ".join(part for part in (
+            f"gone now: {', '.join(gone)}" if gone else "", f"new now: {', '.join(new)}" if new else "",
+            f"different figures or labels now: {', '.join(changed)}" if changed else "") if part)
+        raise MitobenchError(
+            f"{run.path}: fold {fold} finished on other data than is found now ({what}). Its model is not kept, so "
+            "it cannot be re-scored: resume with --data-root (and --dataset folders) as they were when the run "
+            "started, or start a new run.")
+
+
+def pin_precision(config: RunConfig, card_dtype: str) -> None:
+    """Resolve the device-dependent precisions (``train.precision`` auto/native, the probe's embedding ``dtype``
+    auto) for the device this run starts on; saved so in ``config.yaml``, a resume on another machine trains on in
+    the run's precision and ``mitobench predict`` embeds and predicts as the run did."""
+    from mitobench.device import device_type, dtype_name, pick_device
+
+    if config.method == "probe":  # without importing torch: a warm probe run never does
+        config.dtype = dtype_name(config.dtype, device_type(config.device), card_dtype)
+        return
+    from mitobench.methods.precision import resolve_precision
+
+    device = pick_device(config.device)
+    if config.train.precision == "auto":
+        config.train.precision = "bf16" if device.type == "cuda" else "fp32"
+    else:
+        config.train.precision = resolve_precision(config.train.precision, device)
 
 
 def recipe(config: RunConfig) -> str:
@@ -308,11 +372,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
     folds = paper_folds(train, config.n_folds, config.seed)
     refuse_leaked_datasets(config, sets)
     if resume is None:
-        if config.method != "probe" and config.train.precision == "native":  # saved resolved: resume/predict match
-            from mitobench.device import pick_device
-            from mitobench.methods.precision import resolve_precision
-
-            config.train.precision = resolve_precision("native", pick_device(config.device))
+        pin_precision(config, method.card.dtype)
         run = RunDir(new_run_dir(config.runs_dir, config.model, config.method,
                                  f"seed{config.train_seed}" if config.seed_repeat else ""))
         run.lock()
@@ -320,6 +380,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         atomic_write_json(run.path / "environment.json", environment())
         console.print(f"run folder: {run.path}", soft_wrap=True, markup=False)  # one line: a path to copy
     else:
+        check_saved_folds(run, sets, folds, config.n_folds)  # before the status changes: the run stays resumable
         console.print(f"resuming {run.path}", soft_wrap=True, markup=False)
     run.set_status("running")
     try:

@@ -123,7 +123,11 @@ class RunDir:
             import fcntl
         except ImportError:
             return
-        handle = open(self.path / LOCK_FILE, "a+")
+        try:
+            handle = open(self.path / LOCK_FILE, "a+")
+        except PermissionError as exc:
+            raise MitobenchError(f"{self.path}: cannot write in this run folder ({exc.strerror}). Give yourself write "
+                                 "permission on it, or copy it somewhere writable and use the copy.") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -221,6 +225,9 @@ def require_complete_run(run_dir: str | Path, needs: tuple[str, ...] = ()) -> Ru
                              "or train a new run with `mitobench run`.")
     if state == "running" and run.in_use():
         raise MitobenchError(f"{run.path} is not complete yet ({what}): it is {run.who()}; wait for it to finish.")
+    if state == "complete":  # finished, then a result file went missing: resume would refuse a complete run
+        raise MitobenchError(f"{run.path} finished but has {what.split(', ', 1)[1]}: the run folder is damaged. "
+                             "Restore the missing file(s) from a copy, or train a new run with `mitobench run`.")
     raise MitobenchError(f"{run.path} is not a complete run ({what}): finish it with "
                          f"`mitobench run --resume {run.path}`, or leave it out.")
 
