@@ -395,6 +395,30 @@ def test_bad_zip(tmp_path, server, source):
     assert not any((root / item).exists() for item in DATA_ITEMS)
 
 
+@pytest.mark.parametrize("damage", ["not a zip", "bad member"])
+def test_a_placed_archive_that_is_corrupt_is_kept_and_named(tmp_path, server, source, damage):
+    """An archive the user put there (say, a browser download cut short) is theirs: named, never deleted; only
+    an archive that fetch downloaded itself is deleted when it turns out corrupt."""
+    root = tmp_path / "root"
+    root.mkdir()
+    data = bytearray(source.archive)
+    if damage == "not a zip":
+        data = data[: len(data) // 2]
+    else:
+        with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+            info = max(zf.infolist(), key=lambda i: i.compress_size)
+        offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.compress_size // 2
+        data[offset] ^= 0xFF
+        data[offset + 1] ^= 0xFF
+    (root / ARCHIVE_NAME).write_bytes(bytes(data))
+    with pytest.raises(MitobenchError, match=f"{ARCHIVE_NAME} .*left as it is.*Delete it") as err:
+        run_fetch(root, server, source)
+    assert "deleted" not in str(err.value)
+    assert (root / ARCHIVE_NAME).read_bytes() == bytes(data)
+    assert server.requests_for(ARCHIVE_PATH) == []
+    assert not any((root / item).exists() for item in DATA_ITEMS)
+
+
 def test_corrupt_zip_member(tmp_path, server, source):
     root = tmp_path / "root"
     data = bytearray(source.archive)
@@ -421,6 +445,8 @@ def test_offline(tmp_path, source):
         fetch(root, benchmark_url=url.replace("AMI-BR.csv", "a.zip"), labels_url=url, expected=source.expected)
     message = str(err.value)
     assert url in message and "offline" in message and str(root / "AMI-BR.csv") in message
+    # both files an offline user must fetch by hand, named at once
+    assert url.replace("AMI-BR.csv", "a.zip") in message and str(root / "a.zip") in message
 
 
 def test_http_error(tmp_path, server, source):
@@ -472,6 +498,27 @@ def test_partial_root_gets_only_what_is_missing(tmp_path, server, source):
     manifest = json.loads((root / MANIFEST).read_text())
     assert all(k.startswith("AtNorM-MD") for k in manifest["files"])
     assert [r["path"] for r in server.requests] == [ARCHIVE_PATH]
+
+
+def test_an_archive_of_another_version_is_refused_even_when_its_split_is_not_unpacked(tmp_path, server, source):
+    """The pinned train split is already in the data root, so only images would be unpacked: the archive's own copy
+    of the split still identifies its version, and one of another commit is refused (images of another release
+    never join the pinned split)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "AMI-BR.csv").write_bytes(source.labels_csv)
+    (root / "amibr_train_split.csv").write_bytes(source.data_files["amibr_train_split.csv"])
+    other = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(source.archive)) as old, zipfile.ZipFile(other, "w") as new:
+        for info in old.infolist():
+            data = old.read(info)
+            if info.filename.endswith("amibr_train_split.csv"):
+                data += b"a row of another release\n"
+            new.writestr(info, data)
+    (root / ARCHIVE_NAME).write_bytes(other.getvalue())
+    with pytest.raises(MitobenchError, match="amibr_train_split.csv in .* is not the pinned version.*Delete"):
+        run_fetch(root, server, source)
+    assert not (root / "AMi-Br").exists() and (root / ARCHIVE_NAME).is_file()
 
 
 def test_data_at_archive_root(tmp_path):

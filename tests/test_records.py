@@ -339,6 +339,24 @@ def test_listed_image_missing_custom_csv(tmp_path):
         load_custom(csv)
 
 
+def test_an_image_listed_twice_under_two_spellings_is_refused(tmp_path):
+    csv = make_custom_csv(tmp_path)
+    table = pd.read_csv(csv)
+    again = table.iloc[[0]].assign(path="./" + table["path"].iloc[0])  # the same file, another spelling
+    pd.concat([table, again]).to_csv(csv, index=False)
+    with pytest.raises(MitobenchError, match=r"mydata\.csv: .*img_000\.png is listed twice"):
+        load_custom(csv)
+
+
+def test_a_broken_link_in_a_class_folder_is_refused_not_dropped(tmp_path):
+    """A class folder built of links into storage that is not mounted: the missing image is named, never left out
+    (the set would look complete)."""
+    folder = make_custom_folder(tmp_path / "lab_set")
+    (folder / "Normal" / "lost.png").symlink_to(tmp_path / "unmounted" / "lost.png")
+    with pytest.raises(MitobenchError, match=r"lost\.png is a link to .*unmounted/lost\.png, which does not exist"):
+        load_custom(folder)
+
+
 def test_train_label_disagrees_with_folder(tmp_path):
     fx = make_amibr(tmp_path)
     first = fx.train[0]

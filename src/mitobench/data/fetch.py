@@ -18,6 +18,7 @@ has is overwritten unless ``force=True``.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -65,6 +66,10 @@ class WrongArchiveError(MitobenchError):
     """The archive is readable but not the one expected: a downloaded copy is deleted, never reused."""
 
 
+class DownloadError(MitobenchError):
+    """The network failed (offline, proxy, HTTP error): the message says how to download the file by hand."""
+
+
 def _log(message: str) -> None:
     if not os.environ.get("MITOBENCH_QUIET"):
         console.print(message, highlight=False)
@@ -90,7 +95,7 @@ def _network_error(url: str, dest: Path, part: Path, exc: BaseException) -> Mito
     if part.exists() and part.stat().st_size:
         kept = (f" The {part.stat().st_size:,} bytes received so far are kept in {part}; run "
                 "`mitobench data fetch` again to resume. ")
-    return MitobenchError(
+    return DownloadError(
         f"Could not download {url} ({reason}). Are you offline, or behind a proxy/firewall?{kept} "
         + _manual_hint(url, dest))
 
@@ -139,7 +144,7 @@ def download(url: str, dest: Path, *, sha256: str | None = None, force: bool = F
             _log(f"[yellow]{part.name}: the server cannot resume from byte {offset:,}; starting over.[/]")
             part.unlink()
             return download(url, dest, sha256=sha256, _restarted=True)
-        raise MitobenchError(f"Could not download {url}: the server answered HTTP {exc.code} ({exc.reason}). "
+        raise DownloadError(f"Could not download {url}: the server answered HTTP {exc.code} ({exc.reason}). "
                              + _manual_hint(url, dest)) from exc
     except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, refused/reset connections
         raise _network_error(url, dest, part, exc) from exc
@@ -289,17 +294,49 @@ def _plan_members(zf: zipfile.ZipFile) -> tuple[dict[str, tuple[str, ...]], list
     return prefixes, members
 
 
-def unpack(archive: Path, root: Path, items: list[str], *, expected: dict, force: bool = False) -> dict:
-    """Unpack the data ``items`` of ``archive`` into ``root`` (temp folder, then one rename per item).
+def _corrupt_archive(archive: Path, why: str, owned: bool) -> MitobenchError:
+    """The error for an archive that cannot be read: one this fetch downloaded is deleted (the next fetch downloads
+    it anew); one the user placed there is theirs, and is kept and named."""
+    if owned:
+        archive.unlink(missing_ok=True)
+        return MitobenchError(f"{archive} {why}; it was deleted and nothing was unpacked. Run `mitobench data fetch` "
+                              "again to download it anew.")
+    return MitobenchError(f"{archive} {why}; nothing was unpacked, and the file was left as it is (mitobench did not "
+                          "download it). Delete it, or replace it with a complete copy, and run `mitobench data fetch` "
+                          "again (or add --force to download it anew).")
+
+
+def _check_version_unpacked_apart(archive: Path, zf: zipfile.ZipFile, members: list, wanted: list[str],
+                                  expected: dict) -> None:
+    """The pinned files that this unpack leaves in the archive (already present in the data root) still identify
+    its version: hashed inside the zip, so images of another commit never join a pinned train split."""
+    by_rel = {"/".join(rel): info for info, rel in members}
+    for rel, digest in expected.items():
+        if rel in ("archive", AMIBR_LABEL_CSV) or not digest or rel.split("/")[0] in wanted:
+            continue  # the wanted ones are checked once unpacked
+        info = by_rel.get(rel)
+        if info is None:
+            raise WrongArchiveError(f"{archive} lacks {rel}, whose sha256 is pinned. Nothing was unpacked.")
+        digest_now = hashlib.sha256()
+        with zf.open(info) as src:
+            for chunk in iter(lambda: src.read(CHUNK), b""):
+                digest_now.update(chunk)
+        if digest_now.hexdigest() != digest:
+            raise WrongArchiveError(f"{rel} in {archive} has sha256 {digest_now.hexdigest()}, expected {digest}: the "
+                                    "archive is not the pinned version. Nothing was unpacked.")
+
+
+def unpack(archive: Path, root: Path, items: list[str], *, expected: dict, force: bool = False,
+           owned: bool = True) -> dict:
+    """Unpack the data ``items`` of ``archive`` into ``root`` (temp folder, then one rename per item). ``owned``:
+    this fetch downloaded the archive, so a corrupt one is deleted; else it is the user's, and kept.
 
     Returns ``{"found": [...], "unpacked": [...], "files": {relpath: size}}``.
     """
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
-        archive.unlink(missing_ok=True)
-        raise MitobenchError(f"{archive} is not a valid zip archive ({exc}); it was deleted. Run "
-                             "`mitobench data fetch` again to download it anew.") from exc
+        raise _corrupt_archive(archive, f"is not a valid zip archive ({exc})", owned) from exc
     for stale in root.glob(".fetch-unpack-*"):  # left by a fetch that was killed while unpacking
         shutil.rmtree(stale, ignore_errors=True)
     with zf:
@@ -311,6 +348,7 @@ def unpack(archive: Path, root: Path, items: list[str], *, expected: dict, force
             raise WrongArchiveError(f"{archive} does not contain {missing_required}: it is not the AMi-Br_Benchmark "
                                  f"archive mitobench expects ({BENCHMARK_URL}). Check the URL.")
         wanted = [i for i in items if i in prefixes]
+        _check_version_unpacked_apart(archive, zf, members, wanted, expected)
         members = [(info, rel) for info, rel in members if rel[0] in wanted]
         total = sum(info.file_size for info, _ in members)
         _check_space(root, total, f"unpacking {archive.name}")
@@ -327,9 +365,7 @@ def unpack(archive: Path, root: Path, items: list[str], *, expected: dict, force
                         files["/".join(rel)] = info.file_size
                         advance(info.file_size)
             except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-                archive.unlink(missing_ok=True)
-                raise MitobenchError(f"{archive} is corrupt ({exc}); it was deleted and nothing was unpacked. "
-                                     "Run `mitobench data fetch` again to download it anew.") from exc
+                raise _corrupt_archive(archive, f"is corrupt ({exc})", owned) from exc
             except OSError as exc:  # no space left, a quota, a permission on the destination
                 raise MitobenchError(f"cannot unpack {archive.name} into {root} ({exc.strerror or exc}); nothing was "
                                      f"unpacked. It needs about {total / 1e6:,.0f} MB free: free some space or choose "
@@ -399,7 +435,14 @@ def fetch(data_root: Path, *, benchmark_url: str | None = None, labels_url: str 
                                   "note": "present before fetch"}
     else:
         _log(f"Downloading {labels_url}")
-        info = download(labels_url, labels, sha256=checks.get(AMIBR_LABEL_CSV), force=force)
+        try:
+            info = download(labels_url, labels, sha256=checks.get(AMIBR_LABEL_CSV), force=force)
+        except DownloadError as exc:  # offline: name every file still needed at once, not one per attempt
+            archive = root / archive_file_name(benchmark_url)
+            if any(force or not (root / i).exists() for i in DATA_ITEMS) and not archive.is_file():
+                raise DownloadError(f"{exc} The images are needed too: download {benchmark_url} and save it as "
+                                    f"{archive}.") from exc
+            raise
         manifest["labels"] = {**info, "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _write_manifest(root, manifest, old)
 
@@ -452,7 +495,7 @@ def fetch(data_root: Path, *, benchmark_url: str | None = None, labels_url: str 
             info = download(benchmark_url, archive, sha256=checks.get("archive"), force=force)
             _write_manifest(root, {**manifest, "pending_archive": {**info, "file": archive.name}}, old)
         try:
-            result = unpack(archive, root, need_download, expected=checks, force=force)
+            result = unpack(archive, root, need_download, expected=checks, force=force, owned=downloaded)
         except WrongArchiveError as exc:
             if not downloaded:
                 raise MitobenchError(f"{exc} Delete {archive} (or run with --force) to download it again.") from exc

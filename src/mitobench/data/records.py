@@ -87,8 +87,19 @@ def parse_votes(value: object, where: str) -> tuple[float, float]:
 def _list_images(folder: Path) -> list[Path]:
     """Image files in ``folder``, sorted, as paths under the resolved folder (one scandir, no stat per file)."""
     folder = folder.resolve()
+    names, broken = [], []
     with os.scandir(folder) as entries:
-        names = [e.name for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES]
+        for entry in entries:
+            if os.path.splitext(entry.name)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            if entry.is_file():
+                names.append(entry.name)
+            elif entry.is_symlink():  # a link whose target is gone: left out, the set would look complete
+                broken.append(entry.name)
+    if broken:
+        link = folder / sorted(broken)[0]
+        raise MitobenchError(f"{link} is a link to {os.readlink(link)}, which does not exist ({len(broken)} such "
+                             f"link(s) in {folder}). Restore the target (mount its storage), or remove the link.")
     return [folder / name for name in sorted(names)]
 
 
@@ -264,9 +275,10 @@ def load_custom(source: str | Path, name: str | None = None) -> pd.DataFrame:
     frame["split"] = "test"
     if frame["domain"].isna().all() if "domain" in frame else True:
         frame["domain"] = name
-    if frame["image"].duplicated().any():
-        dup = frame.loc[frame["image"].duplicated(), "image"].iloc[0]
-        raise MitobenchError(f"{source}: {dup} is listed twice; list each image once.")
+    for column in ("image", "path"):  # path: resolved, so ./a.png and a.png are the same image
+        if frame[column].duplicated().any():
+            dup = frame.loc[frame[column].duplicated(), column].iloc[0]
+            raise MitobenchError(f"{source}: {dup} is listed twice; list each image once.")
     return _frame(frame)
 
 
