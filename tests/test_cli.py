@@ -188,6 +188,9 @@ def test_resume_names_the_flags_it_would_ignore(cli, fixture_root, tmp_path):
     (run / "status.json").write_text(json.dumps({"state": "interrupted"}))
     result = cli("run", "--resume", str(run), "--fold-workers", "2", "--probe-head", "torch", "--epochs", "3", env=WIDE)
     assert_clear_error(result, "--fold-workers", "--probe-head", "--epochs")
+    result = cli("run", "--resume", str(run), "--offline", "--no-tta", env=WIDE)  # off-switches named as typed
+    assert_clear_error(result, "--offline", "--no-tta")
+    assert "--allow-download" not in result.stderr
 
 
 def test_resume_may_change_the_evaluation_batch_size(cli, fixture_root, tmp_path):

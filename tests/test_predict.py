@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import io
 
@@ -38,6 +39,7 @@ def probe_run(fixture_root, tmp_path_factory):
 
 def test_probe_predict_matches_the_runs_own_probabilities(probe_run, fixture_root, tmp_path):
     run_dir, tmp = probe_run
+    assert load_config(run_dir / "config.yaml").dtype == "float32"  # dtype auto, saved as resolved on this CPU
     out, table = predict(run_dir, fixture_root / "AtNorM-Br", tmp_path / "p.csv", cache_dir=str(tmp / "cache"))
     expected = _ensemble(run_dir, "AtNorM-Br")
     got = table.set_index("image")["p_ensemble"]
@@ -97,6 +99,24 @@ def test_predict_on_unlabelled_folder_and_csv(probe_run, fixture_root, tmp_path)
     assert not (tmp_path / "d.csv").exists()
 
 
+def test_predict_on_a_partly_labelled_csv_scores_the_labelled_rows(probe_run, fixture_root, tmp_path, cli):
+    """A blank label means unknown (as in a slide's points): the figure is predicted, and the metrics are over
+    the labelled rows, said so."""
+    run_dir, tmp = probe_run
+    atypical = sorted((fixture_root / "AtNorM-Br" / "Atypical").glob("*.png"))
+    normal = sorted((fixture_root / "AtNorM-Br" / "Normal").glob("*.png"))
+    csv = tmp_path / "partly.csv"
+    pd.DataFrame({"path": [str(p) for p in atypical + normal],
+                  "label": ["Atypical"] * len(atypical) + ["Normal"] * (len(normal) - 1) + [""]}).to_csv(csv, index=False)
+    result = cli("predict", str(run_dir), str(csv), "--out", str(tmp_path / "p.csv"),
+                 env={"MITOBENCH_CACHE": str(tmp / "cache")})
+    assert result.returncode == 0, result.stderr
+    n = len(atypical) + len(normal)
+    assert f"over the {n - 1} labelled of {n}" in " ".join(result.stdout.split())
+    table = pd.read_csv(tmp_path / "p.csv")
+    assert table["label"].isna().sum() == 1 and len(table) == n
+
+
 def test_predict_refuses_an_incomplete_run(probe_run, tmp_path, fixture_root):
     run_dir, _ = probe_run
     import shutil
@@ -111,13 +131,14 @@ def test_predict_refuses_an_incomplete_run(probe_run, tmp_path, fixture_root):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,atol", [("auto", 1e-4), ("native", 1e-2)])
 def test_finetune_predict_matches_the_runs_own_probabilities(fixture_root, tmp_path, monkeypatch, precision, atol):
-    """native: the run saves the precision it resolved (bf16 on a CPU with native bf16) and predict applies it
-    (bf16 autocast with the fast depthwise path); predict's batches differ from the run's, hence bf16 rounding."""
+    """The run saves the precision it resolved for its device (auto: float32 on a CPU; native: bf16 on a CPU with
+    native bf16), so a resume elsewhere and predict apply it (bf16 autocast with the fast depthwise path);
+    predict's batches differ from the run's, hence bf16 rounding."""
     monkeypatch.setattr("mitobench.methods.precision.cpu_has_native_bf16", lambda: True)
     run_dir = _run(fixture_root, tmp_path, method="finetune",
                    train={"epochs": 1, "img_size": 64, "batch_size": 8, "tta": True, "precision": precision})
     saved = load_config(run_dir / "config.yaml").train.precision
-    assert saved == {"auto": "auto", "native": "bf16"}[precision]
+    assert saved == {"auto": "fp32", "native": "bf16"}[precision]
     title = {"auto": "finetune (float32, 64 px, 1 epoch, TTA 8 views)",
              "native": "finetune (bf16, 64 px, 1 epoch, TTA 8 views)"}[precision]
     assert title in (run_dir / "report.txt").read_text()  # the report says how the models trained
@@ -139,6 +160,23 @@ def test_report_command_compares_runs(probe_run, cli):
     assert bad.returncode == 2 and "not a mitobench run" in bad.stderr and "holds 1" in bad.stderr.replace("\n", " ")
     bad = cli("predict", str(run_dir.parent), str(run_dir))  # the runs folder, not a run: no advice to resume
     assert bad.returncode == 2 and "holds 1" in bad.stderr.replace("\n", " ") and "--resume" not in bad.stderr
+
+
+def test_report_flags_a_run_with_failed_folds_and_keeps_its_recipe(probe_run, cli, tmp_path):
+    """A run whose fold 3 failed (its report.txt starts with a WARNING line): the comparison says so beside it,
+    and still finds how the run trained."""
+    run_dir, _ = probe_run
+    damaged = tmp_path / "failed-fold-run"
+    shutil.copytree(run_dir, damaged)
+    status = json.loads((damaged / "status.json").read_text())
+    (damaged / "status.json").write_text(json.dumps({**status, "failed_folds": {"3": "fold 3: NaN loss"}}))
+    report_txt = damaged / "report.txt"
+    report_txt.write_text("WARNING: fold(s) [3] FAILED and are excluded\n" + report_txt.read_text())
+    out = cli("report", str(damaged), str(run_dir))
+    assert out.returncode == 0, out.stderr
+    flagged = next(line for line in out.stdout.splitlines() if line.startswith("#1 "))
+    assert "(logistic head, C by inner CV)" in flagged and "WARNING: fold(s) 3 FAILED" in flagged
+    assert "WARNING" not in next(line for line in out.stdout.splitlines() if line.startswith("#2 "))
 
 
 def test_report_counts_every_validation_fold(probe_run):

@@ -41,8 +41,14 @@ def _yaml_value(item: str, value: str):
                              "it for the shell, e.g. --set 'train.tta_crops=[1.0, 0.875]'.") from exc
 
 
-def _flag(key: str) -> str:
-    """The command-line flag that sets option ``key`` of ``mitobench run`` (``train.epochs`` -> ``--epochs``)."""
+def _flag(key: str, value: object = None) -> str:
+    """The command-line flag that sets option ``key`` of ``mitobench run`` (``train.epochs`` -> ``--epochs``; a
+    switch given as off by its off-form: ``allow_download`` False -> ``--offline``, ``train.tta`` False ->
+    ``--no-tta``)."""
+    if value is False:
+        off = {"allow_download": "--offline", "train.tta": "--no-tta", "dedup": "--no-dedup"}
+        if key in off:
+            return off[key]
     return {"probe.head": "--probe-head", "datasets": "--dataset"}.get(key, "--" + key.split(".")[-1].replace("_", "-"))
 
 
@@ -59,7 +65,7 @@ def run(
     threshold: Optional[str] = typer.Option(None, help="fixed (0.5, default) | validation (chosen on the validation fold)."),
     calibration: Optional[str] = typer.Option(None, help="none (default) | platt: each fold model's probabilities "
                                               "calibrated on its validation fold; its decisions stay the same."),
-    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Extra hold-out set: class folders or CSV path,label[,group,domain]. Repeatable."),
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Extra hold-out set: class folders or CSV path,label[,group,domain,votes]. Repeatable."),
     dedup: Optional[bool] = typer.Option(None, "--dedup/--no-dedup", help="Also evaluate de-duplicated hold-out sets."),
     runs_dir: Optional[str] = typer.Option(None, help="Where run folders go (default ./runs)."),
     cache_dir: Optional[str] = typer.Option(None, help="Patch and embedding cache (default $MITOBENCH_CACHE or the user cache)."),
@@ -93,7 +99,7 @@ def run(
     if resume is not None:  # a resumed run keeps its recipe; only moved data/cache and result-neutral settings change
         from mitobench.protocol import RESUME_SETTINGS
 
-        ignored = [_flag(key) for key in flagged if key not in ("data_root", "cache_dir")]
+        ignored = [_flag(key, overrides[key]) for key in flagged if key not in ("data_root", "cache_dir")]
         ignored += ["--config"] * (config is not None)
         adjust = {}
         for item in set_ or []:
@@ -115,7 +121,7 @@ def run(
                 raise MitobenchError(f"--set {item!r}: write it as key=value, e.g. train.lr=3e-4")
             overrides[key.strip()] = _yaml_value(item, value)
         resolved = load_config(config, overrides)
-        training = [_flag(k) if k in flagged else f"--set {k}"
+        training = [_flag(k, v) if k in flagged else f"--set {k}"
                     for k, v in overrides.items() if k.startswith("train.") and v is not None]
         if resolved.method == "probe" and training:  # else config.yaml would claim a recipe the probe never used
             raise MitobenchError(f"{', '.join(training)}: training settings, which a probe run ignores. Add --method "
@@ -243,11 +249,21 @@ def _print_slide_summary(summary, path: Path, limit: int = 40) -> None:
 def _run_recipe(run_dir: Path) -> str:
     """The few words of the run's report title on how it trained (probe head; preset, precision, size, epochs)."""
     try:
-        first = (run_dir / "report.txt").read_text().strip().splitlines()[0].strip()
-    except (OSError, IndexError):
+        lines = (run_dir / "report.txt").read_text().strip().splitlines()
+    except OSError:
         return ""
+    first = next((line.strip() for line in lines if line.strip() and not line.startswith("WARNING:")), "")
     start, end = first.find(" ("), first.rfind(")")
     return f" ({first[start + 2:end]})" if 0 <= start < end else ""
+
+
+def _failed_folds_note(run_dir: Path) -> str:
+    """Said beside a run whose figures come from fewer fold models than it planned (folds that failed, e.g. NaN)."""
+    from mitobench.runs import RunDir
+
+    failed = RunDir(run_dir).status().get("failed_folds") or {}
+    return (f"  WARNING: fold(s) {', '.join(sorted(failed, key=int))} FAILED: its fold mean, SD and ensemble leave "
+            "them out" if failed else "")
 
 
 @app.command()
@@ -293,7 +309,7 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
         if m.empty:
             raise MitobenchError(f"{path}: no balanced accuracy or AUROC rows; the run folder is damaged.")
         label = str(run_dir) if names.count(run_dir.name) > 1 else run_dir.name  # same-named runs stay apart
-        legend.append(f"#{number}  {label}: {how}{_run_recipe(run_dir)}")
+        legend.append(f"#{number}  {label}: {how}{_run_recipe(run_dir)}{_failed_folds_note(run_dir)}")
         for (dataset, metric), part in m.groupby(["dataset", "metric"], sort=False):
             get = dict(zip(part["fold"], part["value"]))
             ens = part[part["fold"] == "ensemble"]

@@ -29,6 +29,10 @@ from mitobench.io import atomic_write, atomic_write_csv
 from mitobench.runs import load_run_config, require_complete_run
 
 
+def _blank(value: object) -> bool:
+    return pd.isna(value) or not str(value).strip()
+
+
 def _records(source: Path) -> pd.DataFrame:
     if source.is_dir():
         subdirs = {p.name.lower() for p in source.iterdir() if p.is_dir()}
@@ -55,8 +59,8 @@ def _records(source: Path) -> pd.DataFrame:
             row = int(np.flatnonzero(resolved.duplicated())[0])
             raise MitobenchError(f"{source} row {row + 2}: {table['path'].iloc[row]} is listed twice; list each image "
                                  "once.")
-        labels = ([parse_label(v, f"{source} row {i + 2}") for i, v in enumerate(table["label"])]
-                  if "label" in table else np.nan)
+        labels = ([parse_label(v, f"{source} row {i + 2}") if not _blank(v) else np.nan  # blank: unknown
+                   for i, v in enumerate(table["label"])] if "label" in table else np.nan)
         return pd.DataFrame({"image": table["path"].astype(str), "path": resolved.tolist(), "label": labels})
     raise MitobenchError(f"{source}: no such folder or CSV.")
 

@@ -18,8 +18,12 @@ CITATION = ("Banerjee et al., Benchmarking Deep Learning and Vision Foundation M
 METHOD_NAMES = {"probe": "LP", "finetune": "E2E", "lora": "LoRA"}
 
 
+#: the paper's models it trained from scratch; every other one of its models started from published weights
+PAPER_FROM_SCRATCH = {"efficientnetv2m"}
+
+
 def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower().replace("timm/", ""))
+    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 @lru_cache(maxsize=1)
@@ -30,8 +34,12 @@ def published_results() -> pd.DataFrame:
     return frame
 
 
-def published_figure(model: str, method: str, dataset: str) -> dict | None:
-    """The paper's figure for the same model, method and hold-out set, if it published one."""
+def published_figure(model: str, method: str, dataset: str, pretrained: bool = True) -> dict | None:
+    """The paper's figure for the same model, method and hold-out set, if it published one and the run's model
+    started as the paper's did (its published weights, or from scratch where the paper trained from scratch): a
+    ``timm/NAME`` build (random init) or a card run on random init is not the paper's model."""
+    if model.startswith("timm/") or pretrained == (_norm(model) in PAPER_FROM_SCRATCH):
+        return None
     table = published_results()
     rows = table[(table["model_norm"] == _norm(model)) & (table["method"] == METHOD_NAMES.get(method, method))
                  & (table["dataset"] == dataset)]

@@ -111,7 +111,7 @@ def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list
                 "AUROC ensemble [95% CI]", "paper BA (same model+method)", "paper best BA"):
         table.add_column(col)
     for dataset in datasets:
-        pub, best = published_figure(model, method, dataset), best_published(dataset)
+        pub, best = published_figure(model, method, dataset, pretrained), best_published(dataset)
         table.add_row(
             dataset, *_cells(metrics, dataset),
             f"{pub['bacc_mean']:.4f} +- {pub['bacc_std']:.4f}" if pub else "-",
