@@ -109,6 +109,14 @@ def test_repeats_may_differ_in_where_they_ran_but_not_in_how():
         check_repeats([("a", RunConfig()), ("b", RunConfig(train_seed=43))], ["cpu", "cuda"])
     with pytest.raises(MitobenchError, match="both trained with seed 43"):
         check_repeats([("a", RunConfig(seed=43)), ("b", RunConfig(train_seed=43, seed=43))])
+    # a run saved with precision/dtype "auto" (before runs saved them resolved) repeats one saved resolved
+    check_repeats([("old", RunConfig(dtype="auto")), ("new", RunConfig(dtype="float32", train_seed=43))], ["cpu"] * 2)
+    old, new = RunConfig(method="finetune"), RunConfig(method="finetune", train_seed=43)
+    new.train.precision = "fp32"
+    check_repeats([("old", old), ("new", new)], ["cpu", "cpu"])
+    new.train.precision = "bf16"
+    with pytest.raises(MitobenchError, match="train.precision: 'fp32' in old, 'bf16' in new"):
+        check_repeats([("old", old), ("new", new)], ["cpu", "cpu"])
 
 
 def test_the_device_a_run_used_comes_from_its_environment(repeats, tmp_path):

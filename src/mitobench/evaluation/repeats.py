@@ -59,6 +59,20 @@ def check_complete_folds(run_dir: Path, config: RunConfig) -> None:
                              "out, or train that seed again.")
 
 
+def _resolved(config: RunConfig, device: str) -> dict:
+    """The run's options, flat, with the device-dependent precisions as a run now saves them (``protocol.
+    pin_precision``): a run saved before that, with ``auto``, compares equal to its repeat saved resolved."""
+    values = _flat(dataclasses.asdict(config))
+    if config.method == "probe" and config.dtype == "auto" and device in ("cpu", "cuda"):
+        from mitobench.device import dtype_name
+        from mitobench.models.cards import get_card
+
+        values["dtype"] = dtype_name("auto", device, get_card(config.model).dtype)
+    elif config.method != "probe" and config.train.precision == "auto" and device in ("cpu", "cuda"):
+        values["train.precision"] = "bf16" if device == "cuda" else "fp32"
+    return values
+
+
 def check_repeats(configs: list[tuple[str, RunConfig]], devices: list[str] | None = None) -> None:
     """Refuse runs that are not repeats of one recipe: an option (other than ``NEUTRAL``) that differs, a run on
     another kind of device (``devices``: each run's ``device_used``), or two runs that trained with the same seed
@@ -67,9 +81,9 @@ def check_repeats(configs: list[tuple[str, RunConfig]], devices: list[str] | Non
         raise MitobenchError("--seeds needs at least two runs of one recipe, each with its own --train-seed.")
     devices = devices or [c.device.split(":")[0] for _, c in configs]
     first_name, first = configs[0]
-    reference = {**_flat(dataclasses.asdict(first)), "device used": devices[0]}
+    reference = {**_resolved(first, devices[0]), "device used": devices[0]}
     for (name, config), device in zip(configs[1:], devices[1:]):
-        values = {**_flat(dataclasses.asdict(config)), "device used": device}
+        values = {**_resolved(config, device), "device used": device}
         differ = sorted(k for k in reference.keys() | values.keys()
                         if k not in NEUTRAL and reference.get(k) != values.get(k))
         if differ:
