@@ -224,6 +224,9 @@ def test_missing_weights_path_or_gpu_is_one_clear_error_before_any_run_folder(cl
     if not torch.cuda.is_available():
         assert_clear_error(run_cmd(cli, fixture_root, tmp_path, "--device", "cuda"), "--device cuda", "--device cpu")
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        assert_clear_error(run_cmd(cli, fixture_root, tmp_path, "--device", "xpu"), "--device xpu", "--device cpu")
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 @pytest.mark.parametrize("method, model, what", [("probe", "uni", "features"),

@@ -53,10 +53,16 @@ def pick_device(name: str = "auto") -> "torch.device":
     try:
         device = torch.device(device_type(name) if name == "auto" else name)
     except RuntimeError as exc:
-        raise MitobenchError(f"--device {name!r} is unknown: use auto, cpu, cuda, cuda:N or mps.") from exc
+        raise MitobenchError(f"--device {name!r} is unknown: use auto, cpu, cuda, cuda:N, xpu or mps.") from exc
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise MitobenchError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here. Use --device "
                              "cpu (or auto, which picks a GPU when there is one).")
+    if device.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        count = xpu.device_count() if xpu is not None and xpu.is_available() else 0
+        if (device.index or 0) >= count:
+            raise MitobenchError(f"--device {name}: torch sees {count} Intel GPU(s) (XPU) here. Use --device cpu "
+                                 "(or auto).")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise MitobenchError(f"--device {name}: no Apple GPU (MPS) here. Use --device cpu or auto.")
     return device
