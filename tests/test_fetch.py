@@ -521,6 +521,26 @@ def test_an_archive_of_another_version_is_refused_even_when_its_split_is_not_unp
     assert not (root / "AMi-Br").exists() and (root / ARCHIVE_NAME).is_file()
 
 
+def test_a_second_fetch_into_the_same_root_waits_its_turn(tmp_path, server, source):
+    """Two fetches into one data root would resume one .part file and clear each other's unpack folder: the second
+    is refused at once, touching nothing, and runs once the first is done."""
+    import fcntl
+    import os
+
+    root = tmp_path / "root"
+    root.mkdir()
+    held = os.open(root, os.O_RDONLY)  # as a fetch in another process holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(MitobenchError, match=f"another `mitobench data fetch` is writing into {root}"):
+            run_fetch(root, server, source)
+        assert server.requests == [] and list(root.iterdir()) == []
+    finally:
+        os.close(held)
+    run_fetch(root, server, source)
+    assert (root / "AMi-Br").is_dir()
+
+
 def test_data_at_archive_root(tmp_path):
     source = FakeSource(tmp_path, top=None)
     srv = Server({ARCHIVE_PATH: source.archive, LABELS_PATH: source.labels_csv})

@@ -18,6 +18,7 @@ has is overwritten unless ``force=True``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -400,6 +401,31 @@ def unpack(archive: Path, root: Path, items: list[str], *, expected: dict, force
             "files": {k: v for k, v in files.items() if k.split("/")[0] in unpacked}}
 
 
+@contextlib.contextmanager
+def _one_fetch_at_a_time(root: Path):
+    """Hold ``root`` for this fetch: two fetches into one data root would resume the same ``.part`` file and clear
+    each other's unpack folder. The lock is on the folder itself, so the data root holds nothing but data. (No-op
+    where fcntl or directory locks are missing.)"""
+    try:
+        import fcntl
+
+        handle = os.open(root, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MitobenchError(f"another `mitobench data fetch` is writing into {root}: wait for it to finish "
+                                 "(or stop it), then run this one again.") from None
+        except OSError:  # a file system without locks
+            pass
+        yield
+    finally:
+        os.close(handle)
+
+
 def fetch(data_root: Path, *, benchmark_url: str | None = None, labels_url: str | None = None,
           expected: dict | None = None, force: bool = False, keep_archive: bool = False) -> Path:
     """Download and unpack the public data into ``data_root``; return ``data_root``.
@@ -409,13 +435,19 @@ def fetch(data_root: Path, *, benchmark_url: str | None = None, labels_url: str 
     error (it is left untouched) unless ``force``, which re-downloads and replaces everything.
     """
     root = Path(data_root).expanduser()
-    benchmark_url = benchmark_url or BENCHMARK_URL
-    labels_url = labels_url or LABELS_URL
-    checks = {**DEFAULT_EXPECTED, **(expected or {})}
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MitobenchError(f"cannot create the data root {root} ({exc}). Choose another --data-root.") from exc
+    with _one_fetch_at_a_time(root):
+        return _fetch(root, benchmark_url, labels_url, expected, force, keep_archive)
+
+
+def _fetch(root: Path, benchmark_url: str | None, labels_url: str | None, expected: dict | None, force: bool,
+           keep_archive: bool) -> Path:
+    benchmark_url = benchmark_url or BENCHMARK_URL
+    labels_url = labels_url or LABELS_URL
+    checks = {**DEFAULT_EXPECTED, **(expected or {})}
     old = _read_manifest(root)
     manifest = {"format": MANIFEST_FORMAT, "mitobench_version": __version__,
                 "archive": old.get("archive"), "labels": old.get("labels"), "files": dict(old.get("files") or {})}
