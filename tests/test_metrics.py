@@ -268,3 +268,26 @@ def test_domain_metrics_split_each_set_by_its_domains():
     text = render_domain_report(by_domain, Console(file=io.StringIO()))
     assert "per domain" in text and " X " in text and " Y " in text
     assert domain_metrics(preds, {"B": domains["B"]}, thresholds, "m", "probe", n_boot=50).empty
+
+
+def test_cluster_bootstrap_widens_the_ci_when_a_slide_s_figures_move_together():
+    """Each slide's figures all right or all wrong together: the figures are not independent, and resampling
+    slides shows the uncertainty that resampling figures hides. Seeded: the same CI twice."""
+    from mitobench.evaluation.metrics import cluster_bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    slides = np.repeat(np.arange(30), 20)
+    labels = np.tile(np.r_[np.ones(5), np.zeros(15)], 30).astype(int)
+    right = np.repeat(rng.random(30) < 0.7, 20)  # the slide decides
+    probs = np.where(right, np.where(labels == 1, 0.9, 0.1), np.where(labels == 1, 0.1, 0.9))
+    by_figure = bootstrap_ci(labels, probs, 0.5, 500, 1)["balanced_accuracy"]
+    by_slide = cluster_bootstrap_ci(labels, probs, slides, 0.5, 500, 1)["balanced_accuracy"]
+    assert by_slide == cluster_bootstrap_ci(labels, probs, slides, 0.5, 500, 1)["balanced_accuracy"]
+    assert by_slide[1] - by_slide[0] > 3 * (by_figure[1] - by_figure[0])
+    value = binary_metrics(labels, probs)["balanced_accuracy"]
+    assert by_slide[0] < value < by_slide[1]
+    # one figure per slide: the plain (unstratified) bootstrap, close to the stratified one
+    single = cluster_bootstrap_ci(labels, probs, np.arange(len(labels)), 0.5, 2000, 1)["balanced_accuracy"]
+    assert single == pytest.approx(bootstrap_ci(labels, probs, 0.5, 2000, 1)["balanced_accuracy"], abs=0.02)
+    with pytest.raises(ValueError, match="cluster ids"):
+        cluster_bootstrap_ci(labels, probs, slides[:-1])

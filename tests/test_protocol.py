@@ -123,6 +123,7 @@ def test_metrics_csv(probe_run):
         assert {"1", "2", "3", "4", "5", "ensemble", "mean", "sd"} <= set(part["fold"])
         ens = part[part["fold"] == "ensemble"]
         assert len(ens) == len(METRICS) and ens["ci_low"].notna().all()
+        assert (ens["ci_unit"] == "figure").all()  # the default: figures, stratified by class
     report = (path / "report.txt").read_text()
     for name in HOLDOUTS:
         assert name in report
@@ -296,6 +297,39 @@ def test_a_run_folder_one_cannot_write_in_is_one_clear_error(tmp_path, monkeypat
     monkeypatch.setattr("mitobench.runs.open", refuse, raising=False)
     with pytest.raises(MitobenchError, match=r"cannot write in this run folder \(Permission denied\).*write permission"):
         RunDir(tmp_path).lock()
+
+
+def test_slide_bootstrap_resamples_the_slides_of_sets_that_name_them(probe_run, fixture_root, tmp_path):
+    """bootstrap=slide: the ensemble's CI on AMi-Br test (every figure has its slide) resamples slides; AtNorM-Br
+    names none and stays per figure; the point figures are the default run's; the report says which is which."""
+    from mitobench.evaluation.metrics import cluster_bootstrap_ci
+    from test_engine import load_benchmark_script
+
+    default, _ = probe_run
+    path = run_benchmark(config(fixture_root, tmp_path, bootstrap="slide"), console=quiet())
+    metrics = pd.read_csv(path / "metrics.csv", dtype={"fold": str})
+    ens = metrics[metrics["fold"] == "ensemble"].set_index(["dataset", "metric"])
+    assert set(ens.loc["AMi-Br-test", "ci_unit"]) == {"slide"} and set(ens.loc["AtNorM-Br", "ci_unit"]) == {"figure"}
+    preds = pd.read_csv(path / "predictions.csv", dtype={"fold": str})
+    part = preds[(preds["dataset"] == "AMi-Br-test") & (preds["fold"] == "ensemble")]
+    test = evaluation_sets(discover(fixture_root))["AMi-Br-test"]
+    slides = part["image"].map(dict(zip(test["image"], test["group"]))).to_numpy()
+    threshold = json.loads((path / "fold_info.json").read_text())
+    threshold = float(np.mean([info["threshold"] for info in threshold.values()]))
+    expected = cluster_bootstrap_ci(part["label"].to_numpy(), part["probability"].to_numpy(), slides, threshold, 200, 42)
+    assert tuple(ens.loc[("AMi-Br-test", "balanced_accuracy"), ["ci_low", "ci_high"]]) == pytest.approx(
+        expected["balanced_accuracy"])
+    before = pd.read_csv(default / "metrics.csv", dtype={"fold": str})
+    pd.testing.assert_series_equal(before["value"], metrics["value"])  # only the CIs of AMi-Br test change
+    assert "95% bootstrap CI over slides (AMi-Br-test), stratified over figures (AtNorM-Br" in " ".join(
+        (path / "report.txt").read_text().split())
+    # benchmarks/slide_ci.py rescores a finished default run both ways: its slide CI is this run's
+    rows = {(r["dataset"], r["metric"]): r for r in load_benchmark_script("slide_ci").score_run(default)}
+    assert set(rows) == {("AMi-Br-test", "balanced_accuracy"), ("AMi-Br-test", "auroc")}
+    row = rows[("AMi-Br-test", "balanced_accuracy")]
+    assert row["slide_ci"] == pytest.approx(expected["balanced_accuracy"])
+    assert row["figure_ci"] == pytest.approx(tuple(before.set_index(["dataset", "fold", "metric"]).loc[
+        ("AMi-Br-test", "ensemble", "balanced_accuracy"), ["ci_low", "ci_high"]]))
 
 
 def test_resume_needs_a_run_folder(tmp_path):

@@ -302,6 +302,8 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
         try:
             m = pd.read_csv(path, dtype={"fold": str})
             how = f"{m['model'].iloc[0]} / {m['method'].iloc[0]}" if len(m) else "?"
+            if "ci_unit" in m and (m["ci_unit"] == "slide").any():  # else per figure: say when CIs differ in kind
+                how += f"; ensemble CI over slides on {', '.join(sorted(m.loc[m['ci_unit'] == 'slide', 'dataset'].unique()))}"
             m = m[m["metric"].isin(["balanced_accuracy", "auroc"])][["dataset", "metric", "fold", "value", "ci_low", "ci_high"]]
             frames.append(m)
         except (ValueError, KeyError, pd.errors.ParserError) as exc:

@@ -119,6 +119,10 @@ class RunConfig:
     datasets: list[str] = field(default_factory=list)  # extra hold-out sets: class folders or CSVs
     dedup: bool = False  # also evaluate de-duplicated hold-out sets
     n_boot: int = 1000
+    # the ensemble's bootstrap CI resamples figures (stratified by class; the default) or slides: figures of one
+    # slide are not independent draws, so "slide" gives the wider CI for new slides, on sets that name each
+    # figure's slide (AMi-Br test, a --dataset CSV's group column); the others stay per figure (metrics.csv ci_unit)
+    bootstrap: str = "figure"
     allow_download: bool = False
     # a probe or LoRA of a model with published weights that are not found here is refused (its features would be
     # random); true runs it on random init anyway
@@ -271,7 +275,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 AUGMENTS = ("none", "dihedral", "paper", "strong")
 CHOICES = {"train.optimizer": ("adamw", "adam"), "train.sampler": ("weighted", "shuffle"),
            "train.loss": ("bce", "weighted_bce", "focal"), "train.augment": AUGMENTS,
-           "probe.head": ("logistic", "torch"), "dtype": ("auto", *DTYPES), "calibration": ("none", "platt")}
+           "probe.head": ("logistic", "torch"), "dtype": ("auto", *DTYPES), "calibration": ("none", "platt"),
+           "bootstrap": ("figure", "slide")}
 DEVICE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
 
 

@@ -459,11 +459,13 @@ def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, F
     predictions = pd.concat(rows, ignore_index=True)
     thresholds = {str(f): float(r.info["threshold"]) for f, r in results.items()}
     thresholds["ensemble"] = float(np.mean(list(thresholds.values())))
-    metrics = tidy_metrics(predictions, thresholds, config.model, config.method, config.n_boot, config.seed)
+    slides = ({name: dict(zip(ctx.sets[name]["image"], ctx.sets[name]["group"])) for name in ctx.holdouts}
+              if config.bootstrap == "slide" else None)
+    metrics = tidy_metrics(predictions, thresholds, config.model, config.method, config.n_boot, config.seed, slides)
     domains = {VALIDATION: dict(zip(train["image"], train["domain"])),
                **{name: dict(zip(ctx.sets[name]["image"], ctx.sets[name]["domain"])) for name in ctx.holdouts}}
     by_domain = domain_metrics(predictions, domains, thresholds, config.model, config.method, config.n_boot,
-                               config.seed)
+                               config.seed, slides)
     atomic_write_csv(run.path / "predictions.csv", predictions)
     atomic_write_csv(run.path / "metrics.csv", metrics)
     text = render_report(metrics, config.model, config.method, [VALIDATION, *ctx.holdouts], absent,
@@ -473,7 +475,7 @@ def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, F
         text += render_domain_report(by_domain)
     votes = votes_of_sets(ctx.sets)
     by_agreement = agreement_metrics(predictions, votes, thresholds, config.model, config.method, config.n_boot,
-                                     config.seed)
+                                     config.seed, slides)
     by_votes = calls_by_votes(predictions, votes, thresholds)
     raters = rater_agreement(predictions, votes, thresholds)
     for name, frame in (("metrics_by_agreement", by_agreement), ("calls_by_votes", by_votes),

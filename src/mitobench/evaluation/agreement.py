@@ -59,13 +59,14 @@ def _voted_sets(votes: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 
 
 def agreement_metrics(predictions: pd.DataFrame, votes: dict[str, pd.DataFrame], thresholds: dict[str, float],
-                      model: str, method: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+                      model: str, method: str, n_boot: int = 1000, seed: int = 0,
+                      slides: dict[str, dict] | None = None) -> pd.DataFrame:
     """metrics.csv's rows for each set's unanimous and split-vote figures apart, plus an ``agreement`` column.
     ``votes``: per dataset, ``votes_of_sets``' frame."""
     groups = {dataset: agreement_of(v["p_atypical_votes"]).dropna().to_dict()
               for dataset, v in _voted_sets(votes).items()}
     return subgroup_metrics(predictions, groups, thresholds, model, method, n_boot, seed, column="agreement",
-                            missing=None)
+                            missing=None, slides=slides)
 
 
 def model_calls(predictions: pd.DataFrame, dataset: str, thresholds: dict[str, float]) -> pd.DataFrame:

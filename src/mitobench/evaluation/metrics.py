@@ -100,9 +100,13 @@ def _ece_rows(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> 
 
 
 def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5, n_boot: int = 1000,
-                 seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+                 seed: int = 0, alpha: float = 0.05, clusters: np.ndarray | None = None
+                 ) -> dict[str, tuple[float, float]]:
     """Seeded stratified percentile bootstrap: positives and negatives are resampled separately,
-    so every replicate keeps the set's class balance."""
+    so every replicate keeps the set's class balance. With ``clusters`` (each figure's slide), whole slides are
+    resampled instead (``cluster_bootstrap_ci``)."""
+    if clusters is not None:
+        return cluster_bootstrap_ci(labels, probs, clusters, threshold, n_boot, seed, alpha)
     labels, probs = checked(labels, probs)
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
@@ -112,3 +116,30 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5, 
     values = _metrics_rows(labels[idx], probs[idx], threshold)
     lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
     return {m: (float(np.nanpercentile(values[m], lo)), float(np.nanpercentile(values[m], hi))) for m in METRICS}
+
+
+def cluster_bootstrap_ci(labels: np.ndarray, probs: np.ndarray, clusters: np.ndarray, threshold: float = 0.5,
+                         n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Seeded percentile bootstrap over clusters (slides): each replicate draws as many slides as the set has,
+    with replacement, and keeps all their figures. Figures of one slide share its staining, scanner and tumour, so
+    they are not independent draws; resampling slides gives the wider, honest interval for a new slide's figures.
+    A replicate that happens to hold one class only is left out (its BA and AUROC are undefined)."""
+    labels, probs = checked(labels, probs)
+    clusters = np.asarray(clusters)
+    if len(clusters) != len(labels):
+        raise ValueError(f"{len(clusters)} cluster ids for {len(labels)} figures")
+    if len(np.unique(labels)) < 2:
+        return {m: (float("nan"), float("nan")) for m in METRICS}
+    _, members_of = np.unique(clusters, return_inverse=True)
+    members = [np.flatnonzero(members_of == k) for k in range(members_of.max() + 1)]
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[float]] = {m: [] for m in METRICS}
+    for draw in rng.integers(0, len(members), (n_boot, len(members))):
+        idx = np.concatenate([members[k] for k in draw])
+        if labels[idx].min() == labels[idx].max():
+            continue
+        for metric, value in _metrics_rows(labels[idx][None], probs[idx][None], threshold).items():
+            rows[metric].append(float(value[0]))
+    lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
+    return {m: ((float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))) if v else (float("nan"),) * 2)
+            for m, v in rows.items()}

@@ -14,19 +14,26 @@ from mitobench.evaluation.published import CITATION, best_published, published_f
 
 
 def tidy_metrics(predictions: pd.DataFrame, thresholds: dict[str, float], model: str, method: str,
-                 n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """``predictions`` has columns dataset, fold ('1'..'5' or 'ensemble'), label, probability."""
+                 n_boot: int = 1000, seed: int = 0, slides: dict[str, dict] | None = None) -> pd.DataFrame:
+    """``predictions`` has columns dataset, fold ('1'..'5' or 'ensemble'), label, probability. ``slides``: per
+    dataset, image -> slide; the ensemble's CI of a set whose every figure has one resamples slides (``ci_unit``
+    ``slide``), else figures, stratified by class (``figure``)."""
     rows = []
     for (dataset, fold), part in predictions.groupby(["dataset", "fold"], sort=False):
         thr = thresholds.get(str(fold), 0.5)
         values = binary_metrics(part["label"].to_numpy(), part["probability"].to_numpy(), thr)
-        cis = bootstrap_ci(part["label"].to_numpy(), part["probability"].to_numpy(), thr, n_boot, seed) \
-            if fold == "ensemble" else {}
+        unit, cis = "", {}
+        if fold == "ensemble":
+            slide = part["image"].map((slides or {}).get(dataset, {})) if "image" in part else pd.Series(dtype=object)
+            clusters = slide.to_numpy() if len(slide) and slide.notna().all() else None
+            unit = "figure" if clusters is None else "slide"
+            cis = bootstrap_ci(part["label"].to_numpy(), part["probability"].to_numpy(), thr, n_boot, seed,
+                               clusters=clusters)
         for metric in METRICS:
             lo, hi = cis.get(metric, (np.nan, np.nan))
             rows.append({"dataset": dataset, "model": model, "method": method, "fold": str(fold), "metric": metric,
                          "value": values[metric], "ci_low": lo, "ci_high": hi, "n": len(part),
-                         "n_atypical": int(part["label"].sum())})
+                         "n_atypical": int(part["label"].sum()), "ci_unit": unit})
     frame = pd.DataFrame(rows)
     folds = frame[frame["fold"].str.isdigit()]
     summary = folds.groupby(["dataset", "metric"], sort=False)["value"]
@@ -40,7 +47,7 @@ def tidy_metrics(predictions: pd.DataFrame, thresholds: dict[str, float], model:
 
 def subgroup_metrics(predictions: pd.DataFrame, groups: dict[str, dict], thresholds: dict[str, float], model: str,
                      method: str, n_boot: int = 1000, seed: int = 0, column: str = "domain",
-                     missing: str | None = "unknown") -> pd.DataFrame:
+                     missing: str | None = "unknown", slides: dict[str, dict] | None = None) -> pd.DataFrame:
     """``tidy_metrics`` of each subgroup (a domain, an expert-agreement level) of every set that holds more than one;
     the columns of metrics.csv plus ``column``. ``groups``: per dataset, image -> group; an image without one goes
     to the group ``missing``, or is left out where ``missing`` is None."""
@@ -56,15 +63,16 @@ def subgroup_metrics(predictions: pd.DataFrame, groups: dict[str, dict], thresho
         if labels.nunique() < 2:
             continue
         for group in sorted(labels.unique()):
-            frames.append(tidy_metrics(part[labels == group], thresholds, model, method, n_boot, seed)
+            frames.append(tidy_metrics(part[labels == group], thresholds, model, method, n_boot, seed, slides)
                           .assign(**{column: group}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def domain_metrics(predictions: pd.DataFrame, domains: dict[str, dict], thresholds: dict[str, float], model: str,
-                   method: str, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+                   method: str, n_boot: int = 1000, seed: int = 0, slides: dict[str, dict] | None = None
+                   ) -> pd.DataFrame:
     """``subgroup_metrics`` by domain (scanner, source, tumour type); an image without one is "unknown"."""
-    return subgroup_metrics(predictions, domains, thresholds, model, method, n_boot, seed)
+    return subgroup_metrics(predictions, domains, thresholds, model, method, n_boot, seed, slides=slides)
 
 
 def _get(metrics: pd.DataFrame, dataset: str, fold: str, metric: str) -> pd.Series | None:
@@ -94,6 +102,17 @@ def fold_counts(metrics: pd.DataFrame, dataset: str) -> str:
     return f"{n.iloc[0]} ({atypical.iloc[0]})"
 
 
+def ci_caption(metrics: pd.DataFrame) -> str:
+    """How the ensemble's CIs were drawn: per figure (stratified by class), or per slide on the sets so marked."""
+    units = metrics.get("ci_unit", pd.Series(dtype=object))
+    by_slide = sorted(metrics.loc[units == "slide", "dataset"].unique()) if len(units) else []
+    if not by_slide:
+        return "95% stratified bootstrap CI"
+    rest = sorted(metrics.loc[units == "figure", "dataset"].unique())
+    return (f"95% bootstrap CI over slides ({', '.join(by_slide)})"
+            + (f", stratified over figures ({', '.join(rest)}: no slide per figure)" if rest else ""))
+
+
 def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list[str], absent: list[str],
                   pretrained: bool = True, console: Console | None = None, recipe: str = "",
                   threshold: str = "fixed") -> str:
@@ -105,8 +124,8 @@ def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list
     folds = metrics["fold"].astype(str)
     n = folds[folds.str.isdigit()].nunique()  # the fold models that count: fewer where a fold failed
     table = Table(title=title, caption=f"positive class = atypical; {THRESHOLDS[threshold]}; fold models: mean +- "
-                  f"population SD over {n}; ensemble: mean probability of the {n} fold models, 95% stratified "
-                  "bootstrap CI")
+                  f"population SD over {n}; ensemble: mean probability of the {n} fold models, "
+                  + ci_caption(metrics))
     for col in ("set", "n (atyp.)", "BA fold mean+-SD", "AUROC fold mean+-SD", "BA ensemble [95% CI]",
                 "AUROC ensemble [95% CI]", "paper BA (same model+method)", "paper best BA"):
         table.add_column(col)
