@@ -174,9 +174,18 @@ def test_backbone_is_the_mapped_model(photos):
         feats = backbone.eval()(photos)
         expected = reference.eval().forward_head(reference.forward_features(photos), pre_logits=True)
     torch.testing.assert_close(feats, expected, rtol=1e-4, atol=1e-4)
-    # preprocess on uint8 patches is the same recipe as above
-    chelsea = torch.from_numpy(np.ascontiguousarray(skimage_data.chelsea()))[None]
-    torch.testing.assert_close(backbone.preprocess(chelsea), photos[:1], rtol=1e-4, atol=1e-4)
+    # preprocess on uint8 images: the same resampling and normalisation, the shorter side to 224 and the centre
+    # cropped (a 300 x 451 photo keeps its aspect; patches are square)
+    image = skimage_data.chelsea()
+    chelsea = torch.from_numpy(np.ascontiguousarray(image))[None]
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+    h, w = x.shape[-2:]
+    x = F.interpolate(x, size=(224, round(w * 224 / h)), mode="bilinear", align_corners=False, antialias=True)
+    left = (x.shape[-1] - 224) // 2
+    x = x[..., left:left + 224]
+    expected = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert h < w
+    torch.testing.assert_close(backbone.preprocess(chelsea), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_random_init_is_said_plainly(caplog):

@@ -249,6 +249,54 @@ def test_mapping_file_named_by_env(tmp_path, monkeypatch):
         W.resolve_weights(card, allow_download=False)
 
 
+def test_a_timm_model_loads_the_users_mapped_or_given_imagenet_checkpoint(tmp_path, monkeypatch):
+    """``timm/<name>`` has no Hub repo of its own: the mapping file ($MITOBENCH_WEIGHTS) names its weights like any
+    card's, and a timm checkpoint with its ImageNet classifier (``fc.*``) loads, the classifier dropped."""
+    import timm
+
+    from mitobench.models.cards import RANDOM_INIT, backbone_identity
+
+    source = timm.create_model("resnet18", pretrained=False)  # with its 1000-class fc
+    torch.save(source.state_dict(), tmp_path / "resnet18_imagenet.pth")
+    given = create_backbone("timm/resnet18", weights=tmp_path / "resnet18_imagenet.pth")
+    trunk = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    torch.testing.assert_close(given.model.state_dict(), trunk, rtol=0, atol=0)
+    assert backbone_identity("timm/resnet18") == RANDOM_INIT and not create_backbone("timm/resnet18").pretrained
+    (tmp_path / "weights.yaml").write_text(f"timm/resnet18: {tmp_path / 'resnet18_imagenet.pth'}\n")
+    monkeypatch.setenv("MITOBENCH_WEIGHTS", str(tmp_path / "weights.yaml"))
+    mapped = create_backbone("timm/resnet18")
+    assert mapped.pretrained and mapped.weights_id == given.weights_id == backbone_identity("timm/resnet18")
+    assert "mapping file" in mapped.weights_source or "resnet18_imagenet.pth" in mapped.weights_source
+
+
+def test_a_checkpoint_that_is_no_state_dict_names_the_file_and_what_to_pass(tmp_path):
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(MitobenchError, match=r"list\.pth: the checkpoint holds a list, not a state dict.*"
+                                             r"torch\.save\(model\.state_dict\(\)\)"):
+        create_backbone("lunit_vits16", weights=tmp_path / "list.pth")
+
+
+def test_preprocess_resizes_the_shorter_side_and_crops_the_centre():
+    """A non-square image (``models check --image``) keeps its aspect, as the cards' official Resize + CenterCrop."""
+    card = get_card("lunit_vits16")
+    backbone = Backbone(build_model(replace_card(card, build_kwargs={**card.build_kwargs, "depth": 1})), card, "x", "x")
+    wide = torch.zeros(1, 100, 300, 3, dtype=torch.uint8)
+    wide[:, :, 100:200] = 255  # the middle third white: after resize + centre crop, all the model sees
+    x = backbone.preprocess(wide)
+    assert x.shape == (1, 3, card.input_size, card.input_size)
+    white = (1 - torch.tensor(card.mean)) / torch.tensor(card.std)
+    torch.testing.assert_close(x[0, :, 10:-10, 10:-10].mean((1, 2)), white, atol=1e-3, rtol=0)
+    square = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8)  # patches: as before, exactly
+    expected = torch.nn.functional.interpolate(square.permute(0, 3, 1, 2).float() / 255, size=(card.input_size,) * 2,
+                                               mode="bicubic" if card.interpolation == "bicubic" else "bilinear",
+                                               align_corners=False, antialias=True)
+    if card.interpolation == "bicubic":
+        expected = expected.clamp(0, 1)
+    mean, std = torch.tensor(card.mean)[:, None, None], torch.tensor(card.std)[:, None, None]
+    assert card.resize is None  # the card resizes straight to its input size
+    torch.testing.assert_close(backbone.preprocess(square), (expected - mean) / std)
+
+
 def _fake_cache(tmp_path, card, with_ref=True) -> Path:
     repo = tmp_path / "hf-cache" / "models--fake-org--fake-model"
     snap = repo / "snapshots" / REV

@@ -119,6 +119,8 @@ def get_card(key: str) -> ModelCard:
     if key.startswith("timm/"):
         import timm
 
+        from mitobench.models.zoo import drop_head
+
         name = key.split("/", 1)[1]
         if not timm.is_model(name):
             raise MitobenchError(f"unknown timm model {name!r}. `python -c \"import timm; print(timm.list_models('*{name[:6]}*'))\"` lists close names.")
@@ -128,6 +130,7 @@ def get_card(key: str) -> ModelCard:
                          interpolation=getattr(cfg, "interpolation", "bilinear") or "bilinear",
                          mean=tuple(getattr(cfg, "mean", IMAGENET_MEAN)), std=tuple(getattr(cfg, "std", IMAGENET_STD)),
                          embedding="pooled", lora_target=timm_lora_target(name),
+                         state_dict_filter=drop_head,  # a timm/ImageNet checkpoint carries its classifier
                          description=f"any timm model ({name})")
     close = [k for k in _REGISTRY if key.lower()[:3] in k.lower()][:8]
     raise MitobenchError(f"unknown model {key!r}. Known keys: {sorted(_REGISTRY)}{' (close: ' + str(close) + ')' if close else ''}; "
@@ -152,11 +155,13 @@ def backbone_identity(key: str, weights: str | Path | None = None, pretrained: b
             from mitobench.io import sha256_file
 
             return sha256_file(Path(card.weights_path()))[:16]
-        if pretrained and card.hf_repo is not None:
+        if pretrained:  # the mapping file for any card; the HF cache where the card has a repo
             from mitobench.models.weights import _weight_files, resolve_weights, weights_digest
 
             found = resolve_weights(card, allow_download=False)
-            return None if found is None else weights_digest(_weight_files(found, card)[0])
+            if found is not None:
+                return weights_digest(_weight_files(found, card)[0])
+            return None if card.hf_repo is not None else RANDOM_INIT  # no repo, nothing mapped: random init
     except (MitobenchError, OSError):
         return None  # the build reports it properly
     return RANDOM_INIT

@@ -52,22 +52,27 @@ class Backbone(nn.Module):
     def preprocess(self, patches: torch.Tensor, size: int | None = None, card_crop: bool = True) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` or float ``(B, 3, H, W)`` in [0, 1] -> normalised model input.
 
-        Batched tensor version of the card's Resize(resize) + CenterCrop(input_size) + Normalize. ``card_crop=False``:
-        the whole patch resized (bilinear) to ``size``, as the training engine's augmentation sees it.
+        Batched tensor version of the card's Resize(resize) + CenterCrop(input_size) + Normalize (Resize as
+        torchvision's: the shorter side, the aspect kept). ``card_crop=False``: the whole patch resized (bilinear) to
+        ``size``, as the training engine's augmentation sees it.
         """
         x = patches
         if x.dtype == torch.uint8:
             x = x.permute(0, 3, 1, 2).float().div_(255)
         size = size or self.card.input_size
         resize = self.card.resize if (card_crop and self.card.resize and size == self.card.input_size) else size
-        if x.shape[-1] != resize or x.shape[-2] != resize:
+        h, w = x.shape[-2:]
+        if h != w or h != resize:  # the shorter side to ``resize``, the aspect kept (a patch is square)
+            shape = (resize, resize) if h == w else (max(resize, round(h * resize / min(h, w))),
+                                                     max(resize, round(w * resize / min(h, w))))
             mode = "bicubic" if card_crop and self.card.interpolation == "bicubic" else "bilinear"
-            x = F.interpolate(x, size=(resize, resize), mode=mode, align_corners=False, antialias=True)
+            x = F.interpolate(x, size=shape, mode=mode, align_corners=False, antialias=True)
             if mode == "bicubic":
                 x = x.clamp_(0, 1)
-        if resize != size:
-            top = (resize - size) // 2
-            x = x[..., top:top + size, top:top + size]
+        h, w = x.shape[-2:]
+        if h != size or w != size:
+            top, left = (h - size) // 2, (w - size) // 2
+            x = x[..., top:top + size, left:left + size]
         return (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +137,7 @@ def create_backbone(key: str, weights: str | Path | None = None, pretrained: boo
         from mitobench.io import sha256_file
 
         weights_id, source = sha256_file(path)[:16], f"package weights {path}"
-    elif pretrained and card.hf_repo is not None:
+    elif pretrained:  # the user's mapping file ($MITOBENCH_WEIGHTS), then the HF cache / download where a repo
         from mitobench.models.weights import resolve_weights, load_weights_strict
 
         found = resolve_weights(card, allow_download=allow_download)

@@ -149,7 +149,9 @@ def _from_hf_cache(repo: str, files: tuple[str, ...]) -> Path | None:
                 log.debug("try_to_load_from_cache(%s, %s) failed: %s", repo, fname, exc)
                 hit = None
             if isinstance(hit, str) and Path(hit).exists():
-                return _complete_sharded(Path(hit))
+                complete = _complete_sharded(Path(hit))
+                if complete is not None:  # else an index whose shards are missing: try the next name, the snapshots
+                    return complete
     # a snapshot without refs/main (pinned revision) or another spelling of the repo id
     if cache.is_dir():
         want = "models--" + repo.replace("/", "--")
@@ -426,6 +428,10 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
 
 
+class NotAStateDictError(MitobenchError):
+    """A checkpoint that holds no tensors by name (a list, a whole pickled model converted to something else)."""
+
+
 def unwrap_state_dict(obj: Any, notes: list[str]) -> dict[str, torch.Tensor]:
     for _ in range(4):
         if not isinstance(obj, dict) or _is_tensor_dict(obj):
@@ -436,7 +442,8 @@ def unwrap_state_dict(obj: Any, notes: list[str]) -> dict[str, torch.Tensor]:
         notes.append(f"unwrapped '{inner}'")
         obj = obj[inner]
     if not isinstance(obj, dict):
-        raise MitobenchError(f"the checkpoint holds a {type(obj).__name__}, not a state dict")
+        raise NotAStateDictError(f"the checkpoint holds a {type(obj).__name__}, not a state dict. Pass the model's "
+                                 "weights: a .safetensors file, or a file saved with torch.save(model.state_dict()).")
     dropped = [k for k, v in obj.items() if not torch.is_tensor(v)]
     if dropped:
         notes.append(f"ignored {len(dropped)} non-tensor entries ({dropped[:3]})")
@@ -637,8 +644,10 @@ def _hints(missing: list[str], unexpected: list[str], mis_shaped: list, n_model:
         hints.append("the number of register tokens differs (reg_tokens)")
     if any(".mlp.fc" in k for k, *_ in mis_shaped):
         hints.append("the MLP differs (SwiGLU packed vs plain, or mlp_ratio)")
-    if any(k.startswith("head") for k in unexpected):
-        hints.append("the checkpoint has a classifier head; the card builds num_classes=0 (use a card filter)")
+    if any(k.startswith(("head", "fc.", "classifier.")) for k in unexpected):
+        hints.append("the checkpoint has a classifier head; mitobench builds the network without one "
+                     "(num_classes=0): save the weights without it (e.g. model.reset_classifier(0) before "
+                     "state_dict()), or drop those keys")
     if "patch_embed.proj.weight" in [k for k, *_ in mis_shaped]:
         hints.append("the patch size or embedding width differs: this is probably another model's checkpoint")
     if len(missing) > 0.8 * max(1, n_model) and unexpected:
@@ -688,13 +697,16 @@ def load_weights_strict(model: nn.Module, path: Path, card: "ModelCard") -> tupl
         if isinstance(config, dict):
             notes += verify_config(card, model, config, config_path)
     raw: dict[str, torch.Tensor] = {}
-    for f in files:
-        part = read_checkpoint(f)
-        if len(files) > 1:
-            raw.update(unwrap_state_dict(part, []))
-        else:
-            raw = part
-    state = prepare_state_dict(raw, model, card, notes)
+    try:
+        for f in files:
+            part = read_checkpoint(f)
+            if len(files) > 1:
+                raw.update(unwrap_state_dict(part, []))
+            else:
+                raw = part
+        state = prepare_state_dict(raw, model, card, notes)
+    except NotAStateDictError as exc:
+        raise MitobenchError(f"{files[0] if len(files) == 1 else path}: {exc}") from None
     check_fit(model, state, files[0] if len(files) == 1 else path, card)
     model.load_state_dict(state, strict=True)
     weights_id = weights_digest(files)
