@@ -448,6 +448,29 @@ def test_download_of_a_sharded_repo_with_a_missing_shard_names_it(fake_hub):
         W.resolve_weights(fake_card(weight_files=("model.safetensors.index.json",)), allow_download=True)
 
 
+def test_a_repo_that_ships_its_weights_in_shards_is_downloaded_and_loaded(tmp_path, fake_hub):
+    """The card names model.safetensors; the repo holds model.safetensors.index.json and two shards instead."""
+    card = fake_card()
+    src = build_model(card)
+    state = {k: v.contiguous() for k, v in src.state_dict().items()}
+    keys = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    files = {}
+    for shard, names in halves.items():
+        save_file({k: state[k] for k in names}, tmp_path / shard)
+        files[f"fake-org/fake-model/{shard}"] = (tmp_path / shard).read_bytes()
+    index = {"weight_map": {k: shard for shard, names in halves.items() for k in names}}
+    files["fake-org/fake-model/model.safetensors.index.json"] = json.dumps(index).encode()
+    fake_hub.files = files
+    path = W.resolve_weights(card, allow_download=True)
+    assert path is not None and path.name == "model.safetensors.index.json"
+    model = build_model(card)
+    W.load_weights_strict(model, path, card)
+    torch.testing.assert_close(embed(model, card), embed(src, card), rtol=0, atol=0)
+    assert W.resolve_weights(card, allow_download=False) is not None  # then found in the cache, offline
+
+
 def test_config_json_that_is_not_utf8_is_one_clear_error(tmp_path):
     card = get_card("lunit_vits16")
     save_file({k: v.contiguous() for k, v in build_model(card).state_dict().items()}, tmp_path / "model.safetensors")

@@ -100,7 +100,16 @@ def hf_cache_dir() -> Path:
 
 
 def _card_files(card: "ModelCard") -> tuple[str, ...]:
-    return tuple(card.weight_files) or DEFAULT_WEIGHT_FILES
+    """The card's weight file names, each followed by its shard index (``model.safetensors.index.json``): a repo
+    that re-uploads its weights in shards (large ViT-g checkpoints often are) is still found and downloaded."""
+    if not card.weight_files:
+        return DEFAULT_WEIGHT_FILES
+    names: list[str] = []
+    for name in card.weight_files:
+        names.append(name)
+        if name.endswith((".safetensors", ".bin")):
+            names.append(f"{name}.index.json")
+    return tuple(names)
 
 
 # ------------------------------------------------------------------------------------- mapping file
