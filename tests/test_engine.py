@@ -799,6 +799,20 @@ def test_lora_targets_matching_nothing(fixture_root, tmp_path, tiny_vit_card):
         method._build()
 
 
+@pytest.mark.parametrize("method, model, train, error", [
+    ("lora", "timm/vit_tiny_patch16_224", {"lora_targets": r"nothing\.here$"}, "match no layer of timm/vit_tiny"),
+    ("finetune", "efficientnet_lite0", {"freeze_stages": 7}, "freeze_stages=7 leaves no stage"),
+])
+def test_a_recipe_the_model_cannot_take_is_refused_before_any_run_folder(fixture_root, tmp_path, method, model, train,
+                                                                          error):
+    """Checked on the bare architecture (meta tensors: a ViT-H in a second, no weights needed), not in fold 1 of a
+    run folder that then reads 'failed'."""
+    config = make_config(fixture_root, tmp_path, method=method, model=model, train=train)
+    with pytest.raises(MitobenchError, match=error):
+        run_benchmark(config, console=Console(file=io.StringIO()))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 @pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam])
 def test_optimizer_is_fused_and_updates_like_the_plain_one(cls):
     """This torch fuses AdamW/Adam on the CPU; the fused update follows the plain one (float rounding apart)."""

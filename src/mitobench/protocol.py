@@ -367,6 +367,8 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
 
             pick_device(config.device)
     method = make_method(config)  # unknown model keys fail here, before any folder exists
+    if resume is None and hasattr(method, "preflight"):
+        method.preflight()  # LoRA targets, layer decay, frozen stages: on the bare architecture, still no folder
     sets, absent = load_sets(config)
     train = sets["AMi-Br-train"]
     folds = paper_folds(train, config.n_folds, config.seed)

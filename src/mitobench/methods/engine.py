@@ -9,6 +9,7 @@ validation fold only. Every epoch writes a resumable checkpoint into the fold's 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from mitobench.methods.freeze import freeze_stages
 from mitobench.methods.mixup import mixup
 from mitobench.methods.precision import autocast, cpu_has_native_bf16, prepare_model, resolve_precision
 from mitobench.progress import progress_bar, say
+
+log = logging.getLogger(__name__)
 
 
 NONFINITE_CHECK_EVERY = 16  # steps between reads of the on-device non-finite-loss flag when training on CUDA
@@ -211,6 +214,31 @@ class TrainMethod:
         if config.method == "lora" and not (config.train.lora_targets or self.card.lora_target):
             raise MitobenchError(f"model {config.model!r} has no LoRA target regex; pass train.lora_targets or use finetune.")
         self.pretrained, self.weights_id = True, None
+
+    def preflight(self) -> None:
+        """The recipe's model-dependent settings, checked on the bare architecture before any run folder exists:
+        LoRA targets that match no layer, layer decay or frozen stages on a model without timm stages, gradient
+        checkpointing on a model without it. Built on the meta device: no memory, no weights, a second for a ViT-g.
+        What cannot be built on meta is left to the first fold, which checks the same on the real model."""
+        from mitobench.models.cards import RANDOM_INIT
+        from mitobench.models.registry import Backbone, build_model
+
+        train = self.config.train
+        try:
+            with torch.device("meta"):
+                backbone = Backbone(build_model(self.card, drop_path=train.drop_path), self.card, RANDOM_INIT, "")
+                match_input_size(backbone, train.img_size)
+                model = self.module.prepare(Classifier(backbone, dropout=train.dropout), self.config)
+                freeze_stages(model, train.freeze_stages, train.freeze_norm_stats)
+                param_groups(model, train.lr, train.weight_decay, train.layer_decay)
+                if train.grad_checkpointing and getattr(backbone.model, "set_grad_checkpointing", None) is None:
+                    raise MitobenchError(f"model {self.config.model!r} does not support gradient checkpointing "
+                                         "(train.grad_checkpointing). To save memory, lower train.batch_size and "
+                                         "raise train.grad_accum to keep the effective batch.")
+        except MitobenchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an architecture that needs real tensors to build
+            log.debug("preflight of %s skipped: %s", self.config.model, exc)
 
     def prepare(self, ctx) -> None:
         from mitobench.device import pick_device
