@@ -86,6 +86,25 @@ def test_several_runs_draw_their_ensembles(runs, tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_a_run_with_failed_folds_says_so_on_its_ensemble_curve(runs, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from mitobench.evaluation import plots
+
+    failed = shutil.copytree(runs[0], tmp_path / "failed", ignore=shutil.ignore_patterns("plots*"))
+    status = json.loads((failed / "status.json").read_text())
+    (failed / "status.json").write_text(json.dumps({**status, "failed_folds": {"3": "fold 3: NaN loss"}}))
+    legends = []
+    real = plots._figure
+    monkeypatch.setattr(plots, "_figure", lambda dataset, parts, title: legends.extend(p[0] for p in parts)
+                        or real(dataset, parts, title))
+    plot_runs([failed, runs[1]], tmp_path / "figs")
+    assert "#1 ensemble (fold 3 FAILED, left out)" in legends and "#2 ensemble" in legends
+    listed = (tmp_path / "figs" / "runs.txt").read_text().splitlines()
+    assert "fold 3 FAILED" in listed[0] and "FAILED" not in listed[1]
+
+
 def test_an_unfinished_or_damaged_run_is_refused(runs, tmp_path):
     import json
     import shutil

@@ -20,7 +20,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from mitobench.errors import MitobenchError
 from mitobench.evaluation.metrics import ECE_BINS, binary_metrics, checked
-from mitobench.runs import read_predictions
+from mitobench.runs import RunDir, read_predictions
 
 
 def calibration(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> pd.DataFrame:
@@ -76,7 +76,7 @@ def _figure(dataset: str, parts: list[tuple[str, pd.DataFrame, dict, bool]], tit
     for legend, part, s, bold in parts:
         labels, probs = part["label"].to_numpy(int), part["probability"].to_numpy(float)
         style = {"lw": 2.2 if bold else 0.9, "alpha": 1.0 if bold else 0.6,
-                 **({"color": "black"} if legend == "ensemble" else {})}  # one run: its ensemble over coloured folds
+                 **({"color": "black"} if legend.startswith("ensemble") else {})}  # one run: its ensemble, black
         fpr, tpr, _ = roc_curve(labels, probs)
         (line,) = roc.plot(fpr, tpr, label=f"{legend}: AUROC {s['auroc']:.3f}", **style)
         if bold:
@@ -165,6 +165,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
         raise MitobenchError(f"cannot create the figures' folder in {out_dir.parent} ({exc}); give --out a "
                              "writable place.") from exc
     names: dict[str, str] = {}
+    failed = {k: sorted(RunDir(Path(r)).status().get("failed_folds") or {}, key=int) for k, r in enumerate(run_dirs, 1)}
     try:
         for dataset in pd.unique(table["dataset"]):
             name = _slug(dataset)
@@ -177,6 +178,8 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
                 preds = runs[row["run"] - 1][1]
                 part = preds[(preds["dataset"] == dataset) & (preds["fold"] == row["fold"])]
                 curve = "ensemble" if row["fold"] == "ensemble" else f"fold {row['fold']}"
+                if row["fold"] == "ensemble" and failed[row["run"]]:  # fewer models than planned: said on the curve
+                    curve += f" (fold {', '.join(failed[row['run']])} FAILED, left out)"
                 legend = f"#{row['run']} {curve}" if len(run_dirs) > 1 else curve
                 parts.append((legend, part, row, row["fold"] == "ensemble"))
             title = Path(run_dirs[0]).name if len(run_dirs) == 1 else f"{len(run_dirs)} runs' ensembles"
@@ -186,7 +189,9 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
         if votes:
             _agreement_figure(votes).savefig(staging / "agreement.png", dpi=120)
         if len(run_dirs) > 1:
-            (staging / "runs.txt").write_text("".join(f"#{k}  {r}\n" for k, r in enumerate(run_dirs, 1)))
+            (staging / "runs.txt").write_text("".join(
+                f"#{k}  {r}" + (f"  (fold {', '.join(failed[k])} FAILED: its ensemble leaves them out)" if failed[k]
+                                else "") + "\n" for k, r in enumerate(run_dirs, 1)))
         if out_dir.exists():  # made while the figures were drawn: never replaced
             raise MitobenchError(f"{out_dir} appeared while the figures were drawn; nothing was written there. "
                                  "Choose another --out.")
