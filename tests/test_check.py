@@ -55,6 +55,19 @@ def test_clean_root(tmp_path):
     json.dumps(result.to_dict())  # serialisable for --json
 
 
+def test_a_votes_file_that_misses_some_images_is_a_named_warning(tmp_path):
+    make_data_root(tmp_path)
+    votes = tmp_path / "AtNorM-MD_expert_votes.csv"
+    lines = votes.read_text().splitlines()
+    votes.write_text("\n".join(lines[:-2]) + "\n")  # the last two images lost their votes
+    result = check_data(tmp_path)
+    assert result.ok
+    assert any(w.startswith("AtNorM-MD: 2 of 9 image(s) have no expert votes") for w in result.warnings)
+    clean = tmp_path / "clean"
+    make_data_root(clean)
+    assert not any("expert votes" in w for w in check_data(clean).warnings)
+
+
 def test_absent_holdout_is_named(tmp_path):
     make_amibr(tmp_path)
     result = check_data(tmp_path)

@@ -305,6 +305,16 @@ def check_data(data_root: str | Path | None = None, *, datasets: dict[str, pd.Da
             result.warnings.append(f"{no_slide} AMi-Br test image(s) have no slide in AMI-BR.csv: slide overlap "
                                    "with the training split cannot be verified for them.")
 
+    # expert votes that cover only part of a set: the agreement tables leave the rest out
+    for name, frame in sets.items():
+        if "p_atypical_votes" not in frame:
+            continue
+        unvoted = frame["p_atypical_votes"].isna()
+        if 0 < unvoted.sum() < len(frame):
+            result.warnings.append(f"{name}: {int(unvoted.sum())} of {len(frame)} image(s) have no expert votes "
+                                   f"(e.g. {frame.loc[unvoted, 'image'].iloc[0]}): the expert-agreement tables of a "
+                                   "run leave them out.")
+
     # verdict
     if result.unreadable:
         result.errors.append(f"{len(result.unreadable)} image(s) cannot be read or decoded "
