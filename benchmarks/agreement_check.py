@@ -10,12 +10,11 @@ Usage: .venv/bin/python benchmarks/agreement_check.py RUN_DIR [--data-root DIR] 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results  # noqa: E402
+from common import append_results, rescore_arguments  # noqa: E402
 
 from mitobench.evaluation.agreement import (agreement_metrics, calls_by_votes, kappa_summary,  # noqa: E402
                                             label_name, rater_agreement, render_agreement_report, votes_of_sets)
@@ -72,11 +71,7 @@ def score_run(run: Path, data_root: str | None = None):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--data-root", help="where the label files are, if not the run's data root")
-    parser.add_argument("--append", action="store_true", help="append the tables to benchmarks/RESULTS.md")
-    args = parser.parse_args()
+    args = rescore_arguments(__doc__, "the tables")
     by_agreement, by_votes, raters = score_run(args.run, args.data_root)
     if by_agreement.empty and by_votes.empty:
         raise SystemExit(f"{args.run}: none of its sets has expert votes (AMi-Br and AtNorM-MD have them).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -26,6 +27,15 @@ def machine() -> str:
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     return (f"{cpu}, {os.cpu_count()} logical CPUs{gpu}, torch {torch.__version__}, Python {platform.python_version()}, "
             f"{platform.platform()}")
+
+
+def rescore_arguments(doc: str, what: str) -> argparse.Namespace:
+    """``RUN [--data-root DIR] [--append]``: the arguments of a script that rescores a finished run folder."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--data-root", help="where the label files are, if not the run's data root")
+    parser.add_argument("--append", action="store_true", help=f"append {what} to benchmarks/RESULTS.md")
+    return parser.parse_args()
 
 
 def append_results(heading: str, body: str) -> None:

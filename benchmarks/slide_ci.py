@@ -9,12 +9,11 @@ Usage: .venv/bin/python benchmarks/slide_ci.py RUN_DIR [--data-root DIR] [--appe
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results  # noqa: E402
+from common import append_results, rescore_arguments  # noqa: E402
 
 from mitobench.evaluation.report import tidy_metrics  # noqa: E402
 from mitobench.protocol import load_sets  # noqa: E402
@@ -57,11 +56,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--data-root", help="where the label files are, if not the run's data root")
-    parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
-    args = parser.parse_args()
+    args = rescore_arguments(__doc__, "the table")
     rows = score_run(args.run, args.data_root)
     if not rows:
         raise SystemExit(f"{args.run}: none of its hold-out sets names each figure's slide (AMi-Br test does).")

@@ -261,8 +261,8 @@ def _failed_folds_note(run_dir: Path) -> str:
     """Said beside a run whose figures come from fewer fold models than it planned (folds that failed, e.g. NaN)."""
     from mitobench.runs import RunDir
 
-    failed = RunDir(run_dir).status().get("failed_folds") or {}
-    return (f"  WARNING: fold(s) {', '.join(sorted(failed, key=int))} FAILED: its fold mean, SD and ensemble leave "
+    failed = RunDir(run_dir).failed_folds()
+    return (f"  WARNING: fold(s) {', '.join(failed)} FAILED: its fold mean, SD and ensemble leave "
             "them out" if failed else "")
 
 

@@ -235,9 +235,8 @@ def check_saved_folds(run: RunDir, sets: dict[str, pd.DataFrame], folds: np.ndar
         if saved is None or saved[1].get("failed"):
             continue
         probs, info = saved
-        now = fold_set_signatures(sets, folds, fold)
         if "sets" in info:
-            then = info["sets"]
+            then, now = info["sets"], fold_set_signatures(sets, folds, fold)
         else:
             then = {name: len(p) for name, p in probs.items() if name != "validation_by_epoch"}
             now = {"validation": int(np.sum(folds == fold)),

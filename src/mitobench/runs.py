@@ -165,6 +165,10 @@ class RunDir:
         except (OSError, json.JSONDecodeError):
             return {"state": "unknown"}
 
+    def failed_folds(self) -> list[str]:
+        """The folds that failed (e.g. a NaN loss), in order: the run's mean, SD and ensemble leave them out."""
+        return sorted(self.status().get("failed_folds") or {}, key=int)
+
     def fold_file(self, fold: int) -> Path:
         return self.path / "folds" / f"fold_{fold}.npz"
 

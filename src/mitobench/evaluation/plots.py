@@ -165,7 +165,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
         raise MitobenchError(f"cannot create the figures' folder in {out_dir.parent} ({exc}); give --out a "
                              "writable place.") from exc
     names: dict[str, str] = {}
-    failed = {k: sorted(RunDir(Path(r)).status().get("failed_folds") or {}, key=int) for k, r in enumerate(run_dirs, 1)}
+    failed = {k: RunDir(Path(r)).failed_folds() for k, r in enumerate(run_dirs, 1)}
     try:
         for dataset in pd.unique(table["dataset"]):
             name = _slug(dataset)

@@ -52,7 +52,7 @@ def check_complete_folds(run_dir: Path, config: RunConfig) -> None:
     """A run with failed folds has a mean, SD and ensemble over fewer fold models: not a repeat of the others."""
     from mitobench.runs import RunDir
 
-    failed = RunDir(Path(run_dir)).status().get("failed_folds") or {}
+    failed = RunDir(Path(run_dir)).failed_folds()
     if failed:
         raise MitobenchError(f"--seeds: {run_dir} has failed folds ({', '.join(map(str, failed))} of "
                              f"{config.n_folds}), so its figures are over fewer fold models than a repeat's. Leave it "
