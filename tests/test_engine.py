@@ -956,6 +956,19 @@ def test_centre_stays_in_view_at_the_strongest_crop():
     assert (out.amax(dim=(1, 2, 3)) > 0.5).all()
 
 
+def test_training_resize_below_the_patch_size_is_anti_aliased():
+    """128 -> 32 px with a small rotation: pixel noise is averaged away as in an anti-aliased resize,
+    not point-sampled (which keeps about half its amplitude and aliases it)."""
+    noise = torch.rand(8, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    cfg = AugmentConfig(dihedral=False, rotate_deg=5, crop_scale=(0.9, 1.0))
+    out = geometric(noise, 32, cfg, torch.Generator().manual_seed(1))
+    reference = F.interpolate(noise, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    point_sampled = F.grid_sample(noise, F.affine_grid(torch.eye(2, 3).expand(8, 2, 3), (8, 3, 32, 32),
+                                                       align_corners=False), align_corners=False)
+    assert out.std() < 1.5 * reference.std()
+    assert out.std() < 0.6 * point_sampled.std()
+
+
 # -- losses ----------------------------------------------------------------------------------------
 
 def _zt(seed=0, n=32):

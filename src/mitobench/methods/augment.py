@@ -143,12 +143,18 @@ def gaussian_blur(x: torch.Tensor, p: float, sigma: tuple[float, float], gen: to
 
 
 def geometric(x: torch.Tensor, size: int, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Rotation, centre-keeping crop and resize to ``size`` in one ``grid_sample``."""
+    """Rotation, centre-keeping crop and resize to ``size`` in one ``grid_sample`` (after an anti-aliased
+    shrink when ``size`` is well below the patch, e.g. 64 px from 128)."""
     b = x.shape[0]
     if not cfg.rotate_deg and cfg.crop_scale == (1.0, 1.0) and not cfg.max_shift:
         if x.shape[-1] == size:
             return x
         return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    # grid_sample has no anti-aliasing: shrink first (anti-aliased) so that even the smallest crop still
+    # covers at least ``size`` pixels, leaving grid_sample at most crop_max / crop_min of downscaling
+    working = math.ceil(size / cfg.crop_scale[0])
+    if working < x.shape[-1]:
+        x = F.interpolate(x, size=(working, working), mode="bilinear", align_corners=False, antialias=True)
     angle = _rand(b, -cfg.rotate_deg, cfg.rotate_deg, gen, x.device) * math.pi / 180
     scale = _rand(b, *cfg.crop_scale, gen, x.device)
     # The image centre lands at -(R S)^-1 t in output coordinates, |t| / scale from the middle; bounding

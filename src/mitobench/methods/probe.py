@@ -47,21 +47,23 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
             return self._fit(X, y, groups)
 
     def _fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None) -> "LogisticProbe":
-        self.scaler_ = StandardScaler().fit(X)
-        Z = self.scaler_.transform(X)
         self.classes_ = np.array([0, 1])
         if groups is not None and len(self.Cs) > 1:
             scores = np.zeros(len(self.Cs))
             for tr, va in inner_group_splits(y, groups, self.inner_splits, self.random_state):
+                # standardised on the inner training rows only, so the inner validation rows are truly unseen
+                inner = StandardScaler().fit(X[tr])
+                Z_tr, Z_va = inner.transform(X[tr]), inner.transform(X[va])
                 model = self._model(self.Cs[0]).set_params(warm_start=True)  # warm-started regularisation path
                 for i in np.argsort(self.Cs):
-                    model.set_params(C=self.Cs[i]).fit(Z[tr], y[tr])
-                    scores[i] += balanced_accuracy_score(y[va], model.predict(Z[va]))
+                    model.set_params(C=self.Cs[i]).fit(Z_tr, y[tr])
+                    scores[i] += balanced_accuracy_score(y[va], model.predict(Z_va))
             self.inner_scores_ = scores / self.inner_splits
             self.C_ = float(self.Cs[int(np.argmax(self.inner_scores_))])
         else:
             self.C_ = float(self.Cs[0])
-        self.model_ = self._model(self.C_).fit(Z, y)
+        self.scaler_ = StandardScaler().fit(X)
+        self.model_ = self._model(self.C_).fit(self.scaler_.transform(X), y)
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
