@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,11 +110,18 @@ def test_a_point_outside_the_slide_is_refused(real_patches, tmp_path):
         _crops(tmp_path / "s.tif", [centres[0], (5000, 10)])
 
 
+def _open_files() -> set[str]:
+    fds = Path("/proc/self/fd")
+    return {os.path.realpath(fds / fd) for fd in os.listdir(fds)}
+
+
 def test_an_unreadable_slide_names_the_file(tmp_path):
     bad = tmp_path / "broken.svs"
     bad.write_bytes(b"II*\x00" + b"\x00" * 100)
     with pytest.raises(MitobenchError, match="broken.svs: cannot read this slide"):
         open_slide(bad)
+    if Path("/proc/self/fd").is_dir():  # the file is closed now, not when the traceback is collected
+        assert str(bad) not in _open_files()
     with pytest.raises(MitobenchError, match="no such slide file"):
         open_slide(tmp_path / "absent.svs")
 

@@ -184,10 +184,13 @@ def open_slide(path: str | Path):
 
 def _checked(slide):
     """The slide, once it has shown an image: a TIFF without pages opens, then fails at the first read."""
-    width, height = slide.dimensions
-    if not (width > 0 and height > 0 and slide.level_count > 0):
-        slide.close()
-        raise ValueError(f"no image in it (dimensions {width} x {height})")
+    try:
+        width, height = slide.dimensions
+        if not (width > 0 and height > 0 and slide.level_count > 0):
+            raise ValueError(f"no image in it (dimensions {width} x {height})")
+    except Exception:
+        slide.close()  # the file handle too, whatever failed
+        raise
     return slide
 
 
