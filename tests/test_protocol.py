@@ -196,6 +196,35 @@ def test_a_stuck_probe_worker_falls_back_to_serial_fits(probe_run, fixture_root,
     pd.testing.assert_frame_equal(pd.read_csv(run / "predictions.csv"), pd.read_csv(path / "predictions.csv"))
 
 
+_REAL_FIT_IN_WORKER = probe_mod._fit_fold_in_worker
+
+
+def _fit_if_sigterm_is_default(fold: int):
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        raise RuntimeError("the worker kept the parent's Python SIGTERM handler")
+    return _REAL_FIT_IN_WORKER(fold)
+
+
+def test_probe_workers_die_on_sigterm_whatever_the_parent_installed(probe_run, fixture_root, monkeypatch, caplog):
+    """The CLI takes SIGTERM with a Python handler; forked probe workers reset it, since a worker blocked on the
+    pool's queue lock may never run a Python handler and the pool would then wait for it forever."""
+    from mitobench import cli
+
+    path, tmp = probe_run
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    cli._stop_on_signals(os.getpid())
+    try:
+        monkeypatch.setattr(probe_mod, "_fit_fold_in_worker", _fit_if_sigterm_is_default)
+        with caplog.at_level("WARNING", logger=probe_mod.log.name):
+            run = run_benchmark(config(fixture_root, tmp, **{"probe.workers": 2}), console=quiet())
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    assert "parallel probe fitting failed" not in caplog.text
+    assert all(v["fitted_in_parallel"] for v in json.loads((run / "fold_info.json").read_text()).values())
+    pd.testing.assert_frame_equal(pd.read_csv(run / "predictions.csv"), pd.read_csv(path / "predictions.csv"))
+
+
 def test_absent_holdout_is_named(fixture_root_no_md, tmp_path):
     out = io.StringIO()
     path = run_benchmark(config(fixture_root_no_md, tmp_path), console=Console(file=out, width=200))

@@ -257,8 +257,14 @@ class ProbeMethod:
         global _FORKED
         _FORKED = (self, ctx)
         try:
-            with mp.get_context("fork").Pool(workers) as pool:  # leaving the block terminates stuck workers
+            pool = mp.get_context("fork").Pool(workers, initializer=_default_stop_signals)
+            try:
                 results = pool.map_async(_fit_fold_in_worker, folds).get(timeout=PARALLEL_FIT_TIMEOUT_S)
+            except BaseException:
+                pool.terminate()  # stuck or interrupted: the workers die at once (default SIGTERM)
+                raise
+            pool.close()  # done: the idle workers exit on their own, no signal sent
+            pool.join()
             for fold, result in zip(folds, results):
                 self._fitted[fold] = result
         except mp.TimeoutError:
@@ -291,6 +297,15 @@ _FORKED: tuple | None = None  # (ProbeMethod, Context) for forked workers, set o
 # a pool that has not finished by then is given up for the serial path: far above a real fit (seconds to about a
 # minute per fold for a 3,072-d embedding), it turns a worker that never returns into a delay, not a hung run
 PARALLEL_FIT_TIMEOUT_S = 900.0
+
+
+def _default_stop_signals() -> None:
+    """In a forked worker, SIGTERM and SIGINT kill at once. The CLI's Python-level handler (inherited by fork)
+    may never run in a worker blocked on the pool's queue lock, so ``Pool.terminate`` would wait for it forever."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _fit_fold_in_worker(fold: int):
