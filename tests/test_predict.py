@@ -17,6 +17,7 @@ from mitobench.config import load_config
 from mitobench.errors import MitobenchError
 from mitobench.predict import predict
 from mitobench.protocol import run_benchmark
+from mitobench.runs import RunDir
 
 
 def _run(root, tmp_path, **overrides):
@@ -177,6 +178,28 @@ def test_report_flags_a_run_with_failed_folds_and_keeps_its_recipe(probe_run, cl
     flagged = next(line for line in out.stdout.splitlines() if line.startswith("#1 "))
     assert "(logistic head, C by inner CV)" in flagged and "WARNING: fold(s) 3 FAILED" in flagged
     assert "WARNING" not in next(line for line in out.stdout.splitlines() if line.startswith("#2 "))
+
+
+def test_report_and_plot_say_random_init(probe_run, cli, tmp_path):
+    """A run whose backbone was random init (fold_info.json's record) is tagged in `report`'s legend and in
+    `plot`'s titles, legends and runs.txt, as its own report.txt is; a pretrained run is not."""
+    run_dir, _ = probe_run
+    random_run = tmp_path / "random-init-run"
+    shutil.copytree(run_dir, random_run, ignore=shutil.ignore_patterns("plots*"))
+    info = json.loads((random_run / "fold_info.json").read_text())
+    (random_run / "fold_info.json").write_text(json.dumps({k: {**v, "backbone_weights": "random-init"}
+                                                           for k, v in info.items()}))
+    assert RunDir(random_run).random_init() and not RunDir(run_dir).random_init()
+    out = cli("report", str(random_run), str(run_dir))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "[RANDOM INIT: no pretrained weights]" in next(line for line in lines if line.startswith("#1 "))
+    assert "RANDOM INIT" not in next(line for line in lines if line.startswith("#2 "))
+    out = cli("plot", str(random_run), str(run_dir), "--out", str(tmp_path / "figs"))
+    assert out.returncode == 0, out.stderr
+    assert f"#1 {random_run}:  [RANDOM INIT" in out.stdout and f"#2 {run_dir}:" not in out.stdout
+    listed = (tmp_path / "figs" / "runs.txt").read_text().splitlines()
+    assert "RANDOM INIT" in listed[0] and "RANDOM INIT" not in listed[1]
 
 
 def test_report_counts_every_validation_fold(probe_run):

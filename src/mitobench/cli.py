@@ -257,6 +257,13 @@ def _run_recipe(run_dir: Path) -> str:
     return f" ({first[start + 2:end]})" if 0 <= start < end else ""
 
 
+def _random_init_note(run_dir: Path) -> str:
+    from mitobench.evaluation.report import RANDOM_INIT_TAG
+    from mitobench.runs import RunDir
+
+    return f"  {RANDOM_INIT_TAG}" if RunDir(run_dir).random_init() else ""
+
+
 def _failed_folds_note(run_dir: Path) -> str:
     """Said beside a run whose figures come from fewer fold models than it planned (folds that failed, e.g. NaN)."""
     from mitobench.runs import RunDir
@@ -311,7 +318,8 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
         if m.empty:
             raise MitobenchError(f"{path}: no balanced accuracy or AUROC rows; the run folder is damaged.")
         label = str(run_dir) if names.count(run_dir.name) > 1 else run_dir.name  # same-named runs stay apart
-        legend.append(f"#{number}  {label}: {how}{_run_recipe(run_dir)}{_failed_folds_note(run_dir)}")
+        legend.append(f"#{number}  {label}: {how}{_run_recipe(run_dir)}{_random_init_note(run_dir)}"
+                      f"{_failed_folds_note(run_dir)}")
         for (dataset, metric), part in m.groupby(["dataset", "metric"], sort=False):
             get = dict(zip(part["fold"], part["value"]))
             ens = part[part["fold"] == "ensemble"]
@@ -366,6 +374,9 @@ def plot(run_dirs: list[Path] = typer.Argument(..., help="One or more complete r
     for row in shown.itertuples():
         console.print(f"#{row.run} {row.dataset} {row.fold}: AUROC {row.auroc:.4f}, AP {row.average_precision:.4f}, "
                       f"ECE {row.ece:.4f}, Brier {row.brier:.4f}", markup=False, highlight=False)
+    for number, run_dir in enumerate(run_dirs, 1):
+        if note := _random_init_note(run_dir):
+            console.print(f"#{number} {run_dir}:{note}", soft_wrap=True, markup=False, highlight=False)
     console.print(f"figures and curves.csv written to {out}", markup=False, highlight=False)
 
 

@@ -169,6 +169,18 @@ class RunDir:
         """The folds that failed (e.g. a NaN loss), in order: the run's mean, SD and ensemble leave them out."""
         return sorted(self.status().get("failed_folds") or {}, key=int)
 
+    def random_init(self) -> bool:
+        """Whether the run's fold models were trained on a backbone without pretrained weights (fold_info.json's
+        record); such a run's figures say RANDOM INIT wherever they are shown."""
+        from mitobench.models.cards import RANDOM_INIT
+
+        try:
+            info = json.loads((self.path / "fold_info.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        folds = [v for v in info.values() if isinstance(v, dict)] if isinstance(info, dict) else []
+        return any(v.get("pretrained") is False or v.get("backbone_weights") == RANDOM_INIT for v in folds)
+
     def fold_file(self, fold: int) -> Path:
         return self.path / "folds" / f"fold_{fold}.npz"
 

@@ -20,6 +20,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from mitobench.errors import MitobenchError
 from mitobench.evaluation.metrics import ECE_BINS, binary_metrics, checked
+from mitobench.evaluation.report import RANDOM_INIT_TAG
 from mitobench.runs import RunDir, read_predictions
 
 
@@ -166,6 +167,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
                              "writable place.") from exc
     names: dict[str, str] = {}
     failed = {k: RunDir(Path(r)).failed_folds() for k, r in enumerate(run_dirs, 1)}
+    tags = {k: f"  {RANDOM_INIT_TAG}" if RunDir(Path(r)).random_init() else "" for k, r in enumerate(run_dirs, 1)}
     try:
         for dataset in pd.unique(table["dataset"]):
             name = _slug(dataset)
@@ -180,9 +182,9 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
                 curve = "ensemble" if row["fold"] == "ensemble" else f"fold {row['fold']}"
                 if row["fold"] == "ensemble" and failed[row["run"]]:  # fewer models than planned: said on the curve
                     curve += f" (fold {', '.join(failed[row['run']])} FAILED, left out)"
-                legend = f"#{row['run']} {curve}" if len(run_dirs) > 1 else curve
+                legend = f"#{row['run']} {curve}{' (RANDOM INIT)' if tags[row['run']] else ''}" if len(run_dirs) > 1 else curve
                 parts.append((legend, part, row, row["fold"] == "ensemble"))
-            title = Path(run_dirs[0]).name if len(run_dirs) == 1 else f"{len(run_dirs)} runs' ensembles"
+            title = Path(run_dirs[0]).name + tags[1] if len(run_dirs) == 1 else f"{len(run_dirs)} runs' ensembles"
             _figure(dataset, parts, title).savefig(staging / f"{name}.png", dpi=120)
         table.assign(figure=table["dataset"].map(lambda d: f"{names[d]}.png")).to_csv(staging / "curves.csv",
                                                                                        index=False)
@@ -190,7 +192,7 @@ def plot_runs(run_dirs: list[Path], out_dir: Path) -> pd.DataFrame:
             _agreement_figure(votes).savefig(staging / "agreement.png", dpi=120)
         if len(run_dirs) > 1:
             (staging / "runs.txt").write_text("".join(
-                f"#{k}  {r}" + (f"  (fold {', '.join(failed[k])} FAILED: its ensemble leaves them out)" if failed[k]
+                f"#{k}  {r}{tags[k]}" + (f"  (fold {', '.join(failed[k])} FAILED: its ensemble leaves them out)" if failed[k]
                                 else "") + "\n" for k, r in enumerate(run_dirs, 1)))
         if out_dir.exists():  # made while the figures were drawn: never replaced
             raise MitobenchError(f"{out_dir} appeared while the figures were drawn; nothing was written there. "

@@ -113,6 +113,9 @@ def ci_caption(metrics: pd.DataFrame) -> str:
             + (f", stratified over figures ({', '.join(rest)}: no slide per figure)" if rest else ""))
 
 
+RANDOM_INIT_TAG = "[RANDOM INIT: no pretrained weights]"  # beside every figure of a run whose backbone was random init
+
+
 def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list[str], absent: list[str],
                   pretrained: bool = True, console: Console | None = None, recipe: str = "",
                   threshold: str = "fixed") -> str:
@@ -120,7 +123,7 @@ def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list
     models were trained (preset, precision, input size, TTA), shown in the title; ``threshold``: the run's
     ``threshold`` mode, said in the caption (it changes every BA)."""
     title = (f"{model} / {method}" + (f" ({recipe})" if recipe else "")
-             + ("" if pretrained else "  [RANDOM INIT: no pretrained weights]"))
+             + ("" if pretrained else f"  {RANDOM_INIT_TAG}"))
     folds = metrics["fold"].astype(str)
     n = folds[folds.str.isdigit()].nunique()  # the fold models that count: fewer where a fold failed
     table = Table(title=title, caption=f"positive class = atypical; {THRESHOLDS[threshold]}; fold models: mean +- "
