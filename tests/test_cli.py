@@ -64,6 +64,14 @@ def test_unknown_model(cli, fixture_root, tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_error_messages_keep_long_paths_whole(cli, tmp_path):
+    """An error's paths and URLs are never broken across lines (the terminal wraps them), so they copy whole."""
+    missing = tmp_path / ("a-deeply-nested-folder-" * 4) / "weights.safetensors"
+    result = cli("models", "check", "efficientnet_lite0", "--weights", str(missing), env={"COLUMNS": "60"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(missing) in result.stderr  # not squashed: one unbroken line
+
+
 def test_data_root_without_datasets(cli, tmp_path):
     empty = tmp_path / "empty"
     (empty / "something").mkdir(parents=True)

@@ -22,7 +22,7 @@ models_app = typer.Typer(help="The backbone registry: list cards, check weights.
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 console = Console(width=max(Console().width, 140))
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a message's URLs and paths stay whole for copying; the terminal wraps
 
 DataRoot = typer.Option(None, "--data-root", help="Folder holding AMi-Br/, AtNorM-Br/, ... (default: $MITOBENCH_DATA, "
                         "else a per-user cache folder).")

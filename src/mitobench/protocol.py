@@ -487,7 +487,7 @@ def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, F
     if failed:
         note = (f"WARNING: fold(s) {sorted(failed)} FAILED and are excluded: the mean, SD and ensemble use "
                 f"{len(results)} fold models. Rerun them with `mitobench run --resume {run.path}`.")
-        Console(stderr=True).print(f"[bold red]{note}[/]")
+        Console(stderr=True, soft_wrap=True).print(note, style="bold red", markup=False)
         text = note + "\n" + text
     atomic_write_text(run.path / "report.txt", text)
     atomic_write_json(run.path / "fold_info.json", {str(f): r.info for f, r in results.items()})
