@@ -74,9 +74,10 @@ def main() -> None:
             cells = []
             for table in tables.values():
                 t = table[(table["dataset"] == dataset) & (table["metric"] == metric)].set_index("fold")
+                low, high = t.at['ensemble', 'ci_low'], t.at['ensemble', 'ci_high']
+                ci = f" [{low:.4f}, {high:.4f}]" if pd.notna(low) else ""  # none for the ECE (metrics.NO_CI)
                 cells.append(f"{t.at['mean', 'value']:.4f} +- {t.at['sd', 'value']:.4f}, ens "
-                             f"{t.at['ensemble', 'value']:.4f} [{t.at['ensemble', 'ci_low']:.4f}, "
-                             f"{t.at['ensemble', 'ci_high']:.4f}]")
+                             f"{t.at['ensemble', 'value']:.4f}{ci}")
             lines.append(f"| {dataset} | {metric} | {cells[0]} | {cells[1]} |")
     body = f"Run: `{args.run}`\n\n" + "\n".join(lines)
     print(body)

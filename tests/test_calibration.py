@@ -85,7 +85,8 @@ def test_a_calibrated_run_decides_as_the_plain_one_and_predict_agrees(fixture_ro
     redone, mapped = check.calibrated_predictions(pd.read_csv(plain / "predictions.csv", dtype={"fold": str}),
                                                   {**thresholds, "ensemble": 0.5})
     trained = pd.read_csv(calibrated / "predictions.csv", dtype={"fold": str})
-    np.testing.assert_allclose(redone["probability"].to_numpy(), trained["probability"].to_numpy(), atol=1e-6)
+    # the same fit up to the solver's tolerance (its rows come in predictions.csv's order, not the run's)
+    np.testing.assert_allclose(redone["probability"].to_numpy(), trained["probability"].to_numpy(), atol=1e-5)
     assert all(mapped[f] == pytest.approx(v["threshold"]) for f, v in info.items())
     _, table = predict(calibrated, fixture_root / "AtNorM-Br", tmp_path / "p.csv", cache_dir=str(tmp_path / "cache"))
     preds = pd.read_csv(calibrated / "predictions.csv", dtype={"fold": str})

@@ -18,7 +18,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from mitobench.evaluation.metrics import METRICS, _metrics_rows, binary_metrics, bootstrap_ci
+from mitobench.evaluation.metrics import METRICS, NO_CI, _metrics_rows, binary_metrics, bootstrap_ci
 from mitobench.evaluation.published import CITATION, published_figure, published_results
 from mitobench.errors import MitobenchError
 from mitobench.evaluation.report import render_report, tidy_metrics
@@ -115,10 +115,12 @@ def test_bootstrap_seeded_and_contains_point():
     a = bootstrap_ci(y, p, n_boot=300, seed=7)
     b = bootstrap_ci(y, p, n_boot=300, seed=7)
     c = bootstrap_ci(y, p, n_boot=300, seed=8)
-    assert a == b
-    assert a != c
+    with_ci = [m for m in METRICS if m not in NO_CI]
+    assert [a[m] for m in with_ci] == [b[m] for m in with_ci]
+    assert [a[m] for m in with_ci] != [c[m] for m in with_ci]
+    assert all(np.isnan(a[m]).all() for m in NO_CI)  # the biased ECE gets no interval that would mislead
     point = binary_metrics(y, p)
-    for m in METRICS:
+    for m in with_ci:
         lo, hi = a[m]
         assert lo <= point[m] <= hi, m
         assert lo < hi, m
@@ -201,7 +203,9 @@ def test_tidy_metrics_and_report():
         assert col in metrics
     assert set(metrics["fold"]) == {"1", "2", "3", "4", "5", "ensemble", "mean", "sd"}
     ens = metrics[metrics["fold"] == "ensemble"]
-    assert ens["ci_low"].notna().all() and (ens["ci_low"] <= ens["value"] + 1e-12).all()
+    with_ci = ens[~ens["metric"].isin(NO_CI)]
+    assert with_ci["ci_low"].notna().all() and (with_ci["ci_low"] <= with_ci["value"] + 1e-12).all()
+    assert ens[ens["metric"] == "ece"]["ci_low"].isna().all() and ens[ens["metric"] == "ece"]["value"].notna().all()
     assert metrics[metrics["fold"] == "1"]["ci_low"].isna().all()
     # mean/sd rows are the population mean/SD of the five fold models
     ba = metrics[(metrics["dataset"] == "A") & (metrics["metric"] == "balanced_accuracy")].set_index("fold")["value"]

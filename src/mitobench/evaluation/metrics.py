@@ -10,6 +10,9 @@ METRICS = ("balanced_accuracy", "auroc", "sensitivity", "specificity", "precisio
            "average_precision", "mcc", "brier", "ece")
 #: equal-width probability bins of the expected calibration error
 ECE_BINS = 10
+#: metrics given without a bootstrap CI: the binned ECE is biased upwards, and more so on a resample (its repeated
+#: figures), so its percentile interval can lie wholly above the estimate it belongs to
+NO_CI = frozenset({"ece"})
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -115,7 +118,8 @@ def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5, 
     idx = np.concatenate([rng.choice(pos, (n_boot, len(pos))), rng.choice(neg, (n_boot, len(neg)))], axis=1)
     values = _metrics_rows(labels[idx], probs[idx], threshold)
     lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
-    return {m: (float(np.nanpercentile(values[m], lo)), float(np.nanpercentile(values[m], hi))) for m in METRICS}
+    return {m: ((float("nan"),) * 2 if m in NO_CI else
+                (float(np.nanpercentile(values[m], lo)), float(np.nanpercentile(values[m], hi)))) for m in METRICS}
 
 
 def cluster_bootstrap_ci(labels: np.ndarray, probs: np.ndarray, clusters: np.ndarray, threshold: float = 0.5,
@@ -141,5 +145,5 @@ def cluster_bootstrap_ci(labels: np.ndarray, probs: np.ndarray, clusters: np.nda
         for metric, value in _metrics_rows(labels[idx][None], probs[idx][None], threshold).items():
             rows[metric].append(float(value[0]))
     lo, hi = 100 * alpha / 2, 100 * (1 - alpha / 2)
-    return {m: ((float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))) if v else (float("nan"),) * 2)
-            for m, v in rows.items()}
+    return {m: ((float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))) if v and m not in NO_CI
+                else (float("nan"),) * 2) for m, v in rows.items()}
