@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -109,6 +110,24 @@ def test_preset_then_yaml_then_flags(tmp_path):
     assert config.train.img_size == 128 and config.train.loss == "weighted_bce"  # from the preset
     assert config.train.epochs == 4  # YAML over preset
     assert config.train.lr == 0.002  # flag over YAML
+
+
+def test_a_preset_flag_the_yaml_would_overrule_is_refused(tmp_path):
+    """--preset with a YAML naming another preset, or setting the preset's own options otherwise, would train the
+    YAML's recipe under the flag's preset name: refused, naming the keys. The shipped cpu file with --preset cpu,
+    or a YAML setting options the preset leaves alone, is fine."""
+    cpu_file = Path(__file__).parents[1] / "configs" / "cpu_finetune.yaml"
+    with pytest.raises(MitobenchError, match=r"--preset paper and .*cpu_finetune.yaml \(train.preset: cpu\)"):
+        load_config(cpu_file, {"train.preset": "paper"})
+    assert load_config(cpu_file, {"train.preset": "cpu"}).train.lr == 0.001
+    tweaks = tmp_path / "t.yaml"
+    tweaks.write_text("method: finetune\ntrain:\n  lr: 0.001\n  epochs: 100\n")  # epochs as the paper's
+    with pytest.raises(MitobenchError, match=r"t.yaml sets train.lr=0.001, which the preset sets otherwise"):
+        load_config(tweaks, {"train.preset": "paper"})
+    other = tmp_path / "o.yaml"
+    other.write_text("method: finetune\ntrain:\n  epochs: 100\n  ema: 0.99\n")
+    config = load_config(other, {"train.preset": "paper"})
+    assert config.train.preset == "paper" and config.train.ema == 0.99 and config.train.lr == 5e-5
 
 
 @pytest.mark.parametrize("key, value, expected", [

@@ -211,6 +211,31 @@ def check_precision(name: str) -> None:
                              "(bf16 where the device has it natively, else float32), fp32 or bf16")
 
 
+def _check_preset_flag_against_yaml(config: RunConfig, train_values: dict, path: Path) -> None:
+    """``--preset`` with a ``--config`` YAML that names another preset, or sets some of the preset's own options
+    otherwise: the YAML would silently win (defaults <- preset <- YAML <- flags) under the flag's preset name."""
+    named = train_values.get("preset")
+    preset = config.train.preset
+    if named and named != preset:
+        raise MitobenchError(f"--preset {preset} and {path} (train.preset: {named}) name two presets; the YAML's "
+                             f"values would train under the name {preset}. Drop --preset, or edit the YAML.")
+    if named:
+        return
+    clash = sorted(f"train.{key}={value!r}" for key, value in train_values.items()
+                   if hasattr(config.train, key) and key != "preset" and key in _preset_keys(preset, config.method)
+                   and value != getattr(config.train, key))
+    if clash:
+        raise MitobenchError(f"--preset {preset}: {path} sets {', '.join(clash)}, which the preset sets otherwise, "
+                             "and the YAML wins over a preset. Drop --preset, remove those keys from the YAML, or "
+                             "give them with --set on top of the preset.")
+
+
+def _preset_keys(name: str, method: str) -> set[str]:
+    from mitobench.methods.presets import LORA_OVERRIDES, PRESETS
+
+    return set(PRESETS[name]) | (set(LORA_OVERRIDES.get(name, {})) if method == "lora" else set())
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Defaults <- training preset (if one is named) <- YAML file <- overrides (``None`` values ignored)."""
     config = RunConfig()
@@ -231,6 +256,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         from mitobench.methods.presets import apply_preset
 
         apply_preset(config, preset)
+        if flags.get("train.preset") and path is not None:
+            _check_preset_flag_against_yaml(config, train_values, path)
     if values:
         _merge(config, values, str(path))
     if overrides:
