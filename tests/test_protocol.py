@@ -318,6 +318,25 @@ def test_resume_refuses_folds_that_finished_on_other_data(fixture_root, fixture_
         run_benchmark(resume=run, console=quiet())
 
 
+def test_resume_refuses_folds_trained_on_other_backbone_weights(fixture_root, tmp_path, monkeypatch):
+    """Fold 1 finished on weights other than those the model builds with now (a mapping changed, a file replaced,
+    weights gone): the resume is refused before anything trains, and the run stays resumable."""
+    interrupt_probe_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(config(fixture_root, tmp_path), console=quiet())
+    (run,) = list((tmp_path / "runs").iterdir())
+    probs, info = RunDir(run).load_fold(1)
+    assert info["backbone_weights"] not in (None, "random-init")  # the package's ImageNet weights
+    RunDir(run).save_fold(1, probs, {**info, "backbone_weights": "0123456789abcdef"})
+    with pytest.raises(MitobenchError, match=r"fold\(s\) 1 trained on backbone weights '0123456789abcdef', but "
+                                             r"efficientnet_lite0 now builds with '[0-9a-f]{16}'"):
+        run_benchmark(resume=run, console=quiet())
+    assert RunDir(run).status()["state"] == "interrupted"
+    RunDir(run).save_fold(1, probs, info)  # the weights as they were: the resume goes on
+    monkeypatch.undo()
+    assert RunDir(run_benchmark(resume=run, console=quiet())).status()["state"] == "complete"
+
+
 def test_a_run_folder_one_cannot_write_in_is_one_clear_error(tmp_path, monkeypatch):
     """(Tests run as root here, so the read-only folder is simulated at the lock file's open.)"""
     def refuse(path, *args, **kwargs):

@@ -255,6 +255,32 @@ def check_saved_folds(run: RunDir, sets: dict[str, pd.DataFrame], folds: np.ndar
             "started, or start a new run.")
 
 
+def check_saved_backbone(run: RunDir, config: RunConfig) -> None:
+    """Refuse to resume when the finished folds trained on other backbone weights than the model builds with now
+    (``--weights`` file replaced, ``MITOBENCH_WEIGHTS`` or the HF cache changed, weights gone: random init): the
+    remaining folds would train from other weights, and the run would report one recipe that is two."""
+    from mitobench.models.cards import backbone_identity
+
+    used = {}
+    for fold in range(1, config.n_folds + 1):
+        saved = run.load_fold(fold)
+        if saved is not None and not saved[1].get("failed") and saved[1].get("backbone_weights"):
+            used[fold] = saved[1]["backbone_weights"]
+    if not used:
+        return
+    now = backbone_identity(config.model, config.weights)
+    if now is None:  # not knowable without a build (weights to download): the fold's own checkpoint check remains
+        return
+    other = {fold: weights for fold, weights in used.items() if weights != now}
+    if other:
+        folds = ", ".join(str(f) for f in other)
+        raise MitobenchError(
+            f"{run.path}: fold(s) {folds} trained on backbone weights {sorted(set(other.values()))[0]!r}, but "
+            f"{config.model} now builds with {now!r} (weights found, moved or changed since: --weights, "
+            "MITOBENCH_WEIGHTS, the Hugging Face cache). The remaining folds would train from other weights. Restore "
+            "the weights the run started with, or start a new run.")
+
+
 def pin_precision(config: RunConfig, card_dtype: str) -> None:
     """Resolve the device-dependent precisions (``train.precision`` auto/native, the probe's embedding ``dtype``
     auto) for the device this run starts on; saved so in ``config.yaml``, a resume on another machine trains on in
@@ -382,6 +408,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         console.print(f"run folder: {run.path}", soft_wrap=True, markup=False)  # one line: a path to copy
     else:
         check_saved_folds(run, sets, folds, config.n_folds)  # before the status changes: the run stays resumable
+        check_saved_backbone(run, config)
         console.print(f"resuming {run.path}", soft_wrap=True, markup=False)
     run.set_status("running")
     try:
