@@ -802,6 +802,9 @@ def test_lora_targets_matching_nothing(fixture_root, tmp_path, tiny_vit_card):
 @pytest.mark.parametrize("method, model, train, error", [
     ("lora", "timm/vit_tiny_patch16_224", {"lora_targets": r"nothing\.here$"}, "match no layer of timm/vit_tiny"),
     ("finetune", "efficientnet_lite0", {"freeze_stages": 7}, "freeze_stages=7 leaves no stage"),
+    # timm's VGG has set_grad_checkpointing, which asserts; and it takes no drop_path_rate
+    ("finetune", "timm/vgg11", {"grad_checkpointing": True}, "'timm/vgg11' does not support gradient checkpointing"),
+    ("finetune", "timm/vgg11", {"drop_path": 0.1}, "'timm/vgg11' does not take a stochastic-depth rate"),
 ])
 def test_a_recipe_the_model_cannot_take_is_refused_before_any_run_folder(fixture_root, tmp_path, method, model, train,
                                                                           error):

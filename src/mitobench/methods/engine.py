@@ -221,24 +221,35 @@ class TrainMethod:
         checkpointing on a model without it. Built on the meta device: no memory, no weights, a second for a ViT-g.
         What cannot be built on meta is left to the first fold, which checks the same on the real model."""
         from mitobench.models.cards import RANDOM_INIT
-        from mitobench.models.registry import Backbone, build_model
+        from mitobench.models.registry import Backbone, build_architecture
 
         train = self.config.train
         try:
             with torch.device("meta"):
-                backbone = Backbone(build_model(self.card, drop_path=train.drop_path), self.card, RANDOM_INIT, "")
+                backbone = Backbone(build_architecture(self.card, train.drop_path), self.card, RANDOM_INIT, "")
                 match_input_size(backbone, train.img_size)
+                if train.grad_checkpointing:
+                    self._checkpoint_gradients(backbone)
                 model = self.module.prepare(Classifier(backbone, dropout=train.dropout), self.config)
                 freeze_stages(model, train.freeze_stages, train.freeze_norm_stats)
                 param_groups(model, train.lr, train.weight_decay, train.layer_decay)
-                if train.grad_checkpointing and getattr(backbone.model, "set_grad_checkpointing", None) is None:
-                    raise MitobenchError(f"model {self.config.model!r} does not support gradient checkpointing "
-                                         "(train.grad_checkpointing). To save memory, lower train.batch_size and "
-                                         "raise train.grad_accum to keep the effective batch.")
         except MitobenchError:
             raise
         except Exception as exc:  # noqa: BLE001 - an architecture that needs real tensors to build
             log.debug("preflight of %s skipped: %s", self.config.model, exc)
+
+    def _checkpoint_gradients(self, backbone) -> None:
+        """Turn on timm's gradient checkpointing; a model without it (no method, or one that asserts, as VGG's)
+        is one clear error."""
+        enable = getattr(backbone.model, "set_grad_checkpointing", None)
+        try:
+            if enable is None:
+                raise NotImplementedError
+            enable(True)
+        except (AssertionError, NotImplementedError) as exc:
+            raise MitobenchError(f"model {self.config.model!r} does not support gradient checkpointing "
+                                 "(train.grad_checkpointing). To save memory, lower train.batch_size and raise "
+                                 "train.grad_accum to keep the effective batch.") from exc
 
     def prepare(self, ctx) -> None:
         from mitobench.device import pick_device
@@ -264,15 +275,7 @@ class TrainMethod:
         match_input_size(backbone, self.config.train.img_size)
         model = Classifier(backbone, dropout=self.config.train.dropout)
         if self.config.train.grad_checkpointing:
-            enable = getattr(backbone.model, "set_grad_checkpointing", None)
-            try:
-                if enable is None:
-                    raise NotImplementedError
-                enable(True)
-            except (AssertionError, NotImplementedError) as exc:
-                raise MitobenchError(f"model {self.config.model!r} does not support gradient checkpointing "
-                                     "(train.grad_checkpointing). To save memory, lower train.batch_size and raise "
-                                     "train.grad_accum to keep the effective batch.") from exc
+            self._checkpoint_gradients(backbone)
         model = self.module.prepare(model, self.config)
         freeze_stages(model, self.config.train.freeze_stages, self.config.train.freeze_norm_stats)
         if self.config.train.channels_last:

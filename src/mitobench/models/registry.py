@@ -111,6 +111,17 @@ def build_model(card: ModelCard, num_classes: int = 0, drop_path: float = 0.0) -
     return timm.create_model(card.arch, pretrained=False, **kwargs)
 
 
+def build_architecture(card: ModelCard, drop_path: float = 0.0) -> nn.Module:
+    """``build_model``, with a model that takes no stochastic-depth rate named as such."""
+    try:
+        return build_model(card, drop_path=drop_path)
+    except TypeError as exc:
+        if not drop_path:
+            raise
+        raise MitobenchError(f"model {card.key!r} does not take a stochastic-depth rate (train.drop_path={drop_path}): "
+                             "set train.drop_path to 0 for this model") from exc
+
+
 def create_backbone(key: str, weights: str | Path | None = None, pretrained: bool = True,
                     allow_download: bool = False, drop_path: float = 0.0) -> Backbone:
     """Build ``key`` and load its weights.
@@ -120,13 +131,7 @@ def create_backbone(key: str, weights: str | Path | None = None, pretrained: boo
     is random init, and ``Backbone.pretrained`` says so.
     """
     card = get_card(key)
-    try:
-        model = build_model(card, drop_path=drop_path)
-    except TypeError as exc:
-        if not drop_path:
-            raise
-        raise MitobenchError(f"model {key!r} does not take a stochastic-depth rate (train.drop_path={drop_path}): "
-                             "set train.drop_path to 0 for this model") from exc
+    model = build_architecture(card, drop_path)
     weights_id, source = RANDOM_INIT, "random init (no weights file given)"
     if weights is not None:
         from mitobench.models.weights import load_weights_strict
