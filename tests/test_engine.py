@@ -801,6 +801,9 @@ def test_lora_targets_matching_nothing(fixture_root, tmp_path, tiny_vit_card):
 
 @pytest.mark.parametrize("method, model, train, error", [
     ("lora", "timm/vit_tiny_patch16_224", {"lora_targets": r"nothing\.here$"}, "match no layer of timm/vit_tiny"),
+    ("lora", "timm/vit_tiny_patch16_224", {"lora_targets": r".*norm1$"},
+     "match 12 module\\(s\\) of timm/vit_tiny_patch16_224 \\(e.g. blocks.0.norm1\\), of kind LayerNorm, which LoRA "
+     "cannot adapt"),
     ("finetune", "efficientnet_lite0", {"freeze_stages": 7}, "freeze_stages=7 leaves no stage"),
     # timm's VGG has set_grad_checkpointing, which asserts; and it takes no drop_path_rate
     ("finetune", "timm/vgg11", {"grad_checkpointing": True}, "'timm/vgg11' does not support gradient checkpointing"),

@@ -17,6 +17,21 @@ from mitobench.errors import MitobenchError
 from mitobench.methods.fused_lora import fuse_lora_layers
 
 
+def _targets_error(target: str, backbone: nn.Module, key: str, exc: Exception) -> str:
+    """Why peft refused the targets: the regex matches nothing, or it matches layers peft cannot adapt."""
+    advice = ("Set train.lora_targets to a regex over its module names (`mitobench models show KEY` prints the "
+              "card's).")
+    try:
+        matched = [(name, type(m).__name__) for name, m in backbone.named_modules() if re.fullmatch(target, name)]
+    except re.error:
+        matched = []
+    if not matched:
+        return f"LoRA targets {target!r} match no layer of {key}: {exc}. {advice}"
+    kinds = sorted({kind for _, kind in matched})
+    return (f"LoRA targets {target!r} match {len(matched)} module(s) of {key} (e.g. {matched[0][0]}), of kind "
+            f"{', '.join(kinds)}, which LoRA cannot adapt: {exc}. Target Linear or Conv2d layers. {advice}")
+
+
 def prepare(model: nn.Module, config) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -31,8 +46,7 @@ def prepare(model: nn.Module, config) -> nn.Module:
     try:
         model.backbone.model = inject_adapter_in_model(lora, model.backbone.model)
     except (ValueError, re.error) as exc:
-        raise MitobenchError(f"LoRA targets {target!r} match no layer of {card.key}: {exc}. Set train.lora_targets "
-                             "to a regex over its module names (`mitobench models show KEY` prints the card's).") from exc
+        raise MitobenchError(_targets_error(target, model.backbone.model, card.key, exc)) from exc
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("head."))
     # The backbone is frozen, BatchNorm statistics included: the checkpoint (adapters + head) does not hold them, so
