@@ -221,9 +221,9 @@ def _check_preset_flag_against_yaml(config: RunConfig, train_values: dict, path:
                              f"values would train under the name {preset}. Drop --preset, or edit the YAML.")
     if named:
         return
+    preset_keys = _preset_keys(preset, config.method)
     clash = sorted(f"train.{key}={value!r}" for key, value in train_values.items()
-                   if hasattr(config.train, key) and key != "preset" and key in _preset_keys(preset, config.method)
-                   and value != getattr(config.train, key))
+                   if key in preset_keys and value != getattr(config.train, key))
     if clash:
         raise MitobenchError(f"--preset {preset}: {path} sets {', '.join(clash)}, which the preset sets otherwise, "
                              "and the YAML wins over a preset. Drop --preset, remove those keys from the YAML, or "

@@ -225,16 +225,13 @@ def fold_set_signatures(sets: dict[str, pd.DataFrame], folds: np.ndarray, fold: 
     return signatures
 
 
-def check_saved_folds(run: RunDir, sets: dict[str, pd.DataFrame], folds: np.ndarray, n_folds: int) -> None:
+def check_saved_folds(run_path: Path, finished: dict[int, tuple[dict, dict]], sets: dict[str, pd.DataFrame],
+                      folds: np.ndarray) -> None:
     """Refuse to resume a run whose finished folds predicted other sets than those found now (a hold-out set
     fetched or removed since, a ``--dataset`` folder changed, another data root): their models are not kept, so
     they cannot be re-scored, and mixing them with new folds would pair probabilities with the wrong figures.
     Runs saved before fold signatures existed are checked on set names and sizes."""
-    for fold in range(1, n_folds + 1):
-        saved = run.load_fold(fold)
-        if saved is None or saved[1].get("failed"):
-            continue
-        probs, info = saved
+    for fold, (probs, info) in finished.items():
         if "sets" in info:
             then, now = info["sets"], fold_set_signatures(sets, folds, fold)
         else:
@@ -250,22 +247,18 @@ def check_saved_folds(run: RunDir, sets: dict[str, pd.DataFrame], folds: np.ndar
             f"gone now: {', '.join(gone)}" if gone else "", f"new now: {', '.join(new)}" if new else "",
             f"different figures or labels now: {', '.join(changed)}" if changed else "") if part)
         raise MitobenchError(
-            f"{run.path}: fold {fold} finished on other data than is found now ({what}). Its model is not kept, so "
+            f"{run_path}: fold {fold} finished on other data than is found now ({what}). Its model is not kept, so "
             "it cannot be re-scored: resume with --data-root (and --dataset folders) as they were when the run "
             "started, or start a new run.")
 
 
-def check_saved_backbone(run: RunDir, config: RunConfig) -> None:
+def check_saved_backbone(run_path: Path, finished: dict[int, tuple[dict, dict]], config: RunConfig) -> None:
     """Refuse to resume when the finished folds trained on other backbone weights than the model builds with now
     (``--weights`` file replaced, ``MITOBENCH_WEIGHTS`` or the HF cache changed, weights gone: random init): the
     remaining folds would train from other weights, and the run would report one recipe that is two."""
     from mitobench.models.cards import backbone_identity
 
-    used = {}
-    for fold in range(1, config.n_folds + 1):
-        saved = run.load_fold(fold)
-        if saved is not None and not saved[1].get("failed") and saved[1].get("backbone_weights"):
-            used[fold] = saved[1]["backbone_weights"]
+    used = {fold: info["backbone_weights"] for fold, (_, info) in finished.items() if info.get("backbone_weights")}
     if not used:
         return
     now = backbone_identity(config.model, config.weights)
@@ -275,7 +268,7 @@ def check_saved_backbone(run: RunDir, config: RunConfig) -> None:
     if other:
         folds = ", ".join(str(f) for f in other)
         raise MitobenchError(
-            f"{run.path}: fold(s) {folds} trained on backbone weights {sorted(set(other.values()))[0]!r}, but "
+            f"{run_path}: fold(s) {folds} trained on backbone weights {sorted(set(other.values()))[0]!r}, but "
             f"{config.model} now builds with {now!r} (weights found, moved or changed since: --weights, "
             "MITOBENCH_WEIGHTS, the Hugging Face cache). The remaining folds would train from other weights. Restore "
             "the weights the run started with, or start a new run.")
@@ -406,9 +399,11 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         save_config(config, run.path / "config.yaml")
         atomic_write_json(run.path / "environment.json", environment())
         console.print(f"run folder: {run.path}", soft_wrap=True, markup=False)  # one line: a path to copy
+        finished = {}
     else:
-        check_saved_folds(run, sets, folds, config.n_folds)  # before the status changes: the run stays resumable
-        check_saved_backbone(run, config)
+        finished = run.finished_folds(config.n_folds)
+        check_saved_folds(run.path, finished, sets, folds)  # before the status changes: the run stays resumable
+        check_saved_backbone(run.path, finished, config)
         console.print(f"resuming {run.path}", soft_wrap=True, markup=False)
     run.set_status("running")
     try:
@@ -422,9 +417,8 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         failed: dict[int, str] = {}
         pending = []
         for fold in range(1, config.n_folds + 1):
-            saved = run.load_fold(fold)
-            if saved is not None and not saved[1].get("failed"):
-                results[fold] = FoldResult(*saved)
+            if fold in finished:
+                results[fold] = FoldResult(*finished[fold])
                 run.drop_checkpoints(fold)  # left if the process died between saving the fold and deleting them
             else:
                 pending.append(fold)

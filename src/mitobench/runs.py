@@ -181,6 +181,11 @@ class RunDir:
         folds = [v for v in info.values() if isinstance(v, dict)] if isinstance(info, dict) else []
         return any(v.get("pretrained") is False or v.get("backbone_weights") == RANDOM_INIT for v in folds)
 
+    def finished_folds(self, n_folds: int) -> dict[int, tuple[dict[str, np.ndarray], dict]]:
+        """The saved results of the folds that finished (not failed), by fold: what a resume keeps."""
+        saved = {fold: self.load_fold(fold) for fold in range(1, n_folds + 1)}
+        return {fold: result for fold, result in saved.items() if result is not None and not result[1].get("failed")}
+
     def fold_file(self, fold: int) -> Path:
         return self.path / "folds" / f"fold_{fold}.npz"
 
