@@ -237,6 +237,27 @@ def test_missing_weights_path_or_gpu_is_one_clear_error_before_any_run_folder(cl
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize("method", ["probe", "finetune", "lora"])
+def test_another_models_checkpoint_is_refused_before_any_run_folder(cli, fixture_root, tmp_path, method):
+    """Given with --weights, or found through the mapping file: names and shapes read from the file's header and
+    checked on the meta architecture, not in fold 1 of a folder that then reads 'failed'."""
+    import timm
+    from safetensors.torch import save_file
+
+    other = tmp_path / "resnet10t.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet10t").state_dict().items()}, other)
+    assert_clear_error(run_cmd(cli, fixture_root, tmp_path, "--method", method, "--weights", str(other)),
+                       str(other), "does not fit 'efficientnet_lite0'", "Nothing was loaded")
+    assert not (tmp_path / "runs").exists()
+    mapping = tmp_path / "weights.yaml"
+    mapping.write_text(f"h0_mini: {other}\n")
+    result = cli("run", "--data-root", str(fixture_root), "--runs-dir", str(tmp_path / "runs"), "--model", "h0_mini",
+                 "--method", method, env={**WIDE, "MITOBENCH_WEIGHTS": str(mapping),
+                                          "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache")})
+    assert_clear_error(result, str(other), "does not fit 'h0_mini'", "Check the file belongs to h0_mini")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("method, model, what", [("probe", "uni", "features"),
                                                   ("finetune", "swin_base_patch4_window7_224", "weights")])
 def test_a_model_without_its_published_weights_is_refused_not_trained_on_random_init(cli, fixture_root, tmp_path,

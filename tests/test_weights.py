@@ -105,6 +105,8 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": _NotATensor()}, tmp_path / "evil.pth")
     with pytest.raises(MitobenchError, match="weights_only=True"):
         W.load_weights_strict(build_model(small_card()), tmp_path / "evil.pth", small_card())
+    with pytest.raises(MitobenchError, match="weights_only=True"):
+        W.check_weights_fit(tmp_path / "evil.pth", small_card())
 
 
 def test_torchscript_file_gets_a_conversion_command_that_works(tmp_path, monkeypatch):
@@ -134,9 +136,12 @@ def test_mismatched_checkpoint_is_one_clear_error_and_nothing_is_loaded(tmp_path
     save_file(state, tmp_path / "bad.safetensors")
     model = build_model(card)
     before = params_snapshot(model)
+    with pytest.raises(W.WeightsMismatchError) as lazy:
+        W.check_weights_fit(tmp_path / "bad.safetensors", card)  # header only, on the meta architecture
     with pytest.raises(W.WeightsMismatchError) as info:
         W.load_weights_strict(model, tmp_path / "bad.safetensors", card)
     err = info.value
+    assert str(lazy.value) == str(err)
     msg = str(err)
     assert "bad.safetensors" in msg and "2 missing, 1 unexpected, 1 mis-shaped" in msg
     assert "blocks.1.ls2.gamma" in msg and "head.weight" in msg and "blocks.0.mlp.fc1.weight" in msg
@@ -158,6 +163,8 @@ def test_one_wrong_key_is_not_called_another_model(tmp_path):
     save_file(foreign, tmp_path / "foreign.safetensors")
     with pytest.raises(W.WeightsMismatchError, match="almost nothing matches"):
         W.load_weights_strict(build_model(card), tmp_path / "foreign.safetensors", card)
+    with pytest.raises(W.WeightsMismatchError, match="almost nothing matches"):
+        W.check_weights_fit(tmp_path / "foreign.safetensors", card)
 
 
 def test_a_model_prefix_on_every_key_is_stripped(tmp_path):
@@ -166,6 +173,7 @@ def test_a_model_prefix_on_every_key_is_stripped(tmp_path):
     source = build_model(card)
     save_file({f"model.{k}": v for k, v in source.state_dict().items()}, tmp_path / "wrapped.safetensors")
     model = build_model(card)
+    assert W.check_weights_fit(tmp_path / "wrapped.safetensors", card)
     W.load_weights_strict(model, tmp_path / "wrapped.safetensors", card)
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), model.state_dict().values()))
 
@@ -176,6 +184,8 @@ def test_missing_layerscale_hint(tmp_path):
     save_file(state, tmp_path / "uni.safetensors")
     with pytest.raises(MitobenchError, match="LayerScale"):
         W.load_weights_strict(build_model(card), tmp_path / "uni.safetensors", card)
+    with pytest.raises(MitobenchError, match="LayerScale"):
+        W.check_weights_fit(tmp_path / "uni.safetensors", card)
 
 
 def test_conch_checkpoint_keeps_only_the_trunk(tmp_path):
@@ -186,6 +196,7 @@ def test_conch_checkpoint_keeps_only_the_trunk(tmp_path):
                   "logit_scale": torch.zeros(())})
     torch.save(state, tmp_path / "pytorch_model.bin")
     model = build_model(card)
+    assert W.check_weights_fit(tmp_path / "pytorch_model.bin", card)  # a torch zip, memory-mapped
     W.load_weights_strict(model, tmp_path / "pytorch_model.bin", card)
     torch.testing.assert_close(embed(model, card), embed(src, card), rtol=0, atol=0)
 
@@ -201,6 +212,7 @@ def test_gpfm_github_teacher_layout(tmp_path):
     state["dino_head.mlp.0.weight"] = torch.zeros(4, 4)
     torch.save({"teacher": state}, tmp_path / "GPFM.pth")
     model = build_model(card)
+    assert W.check_weights_fit(tmp_path / "GPFM.pth", card)
     W.load_weights_strict(model, tmp_path / "GPFM.pth", card)
     torch.testing.assert_close(embed(model, card), embed(src, card), rtol=0, atol=0)
 
@@ -212,6 +224,7 @@ def test_kaiko_l14_518_pos_embed_resampled_like_tridents_runtime(tmp_path):
     assert trident.pos_embed.shape[1] == 37 * 37
     save_file({k: v.contiguous() for k, v in trident.state_dict().items()}, tmp_path / "model.safetensors")
     model = build_model(card)
+    assert W.check_weights_fit(tmp_path / "model.safetensors", card)  # the resampling runs on meta tensors
     _, source = W.load_weights_strict(model, tmp_path / "model.safetensors", card)
     assert "resampled pos_embed 37x37 -> 16x16" in source
     x = torch.randn(1, 3, 224, 224)
@@ -542,6 +555,31 @@ def test_truncated_checkpoint_is_one_clear_error(tmp_path, fmt):
     assert str(cut) in msg and TRUNCATED in msg and "pickled Python objects" not in msg
     if fmt == "safetensors":
         assert "(safetensors:" in msg
+    if fmt == "legacy":  # a pre-zip torch file cannot be mapped: the lazy check leaves it to the load
+        assert W.read_checkpoint_layout(cut) is None
+    else:
+        with pytest.raises(MitobenchError) as err:
+            W.read_checkpoint_layout(cut)
+        assert str(cut) in str(err.value) and TRUNCATED in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zip"])
+def test_lazy_layout_reads_names_shapes_and_dtypes_but_no_tensor_data(tmp_path, fmt, monkeypatch):
+    state = {"w": torch.randn(64, 32), "half": torch.zeros(3, dtype=torch.float16), "step": torch.tensor(7)}
+    path = tmp_path / f"w.{'safetensors' if fmt == 'safetensors' else 'pth'}"
+    save_file(state, path) if fmt == "safetensors" else torch.save({"model": state, "epoch": 3}, path)
+    monkeypatch.setattr(W, "read_checkpoint", lambda *a, **k: pytest.fail("the whole file was read"))
+    layout = W.read_checkpoint_layout(path)
+    tensors = layout if fmt == "safetensors" else layout["model"]
+    assert {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in tensors.items()} == {
+        k: (tuple(v.shape), v.dtype, "meta") for k, v in state.items()}
+
+
+def test_a_legacy_torch_file_is_left_to_the_load(tmp_path):
+    card = small_card()
+    torch.save(build_model(card).state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert W.check_weights_fit(tmp_path / "legacy.pth", card) is False
+    W.load_weights_strict(build_model(card), tmp_path / "legacy.pth", card)
 
 
 def test_safetensors_with_a_128_byte_header_is_not_taken_for_a_pickle(tmp_path):

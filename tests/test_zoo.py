@@ -13,7 +13,7 @@ from torch import nn
 
 from mitobench.errors import MitobenchError
 from mitobench.models.registry import Backbone, build_model, get_card, list_cards, replace_card
-from mitobench.models.weights import load_weights_strict
+from mitobench.models.weights import check_weights_fit, load_weights_strict
 
 MY_KEYS = ["uni", "uni2_h", "virchow", "virchow2", "hoptimus0", "hoptimus1", "prov_gigapath", "h0_mini", "phikon",
            "phikon_v2", "kaiko_vits16", "kaiko_vitb16", "kaiko_vitl14", "lunit_vits8", "lunit_vits16", "gpfm",
@@ -187,6 +187,7 @@ def test_transformers_checkpoint_converts_exactly(key, tmp_path):
     card = get_card(key.split("@")[0])
     card = replace_card(card, build_kwargs={**card.build_kwargs, "depth": 2, **overrides})
     model = build_model(card).eval()
+    assert check_weights_fit(snap, card)  # the conversion and resampling, on meta tensors
     load_weights_strict(model, snap, card)
     x = torch.randn(2, 3, px, px)
     with torch.inference_mode():
@@ -212,6 +213,8 @@ def test_transformers_config_conflict_is_caught(tmp_path):
     card = replace_card(card, build_kwargs={**card.build_kwargs, "depth": 2, **overrides})
     with pytest.raises(MitobenchError, match="num_heads: config.json says 8, the card builds 4"):
         load_weights_strict(build_model(card), tmp_path, card)
+    with pytest.raises(MitobenchError, match="num_heads: config.json says 8, the card builds 4"):
+        check_weights_fit(tmp_path, card)
 
 
 @pytest.mark.parametrize("key", ["swin_base_patch4_window7_224", "vit_large_patch16_224"])

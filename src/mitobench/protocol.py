@@ -333,6 +333,28 @@ def check_weights_found(config: RunConfig) -> None:
             "HF_TOKEN); --set allow_random_init=true runs it on random init anyway.")
 
 
+def check_weights_fit(config: RunConfig) -> None:
+    """Another model's checkpoint (or one in a layout mitobench cannot convert) is refused before any folder
+    exists, with the load's own report: the names and shapes in the file are checked against the architecture
+    without reading the tensors (``models.weights.check_weights_fit``: about a second, even for a ViT-g)."""
+    from mitobench.models.cards import get_card
+
+    card = get_card(config.model)
+    if config.weights:
+        path = Path(config.weights)
+    elif card.weights_loader is not None:
+        return  # weights a package ships, loaded by the card's own loader
+    else:
+        from mitobench.models.weights import resolve_weights
+
+        path = resolve_weights(card, allow_download=False)  # the mapping file or the HF cache, as the load finds them
+        if path is None:
+            return
+    from mitobench.models.weights import check_weights_fit as check_file
+
+    check_file(path, card)
+
+
 def absolute_paths(config: RunConfig) -> None:
     """The paths a run reads, made absolute (the data root resolved as it is now), so that ``--resume``, fold
     workers and ``predict`` find them from any working directory and environment."""
@@ -380,6 +402,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
     if resume is None:
         absolute_paths(config)
         check_weights_found(config)
+        check_weights_fit(config)
         if config.device not in ("auto", "cpu"):  # a GPU this machine lacks: refused before any folder exists
             from mitobench.device import pick_device
 

@@ -686,15 +686,15 @@ def check_fit(model: nn.Module, state: dict[str, torch.Tensor], source: Path, ca
     raise WeightsMismatchError("\n".join(lines), missing, unexpected, mis_shaped)
 
 
-def load_weights_strict(model: nn.Module, path: Path, card: "ModelCard") -> tuple[str, str]:
-    """Load ``path`` (a file or a HF snapshot folder) into ``model`` strictly.
-
-    Returns ``(weights_id, source_description)``; ``weights_id`` is the first 16 hex digits of the
-    file's sha256 (of the shards' digests for a sharded checkpoint).
-    """
+def _fitted_state(model: nn.Module, path: Path, card: "ModelCard",
+                  read=None) -> tuple[list[Path], dict[str, torch.Tensor], list[str]] | None:
+    """The checkpoint at ``path`` (a file or a snapshot folder) read with ``read`` (default
+    :func:`read_checkpoint`), unwrapped, converted and checked against ``model``; ``None`` when ``read`` cannot
+    read a file (a lazy read of a legacy torch file). Raises :class:`WeightsMismatchError` when it does not fit."""
     path = Path(path).expanduser()
     if not path.exists():
         raise MitobenchError(f"weights path {path} does not exist")
+    read = read or read_checkpoint
     files, config_path = _weight_files(path, card)
     notes: list[str] = []
     if config_path is not None:
@@ -708,7 +708,9 @@ def load_weights_strict(model: nn.Module, path: Path, card: "ModelCard") -> tupl
     raw: dict[str, torch.Tensor] = {}
     try:
         for f in files:
-            part = read_checkpoint(f)
+            part = read(f)
+            if part is None:
+                return None
             if len(files) > 1:
                 raw.update(unwrap_state_dict(part, []))
             else:
@@ -717,6 +719,17 @@ def load_weights_strict(model: nn.Module, path: Path, card: "ModelCard") -> tupl
     except NotAStateDictError as exc:
         raise MitobenchError(f"{files[0] if len(files) == 1 else path}: {exc}") from None
     check_fit(model, state, files[0] if len(files) == 1 else path, card)
+    return files, state, notes
+
+
+def load_weights_strict(model: nn.Module, path: Path, card: "ModelCard") -> tuple[str, str]:
+    """Load ``path`` (a file or a HF snapshot folder) into ``model`` strictly.
+
+    Returns ``(weights_id, source_description)``; ``weights_id`` is the first 16 hex digits of the
+    file's sha256 (of the shards' digests for a sharded checkpoint).
+    """
+    path = Path(path).expanduser()
+    files, state, notes = _fitted_state(model, path, card)
     model.load_state_dict(state, strict=True)
     weights_id = weights_digest(files)
     shown = files[0] if len(files) == 1 else f"{path} ({len(files)} shards)"
@@ -724,3 +737,68 @@ def load_weights_strict(model: nn.Module, path: Path, card: "ModelCard") -> tupl
     log.info("%s: loaded weights %s (sha256 %s) strictly%s", card.key, shown, weights_id,
              f": {'; '.join(notes)}" if notes else "")
     return weights_id, source
+
+
+# ------------------------------------------------------------------------------------ lazy fit check
+#: safetensors header dtype names -> torch dtypes (a name not here reads as float32: only shapes are compared)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _on_meta(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return torch.empty(obj.shape, dtype=obj.dtype, device="meta")
+    if isinstance(obj, dict):
+        return {k: _on_meta(v) for k, v in obj.items()}
+    return obj
+
+
+def read_checkpoint_layout(path: Path) -> Any | None:
+    """The checkpoint's tensors as meta tensors (names, shapes, dtypes), reading no tensor data: the safetensors
+    header, or a torch zip archive memory-mapped. ``None`` for a legacy (pre-zip) torch file, which cannot be
+    mapped and would have to be read whole."""
+    if checkpoint_format(path) == "safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                return {k: torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES.get(s.get_dtype(), torch.float32),
+                                       device="meta") for k, s in slices.items()}
+        except Exception as exc:  # noqa: BLE001 - SafetensorError on a damaged header
+            raise MitobenchError(f"weights file {path} {_TRUNCATED} (safetensors: {_first_line(exc)}).") from exc
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"PK":
+            return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the full reader names the fault (damaged, pickled objects, TorchScript)
+        mapped = read_checkpoint(path)
+    return _on_meta(mapped)
+
+
+def check_weights_fit(path: Path, card: "ModelCard") -> bool:
+    """Check that the checkpoint at ``path`` fits ``card``'s architecture without loading it: the names and shapes
+    are read from the file's header (:func:`read_checkpoint_layout`) and checked, after the same unwrapping and
+    conversions as a load, against the architecture built on the meta device. Seconds and no memory even for a
+    ViT-g, so a run refuses another model's checkpoint before it makes a folder. Raises what
+    :func:`load_weights_strict` would; returns False when the file or the architecture cannot be checked lazily
+    (the load itself checks it then)."""
+    from mitobench.models.registry import build_architecture
+
+    try:
+        with torch.device("meta"):
+            model = build_architecture(card)
+    except Exception as exc:  # noqa: BLE001 - an architecture that needs real tensors to build
+        log.debug("lazy weights check of %s skipped: %s", card.key, exc)
+        return False
+    try:
+        return _fitted_state(model, Path(path), card, read=read_checkpoint_layout) is not None
+    except MitobenchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a conversion that needs real tensor data
+        log.debug("lazy weights check of %s skipped: %s", card.key, exc)
+        return False
