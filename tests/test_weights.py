@@ -479,6 +479,7 @@ def test_a_repo_that_ships_its_weights_in_shards_is_downloaded_and_loaded(tmp_pa
     path = W.resolve_weights(card, allow_download=True)
     assert path is not None and path.name == "model.safetensors.index.json"
     model = build_model(card)
+    assert W.check_weights_fit(path, card)  # every shard's header
     W.load_weights_strict(model, path, card)
     torch.testing.assert_close(embed(model, card), embed(src, card), rtol=0, atol=0)
     assert W.resolve_weights(card, allow_download=False) is not None  # then found in the cache, offline
