@@ -514,7 +514,8 @@ def _finalise(run: RunDir, config: RunConfig, ctx: Context, results: dict[int, F
     atomic_write_csv(run.path / "predictions.csv", predictions)
     atomic_write_csv(run.path / "metrics.csv", metrics)
     text = render_report(metrics, config.model, config.method, [VALIDATION, *ctx.holdouts], absent,
-                         getattr(method, "pretrained", True), recipe=recipe(config), threshold=config.threshold)
+                         getattr(method, "pretrained", True), recipe=recipe(config), threshold=config.threshold,
+                         calibration=config.calibration)
     if not by_domain.empty:
         atomic_write_csv(run.path / "metrics_by_domain.csv", by_domain)
         text += render_domain_report(by_domain)

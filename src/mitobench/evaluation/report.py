@@ -116,17 +116,27 @@ def ci_caption(metrics: pd.DataFrame) -> str:
 RANDOM_INIT_TAG = "[RANDOM INIT: no pretrained weights]"  # beside every figure of a run whose backbone was random init
 
 
+def threshold_caption(threshold: str, calibration: str = "none") -> str:
+    """The caption's words on the threshold: with Platt calibration each fold's threshold is mapped through its
+    map (same decisions), so the ensemble's, their mean, is no longer 0.5."""
+    text = THRESHOLDS[threshold]
+    if calibration == "platt":
+        text += (" on each fold model's uncalibrated score, i.e. its Platt-mapped threshold on the calibrated one; "
+                 "the ensemble's at their mean")
+    return text
+
+
 def render_report(metrics: pd.DataFrame, model: str, method: str, datasets: list[str], absent: list[str],
                   pretrained: bool = True, console: Console | None = None, recipe: str = "",
-                  threshold: str = "fixed") -> str:
+                  threshold: str = "fixed", calibration: str = "none") -> str:
     """Print the paper-form table; return it as plain text for ``report.txt``. ``recipe``: a few words on how the
-    models were trained (preset, precision, input size, TTA), shown in the title; ``threshold``: the run's
-    ``threshold`` mode, said in the caption (it changes every BA)."""
+    models were trained (preset, precision, input size, TTA), shown in the title; ``threshold`` and
+    ``calibration``: the run's modes, said in the caption (they change the ensemble's BA)."""
     title = (f"{model} / {method}" + (f" ({recipe})" if recipe else "")
              + ("" if pretrained else f"  {RANDOM_INIT_TAG}"))
     folds = metrics["fold"].astype(str)
     n = folds[folds.str.isdigit()].nunique()  # the fold models that count: fewer where a fold failed
-    table = Table(title=title, caption=f"positive class = atypical; {THRESHOLDS[threshold]}; fold models: mean +- "
+    table = Table(title=title, caption=f"positive class = atypical; {threshold_caption(threshold, calibration)}; fold models: mean +- "
                   f"population SD over {n}; ensemble: mean probability of the {n} fold models, "
                   + ci_caption(metrics))
     for col in ("set", "n (atyp.)", "BA fold mean+-SD", "AUROC fold mean+-SD", "BA ensemble [95% CI]",
