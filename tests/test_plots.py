@@ -149,3 +149,49 @@ def test_report_compares_runs_by_expert_agreement(runs, cli, tmp_path):
     (old / "metrics_by_agreement.csv").write_text("nothing,useful\n1,2\n")
     damaged = cli("report", str(old), env=WIDE)
     assert damaged.returncode == 2 and "not a mitobench agreement table" in damaged.stderr
+
+
+@pytest.mark.parametrize("name, cut", [("predictions.csv", "mid-row"), ("predictions.csv", "row boundary"),
+                                       ("metrics.csv", "mid-row"), ("metrics.csv", "row boundary"),
+                                       ("metrics_by_agreement.csv", "mid-row")])
+def test_a_result_file_cut_short_is_refused_not_drawn_or_tabled(runs, cli, tmp_path, name, cut):
+    """A copy that stopped or a disk that filled: one error naming the file, never a table of nan or the folds
+    that survived (the figures below are the run's first rows only)."""
+    import shutil
+
+    broken = shutil.copytree(runs[0], tmp_path / "broken", ignore=shutil.ignore_patterns("plots*"))
+    data = (broken / name).read_bytes()
+    half = len(data) // 2
+    (broken / name).write_bytes(data[:half] if cut == "mid-row" else data[:data.rindex(b"\n", 0, half) + 1])
+    command = "plot" if name == "predictions.csv" else "report"
+    result = cli(command, str(broken), "--out", str(tmp_path / "out"), env=WIDE) if command == "plot" else \
+        cli(command, str(broken), env=WIDE)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and f"{name} is incomplete" in " ".join(result.stderr.split())
+    assert "the run folder is damaged" in " ".join(result.stderr.split())
+    assert result.stdout.strip() == "" and not (tmp_path / "out").exists()  # nothing shown, nothing drawn
+
+
+@pytest.mark.parametrize("content", [b"[]", b"\x89PNG\r\n\x1a\n\x00\x00binary"])
+def test_a_status_or_config_that_is_no_json_object_or_text_is_one_clear_error(runs, cli, fixture_root, tmp_path,
+                                                                                content):
+    import json
+    import shutil
+
+    broken = shutil.copytree(runs[0], tmp_path / "broken", ignore=shutil.ignore_patterns("plots*"))
+    (broken / "status.json").write_bytes(content)
+    for args in (("report", str(broken)), ("plot", str(broken))):
+        result = cli(*args, env=WIDE)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert "status.json: cannot read it; the run folder is damaged" in " ".join(result.stderr.split())
+    # --resume finds every fold finished and writes the same results and a good status.json again
+    before = (broken / "metrics.csv").read_text()
+    result = cli("run", "--resume", str(broken), env=WIDE)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert json.loads((broken / "status.json").read_text())["state"] == "complete"
+    assert (broken / "metrics.csv").read_text() == before
+    (broken / "config.yaml").write_bytes(content if content != b"[]" else b"model: [unclosed\nmethod: probe\n")
+    result = cli("predict", str(broken), str(fixture_root / "AtNorM-Br"), "--out", str(tmp_path / "p.csv"), env=WIDE)
+    text = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "config.yaml" in text, result.stderr
+    assert ("not a text (UTF-8) YAML config" in text) if content != b"[]" else ("is not valid YAML at line" in text)

@@ -283,7 +283,7 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
     import pandas as pd
     from rich.table import Table
 
-    from mitobench.runs import require_complete_run
+    from mitobench.runs import check_result_rows, fold_models, require_complete_run
 
     if out is not None and not seeds:
         raise MitobenchError("--out writes the seed summary: add --seeds (and give seed repeats of one run).")
@@ -311,6 +311,7 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
             how = f"{m['model'].iloc[0]} / {m['method'].iloc[0]}" if len(m) else "?"
             if "ci_unit" in m and (m["ci_unit"] == "slide").any():  # else per figure: say when CIs differ in kind
                 how += f"; ensemble CI over slides on {', '.join(sorted(m.loc[m['ci_unit'] == 'slide', 'dataset'].unique()))}"
+            check_result_rows(m, path, fold_models(run_dir), per_image=False)
             m = m[m["metric"].isin(["balanced_accuracy", "auroc"])][["dataset", "metric", "fold", "value", "ci_low", "ci_high"]]
             frames.append(m)
         except (ValueError, KeyError, pd.errors.ParserError) as exc:
@@ -332,12 +333,12 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
         table.add_column(col, no_wrap=col != "dataset")
     for r in rows:
         table.add_row(r["run"], r["dataset"], r["metric"], r["folds"], r["ensemble"])
+    from mitobench.evaluation.agreement import agreement_comparison
+
+    by_agreement = agreement_comparison(run_dirs)  # every file read and checked before anything is shown
     for line in legend:  # full names, never cut: two runs' names often differ only at their end
         console.print(line, soft_wrap=True, markup=False, highlight=False)
     console.print(table)
-    from mitobench.evaluation.agreement import agreement_comparison
-
-    by_agreement = agreement_comparison(run_dirs)
     if by_agreement is not None:
         console.print(by_agreement)
     if seeds:

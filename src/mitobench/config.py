@@ -243,9 +243,19 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         path = Path(path)
         try:
-            values = read_yaml(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise MitobenchError(f"{path}: cannot read this YAML config ({exc}).") from exc
+            values = read_yaml(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise MitobenchError(f"{path}: cannot read this config ({exc.strerror or exc}).") from exc
+        except UnicodeDecodeError as exc:
+            raise MitobenchError(f"{path} is not a text (UTF-8) YAML config (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}): "
+                                 "pass the config file itself; in a run folder, restore config.yaml (the folder is "
+                                 "damaged).") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise MitobenchError(f"{path} is not valid YAML{where}: {what}. Fix that line (YAML needs `key: value` "
+                                 "lines, nested keys indented by spaces).") from exc
         if not isinstance(values, dict):
             raise MitobenchError(f"{path}: a config must be a mapping of option: value")
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}

@@ -21,11 +21,15 @@ import zipfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mitobench.errors import MitobenchError
 from mitobench.io import atomic_write, atomic_write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 
 def new_run_dir(runs_dir: str | Path, model: str, method: str, tag: str = "") -> Path:
@@ -160,10 +164,12 @@ class RunDir:
         return "still being run by another mitobench process" + (f" (pid {pid} on {host})" if pid else "")
 
     def status(self) -> dict:
+        """``status.json``, or ``{"state": "unknown"}`` when it is missing or damaged (not a JSON object)."""
         try:
-            return json.loads((self.path / "status.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            status = json.loads((self.path / "status.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
             return {"state": "unknown"}
+        return status if isinstance(status, dict) else {"state": "unknown"}
 
     def failed_folds(self) -> list[str]:
         """The folds that failed (e.g. a NaN loss), in order: the run's mean, SD and ensemble leave them out."""
@@ -175,8 +181,8 @@ class RunDir:
         from mitobench.models.cards import RANDOM_INIT
 
         try:
-            info = json.loads((self.path / "fold_info.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            info = json.loads((self.path / "fold_info.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             return False
         folds = [v for v in info.values() if isinstance(v, dict)] if isinstance(info, dict) else []
         return any(v.get("pretrained") is False or v.get("backbone_weights") == RANDOM_INIT for v in folds)
@@ -293,5 +299,43 @@ def read_predictions(run_dir: Path) -> "tuple[pd.DataFrame, dict[str, float]]":
     except (OSError, ValueError, KeyError, AttributeError, pd.errors.ParserError) as exc:
         raise MitobenchError(f"{run_dir}: cannot read predictions.csv or fold_info.json ({exc}); the run folder is "
                              "damaged.") from exc
+    check_result_rows(preds, run_dir / "predictions.csv", set(thresholds), per_image=True)
     thresholds["ensemble"] = float(np.mean(list(thresholds.values()))) if thresholds else 0.5
     return preds, thresholds
+
+
+def fold_models(run_dir: Path) -> set[str] | None:
+    """The folds whose models count (fold_info.json's, less the failed ones); None where it cannot be read."""
+    try:
+        info = json.loads((Path(run_dir) / "fold_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    return {str(fold) for fold, v in info.items() if isinstance(v, dict) and not v.get("failed")}
+
+
+def check_result_rows(frame: "pd.DataFrame", path: Path, folds: set[str] | None, per_image: bool) -> None:
+    """A finished run's ``predictions.csv`` (``per_image``) or ``metrics.csv`` holds every row it was written with:
+    each set has every fold model's rows, the ensemble's (a hold-out set) and, for metrics, the mean and SD, each
+    with the same metrics (or images); no cell of the keys is empty. A file cut short (a copy that stopped, a
+    disk that filled) is one error naming it, never a table or a figure of what survived."""
+    from mitobench.evaluation.report import VALIDATION
+
+    keys = ["image", "dataset", "fold", "probability", "label"] if per_image else ["dataset", "fold", "metric"]
+    damaged = f"{path} is incomplete"
+    if frame[keys].isna().any().any():
+        raise MitobenchError(f"{damaged} (a row with empty cells: cut short?); the run folder is damaged. Restore "
+                             "it from a copy, or train a new run with `mitobench run`.")
+    item = "image" if per_image else "metric"
+    for dataset, part in frame.groupby("dataset", sort=False):
+        want = set(folds or ()) | ({"ensemble"} if dataset != VALIDATION else set())
+        if not per_image:
+            want |= {"mean", "sd"}
+        lacking = sorted(want - set(part["fold"]))
+        # every fold model saw the same images of a hold-out set (each its own validation fold), and has every metric
+        uneven = part.groupby("fold")[item].nunique().nunique() > 1 and not (per_image and dataset == VALIDATION)
+        if lacking or uneven:
+            what = f"no rows of {', '.join(lacking)}" if lacking else f"some folds lack some {item}s"
+            raise MitobenchError(f"{damaged}: {dataset} has {what}; the run folder is damaged. Restore it from a "
+                                 "copy, or train a new run with `mitobench run`.")

@@ -194,9 +194,14 @@ def read_agreement_table(path: Path, columns: list[str], what: str = "agreement 
     if not path.is_file():
         return None
     try:
-        return pd.read_csv(path, dtype={"fold": str})[columns]
+        table = pd.read_csv(path, dtype={"fold": str})[columns]
     except (ValueError, KeyError, pd.errors.ParserError) as exc:
         raise MitobenchError(f"{path}: not a mitobench {what} ({exc}); the run folder is damaged.") from exc
+    keys = [c for c in columns if c not in ("value", "kappa")]
+    if table[keys].isna().any().any():
+        raise MitobenchError(f"{path} is incomplete (a row with empty cells: cut short?); the run folder is damaged. "
+                             "Restore it from a copy, or train a new run with `mitobench run`.")
+    return table
 
 
 def agreement_comparison(run_dirs: list[Path]) -> Table | None:
