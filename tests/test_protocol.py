@@ -303,9 +303,11 @@ def test_resume_refuses_folds_that_finished_on_other_data(fixture_root, fixture_
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(config(fixture_root_no_md, tmp_path), console=quiet())
     (run,) = list((tmp_path / "runs").iterdir())
+    saved = (run / "config.yaml").read_text()
     with pytest.raises(MitobenchError, match=r"fold 1 finished on other data .*new now: AtNorM-MD.*--data-root"):
         run_benchmark(resume=run, console=quiet(), relocate={"data_root": str(fixture_root)})
     assert RunDir(run).status()["state"] == "interrupted"
+    assert (run / "config.yaml").read_text() == saved  # the refused --data-root is not recorded as the run's
     info = RunDir(run).load_fold(1)[1]
     assert set(info["sets"]) == {"validation", "AMi-Br-test", "AtNorM-Br"}
 

@@ -394,10 +394,7 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
             raise MitobenchError(f"a resumed run cannot change {', '.join(sorted(unknown))}: start a new run instead.")
         changes.update(adjust or {})
         if changes:
-            config = load_run_config(run.path, changes)  # checked like any option
-            save_config(config, run.path / "config.yaml")
-            console.print("config.yaml updated for the resumed run: "
-                          + ", ".join(f"{k}={v}" for k, v in changes.items()), soft_wrap=True)
+            config = load_run_config(run.path, changes)  # checked like any option; saved once the resume is accepted
     config = config or RunConfig()
     if resume is None:
         absolute_paths(config)
@@ -427,6 +424,10 @@ def run_benchmark(config: RunConfig | None = None, resume: str | Path | None = N
         finished = run.finished_folds(config.n_folds)
         check_saved_folds(run.path, finished, sets, folds)  # before the status changes: the run stays resumable
         check_saved_backbone(run.path, finished, config)
+        if changes:  # only now: a refused resume leaves config.yaml as it was, the record of what the run used
+            save_config(config, run.path / "config.yaml")
+            console.print("config.yaml updated for the resumed run: "
+                          + ", ".join(f"{k}={v}" for k, v in changes.items()), soft_wrap=True)
         console.print(f"resuming {run.path}", soft_wrap=True, markup=False)
     run.set_status("running")
     try:
