@@ -6,6 +6,8 @@ ImageNet head; a deliberately wrong mapping must fail the same check, so the che
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -186,6 +188,22 @@ def test_backbone_is_the_mapped_model(photos):
     expected = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     assert h < w
     torch.testing.assert_close(backbone.preprocess(chelsea), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_package_file_given_with_weights_is_the_same_backbone(photos, tmp_path):
+    """``--weights`` naming the package's own (lukemelas-layout, pre-zip torch) file: converted as the package
+    loader does, same weights id, so a run's cached features and ``predict`` agree; the lazy check passes it too."""
+    import shutil
+
+    from mitobench.models.cards import get_card
+    from mitobench.models.weights import check_weights_fit
+
+    copy = Path(shutil.copy(package_weights_path(), tmp_path / "lite0.pth"))
+    assert check_weights_fit(copy, get_card("efficientnet_lite0"))
+    given, package = create_backbone("efficientnet_lite0", weights=copy), create_backbone("efficientnet_lite0")
+    assert given.weights_id == package.weights_id and "lukemelas" in given.weights_source
+    with torch.inference_mode():
+        torch.testing.assert_close(given.eval()(photos), package.eval()(photos), rtol=0, atol=0)
 
 
 def test_random_init_is_said_plainly(caplog):

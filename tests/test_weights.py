@@ -556,12 +556,9 @@ def test_truncated_checkpoint_is_one_clear_error(tmp_path, fmt):
     assert str(cut) in msg and TRUNCATED in msg and "pickled Python objects" not in msg
     if fmt == "safetensors":
         assert "(safetensors:" in msg
-    if fmt == "legacy":  # a pre-zip torch file cannot be mapped: the lazy check leaves it to the load
-        assert W.read_checkpoint_layout(cut) is None
-    else:
-        with pytest.raises(MitobenchError) as err:
-            W.read_checkpoint_layout(cut)
-        assert str(cut) in str(err.value) and TRUNCATED in str(err.value)
+    with pytest.raises(MitobenchError) as err:  # the lazy check of a run's weights says the same
+        W.read_checkpoint_layout(cut)
+    assert str(cut) in str(err.value) and TRUNCATED in str(err.value)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "zip"])
@@ -576,11 +573,15 @@ def test_lazy_layout_reads_names_shapes_and_dtypes_but_no_tensor_data(tmp_path, 
         k: (tuple(v.shape), v.dtype, "meta") for k, v in state.items()}
 
 
-def test_a_legacy_torch_file_is_left_to_the_load(tmp_path):
+def test_a_legacy_torch_file_cannot_be_mapped_so_it_is_read_whole_and_checked(tmp_path):
     card = small_card()
-    torch.save(build_model(card).state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-    assert W.check_weights_fit(tmp_path / "legacy.pth", card) is False
-    W.load_weights_strict(build_model(card), tmp_path / "legacy.pth", card)
+    state = build_model(card).state_dict()
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert W.check_weights_fit(tmp_path / "legacy.pth", card)
+    del state["blocks.1.ls2.gamma"]
+    torch.save(state, tmp_path / "other.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(W.WeightsMismatchError, match="1 missing, 0 unexpected"):
+        W.check_weights_fit(tmp_path / "other.pth", card)
 
 
 def test_safetensors_with_a_128_byte_header_is_not_taken_for_a_pickle(tmp_path):

@@ -538,7 +538,21 @@ def prepare_state_dict(raw: Any, model: nn.Module, card: "ModelCard", notes: lis
         state = hf_builders.convert_hf_vit_state_dict(state, model, notes)
     elif "mask_token" in state or "register_tokens" in state or any(".mlp.w12." in k for k in state):
         state = convert_dinov2_original(state, model, notes)
+    elif "_conv_stem.weight" in state and hasattr(model, "blocks") and hasattr(model, "conv_stem"):
+        state = convert_lukemelas(state, model, notes)
     return _resample_pos_embed(state, model, antialias, notes)
+
+
+def convert_lukemelas(state: dict[str, torch.Tensor], model: nn.Module, notes: list[str]) -> dict[str, torch.Tensor]:
+    """lukemelas ``EfficientNet-PyTorch`` layout (``_blocks.N._expand_conv``; the file EfficientNet-Lite0's package
+    ships) -> the timm EfficientNet's keys; its ImageNet classifier dropped where the model is built without one."""
+    from mitobench.models.efficientnet_lite import convert_lukemelas_state_dict
+
+    state = convert_lukemelas_state_dict(state, model)
+    if not any(k.startswith("classifier.") for k in model.state_dict()):
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    notes.append("converted the lukemelas EfficientNet-PyTorch layout")
+    return state
 
 
 # ------------------------------------------------------------------------------------ config check
@@ -687,10 +701,10 @@ def check_fit(model: nn.Module, state: dict[str, torch.Tensor], source: Path, ca
 
 
 def _fitted_state(model: nn.Module, path: Path, card: "ModelCard",
-                  read=None) -> tuple[list[Path], dict[str, torch.Tensor], list[str]] | None:
+                  read=None) -> tuple[list[Path], dict[str, torch.Tensor], list[str]]:
     """The checkpoint at ``path`` (a file or a snapshot folder) read with ``read`` (default
-    :func:`read_checkpoint`), unwrapped, converted and checked against ``model``; ``None`` when ``read`` cannot
-    read a file (a lazy read of a legacy torch file). Raises :class:`WeightsMismatchError` when it does not fit."""
+    :func:`read_checkpoint`), unwrapped, converted and checked against ``model``. Raises
+    :class:`WeightsMismatchError` when it does not fit."""
     path = Path(path).expanduser()
     if not path.exists():
         raise MitobenchError(f"weights path {path} does not exist")
@@ -709,8 +723,6 @@ def _fitted_state(model: nn.Module, path: Path, card: "ModelCard",
     try:
         for f in files:
             part = read(f)
-            if part is None:
-                return None
             if len(files) > 1:
                 raw.update(unwrap_state_dict(part, []))
             else:
@@ -754,10 +766,10 @@ def _on_meta(obj: Any) -> Any:
     return obj
 
 
-def read_checkpoint_layout(path: Path) -> Any | None:
+def read_checkpoint_layout(path: Path) -> Any:
     """The checkpoint's tensors as meta tensors (names, shapes, dtypes), reading no tensor data: the safetensors
-    header, or a torch zip archive memory-mapped. ``None`` for a legacy (pre-zip) torch file, which cannot be
-    mapped and would have to be read whole."""
+    header, or a torch zip archive memory-mapped. A legacy (pre-zip) torch file cannot be mapped: it is read whole
+    (such files are old and small: EfficientNet-Lite0's package file is 19 MB)."""
     if checkpoint_format(path) == "safetensors":
         from safetensors import safe_open
 
@@ -770,7 +782,7 @@ def read_checkpoint_layout(path: Path) -> Any | None:
             raise MitobenchError(f"weights file {path} {_TRUNCATED} (safetensors: {_first_line(exc)}).") from exc
     with open(path, "rb") as fh:
         if fh.read(2) != b"PK":
-            return None
+            return _on_meta(read_checkpoint(path))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -785,8 +797,8 @@ def check_weights_fit(path: Path, card: "ModelCard") -> bool:
     are read from the file's header (:func:`read_checkpoint_layout`) and checked, after the same unwrapping and
     conversions as a load, against the architecture built on the meta device. Seconds and no memory even for a
     ViT-g, so a run refuses another model's checkpoint before it makes a folder. Raises what
-    :func:`load_weights_strict` would; returns False when the file or the architecture cannot be checked lazily
-    (the load itself checks it then)."""
+    :func:`load_weights_strict` would; returns False when the architecture cannot be built or converted on the meta
+    device (the load itself checks it then)."""
     from mitobench.models.registry import build_architecture
 
     try:
@@ -796,7 +808,8 @@ def check_weights_fit(path: Path, card: "ModelCard") -> bool:
         log.debug("lazy weights check of %s skipped: %s", card.key, exc)
         return False
     try:
-        return _fitted_state(model, Path(path), card, read=read_checkpoint_layout) is not None
+        _fitted_state(model, Path(path), card, read=read_checkpoint_layout)
+        return True
     except MitobenchError:
         raise
     except Exception as exc:  # noqa: BLE001 - a conversion that needs real tensor data
