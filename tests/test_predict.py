@@ -118,6 +118,26 @@ def test_predict_on_a_partly_labelled_csv_scores_the_labelled_rows(probe_run, fi
     assert table["label"].isna().sum() == 1 and len(table) == n
 
 
+def test_converted_images_are_one_warning_line_on_every_call(probe_run, fixture_root, tmp_path, cli):
+    """A grey or RGBA patch is converted to RGB with a warning: one plain line, as errors are (no source file or
+    code line), and again when the patches come from the cache."""
+    from fixtures import make_png
+
+    run_dir, _ = probe_run
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, source in enumerate(sorted((fixture_root / "AtNorM-Br" / "Normal").glob("*.png"))[:3]):
+        shutil.copy(source, folder / f"{i}.png")
+    make_png(folder / "grey.png", rgb=(90, 90, 90), mode="L")
+    env = {"MITOBENCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "1000"}
+    for call in (1, 2):  # decoded, then from the cache
+        result = cli("predict", str(run_dir), str(folder), "--out", str(tmp_path / f"p{call}.csv"), env=env)
+        assert result.returncode == 0, result.stderr
+        lines = [line for line in result.stderr.splitlines() if "converted" in line]
+        assert len(lines) == 1 and lines[0].startswith("warning: 1 image(s) converted to RGB, e.g. "), result.stderr
+        assert "grey.png" in lines[0] and ".py:" not in result.stderr and "Warning:" not in result.stderr
+
+
 def test_predict_refuses_an_incomplete_run(probe_run, tmp_path, fixture_root):
     run_dir, _ = probe_run
     import shutil

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -461,8 +462,26 @@ def _stop_on_signals(main_pid: int) -> None:
         signal.signal(signal.SIGINT, handler)
 
 
+_PACKAGE = Path(__file__).resolve().parent
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """mitobench's own warnings as one ``warning:`` line, as its errors are (no source file, no code line); other
+    packages' as Python shows them."""
+    try:
+        ours = Path(filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError):
+        ours = False
+    if ours:
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", soft_wrap=True, highlight=False)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = _show_warning
     _stop_on_signals(os.getpid())
     try:
         app()

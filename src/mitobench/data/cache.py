@@ -38,6 +38,10 @@ def _array_digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
 
 
+def _warn_converted(n: int, example: str) -> None:
+    warnings.warn(f"{n} image(s) converted to RGB, e.g. {example}", ImageModeWarning, stacklevel=3)
+
+
 class PatchCache:
     """Folder of decoded patch arrays; ``load(records)`` returns a read-only memory map."""
 
@@ -49,7 +53,7 @@ class PatchCache:
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.root / f"{key}.npy", self.root / f"{key}.json"
 
-    def _valid(self, key: str, n: int) -> np.ndarray | None:
+    def _valid(self, key: str, n: int) -> tuple[np.ndarray, dict] | None:
         array_path, meta_path = self._paths(key)
         if not (array_path.is_file() and meta_path.is_file()):
             return None
@@ -64,7 +68,7 @@ class PatchCache:
             return None
         if meta.get("shape") != list(array.shape) or meta.get("bytes") != array_path.stat().st_size:
             return None
-        return array
+        return array, meta
 
     def _content_key(self, paths: list[str]) -> str:
         """``content_key`` without reading the files again while none changed since it was computed.
@@ -89,14 +93,16 @@ class PatchCache:
         """``(patches, content_key)`` of ``records`` in row order, decoding only on the first call."""
         paths = records["path"].tolist()
         key = self._content_key(paths)
-        array = self._valid(key, len(paths))
-        if array is not None and verify:
-            meta = json.loads(self._paths(key)[1].read_text())
-            if meta.get("sha256") != _array_digest(array):
-                array = None
-        if array is not None:
-            return array, key
-        return self._build(key, paths, name), key
+        found = self._valid(key, len(paths))
+        if found is not None and verify and found[1].get("sha256") != _array_digest(found[0]):
+            found = None
+        if found is None:
+            return self._build(key, paths, name), key
+        array, meta = found
+        converted = meta.get("converted")
+        if isinstance(converted, dict) and converted.get("n"):  # said on every call, not only the one that decoded
+            _warn_converted(int(converted["n"]), str(converted.get("example", "")))
+        return array, key
 
     def _build(self, key: str, paths: list[str], name: str) -> np.ndarray:
         out = np.empty((len(paths), self.patch_size, self.patch_size, 3), dtype=np.uint8)
@@ -111,10 +117,10 @@ class PatchCache:
             for _ in pool.map(work, range(len(paths))):
                 advance(1)
         if converted:
-            warnings.warn(f"{len(converted)} image(s) converted to RGB, e.g. {converted[0]}", ImageModeWarning,
-                          stacklevel=2)
+            _warn_converted(len(converted), converted[0])
         array_path, meta_path = self._paths(key)
         atomic_save_npy(array_path, out)
         atomic_write_json(meta_path, {"format": CACHE_FORMAT, "shape": list(out.shape), "sha256": _array_digest(out),
-                                      "bytes": array_path.stat().st_size, "files": paths})
+                                      "bytes": array_path.stat().st_size, "files": paths,
+                                      "converted": {"n": len(converted), "example": converted[0] if converted else ""}})
         return np.load(array_path, mmap_mode="r")
