@@ -707,3 +707,24 @@ def test_one_slide_from_a_cohort_csv_and_an_mpp_override(probe_run, slide_case, 
     assert path.with_suffix(".geojson").is_file() and not (tmp_path / "one-geojson").exists()
     assert not (tmp_path / "one-summary.csv").exists()  # one slide: the CLI prints its counts
     assert (table["slide_mpp"] == 0.25).all() and (table["crop_mpp"] == 0.25).all()
+
+
+def test_an_interrupted_predict_says_nothing_was_written(probe_run, fixture_root, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mitobench import predict as predict_module
+    from mitobench.cli import app
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict_module, "predict", stopped)
+    result = CliRunner().invoke(app, ["predict", str(probe_run[0]), str(fixture_root / "AtNorM-Br"),
+                                      "--out", str(tmp_path / "p.csv")])
+    try:  # click >= 8.2 keeps stderr apart (and also in output); older clicks mix it into output
+        stderr = result.stderr
+    except ValueError:
+        stderr = ""
+    said = " ".join((result.output + stderr).split())
+    assert result.exit_code != 0 and "interrupted: no predictions were written" in said
+    assert not (tmp_path / "p.csv").exists()

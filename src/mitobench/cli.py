@@ -200,14 +200,19 @@ def predict(
     from mitobench.predict import predict as run_predict
     from mitobench.predict import predict_slide
 
-    if points is None:
-        if slide_mpp is not None or target_mpp is not None or save_patches:
-            raise MitobenchError("--slide-mpp, --target-mpp and --save-patches apply to a slide: give its figures "
-                                 "with --points.")
-        path, table = run_predict(run_dir, source, out, batch_size, device)
-    else:
-        path, table = predict_slide(run_dir, source, points, out, batch_size, device, slide_mpp, target_mpp,
-                                    save_patches)
+    if points is None and (slide_mpp is not None or target_mpp is not None or save_patches):
+        raise MitobenchError("--slide-mpp, --target-mpp and --save-patches apply to a slide: give its figures "
+                             "with --points.")
+    try:
+        if points is None:
+            path, table = run_predict(run_dir, source, out, batch_size, device)
+        else:
+            path, table = predict_slide(run_dir, source, points, out, batch_size, device, slide_mpp, target_mpp,
+                                        save_patches)
+    except KeyboardInterrupt:
+        err.print("interrupted: no predictions were written (what was begun is removed); run the command again.",
+                  highlight=False)
+        raise
     n_atypical = int((table["predicted"] == "Atypical").sum())
     what = "figures" if points is not None else "patches"
     console.print(f"{len(table)} {what}: {n_atypical} predicted atypical (threshold {table['threshold'].iloc[0]:.3f})")
