@@ -612,6 +612,9 @@ def test_slide_predict_leaves_nothing_when_interrupted_or_misnamed(probe_run, sl
     case, _ = slide_case
     with pytest.raises(MitobenchError, match="name a .csv file"):
         predict_module.predict_slide(run_dir, case / "slide.tif", case / "points.csv", tmp_path / "res.geojson")
+    with pytest.raises(MitobenchError, match="res.txt: name a .csv file"):  # patches too: the file is a CSV
+        predict_module.predict(run_dir, case / "files", tmp_path / "res.txt")
+    assert not (tmp_path / "res.txt").exists()
     saved = []
     real = Image.fromarray
 

@@ -273,6 +273,9 @@ def _output_path(out: str | Path | None, run_dir: Path, default_name: str) -> tu
     else:
         explicit = out is not None
         out = Path(out) if out else run_dir / "predictions" / default_name
+    if out.suffix.lower() != ".csv":
+        raise MitobenchError(f"--out {out}: name a .csv file (a slide's GeoJSON, summary and crops take its stem) or "
+                             "a folder ending in /.")
     if explicit and (out.exists() or out.is_symlink()):
         raise MitobenchError(f"{out} exists; mitobench never overwrites results. Choose another --out.")
     _check_folder(out)
@@ -359,9 +362,6 @@ def predict_slide(run_dir: str | Path, source: str | Path, points: str | Path, o
     target_mpp = TRAINING_MPP if target_mpp is None else target_mpp
     config, fold_info, thresholds = _open_run(run_dir)
     out, explicit = _output_path(out, run_dir, f"{source.stem}-{datetime.now():%Y%m%d-%H%M%S}.csv")
-    if out.suffix.lower() != ".csv":
-        raise MitobenchError(f"--out {out}: name a .csv file (the GeoJSON, summary and patches take its stem) or a "
-                             "folder ending in /.")
     taken = [p for p in slide_outputs(out, cohort, save_patches).values() if p.exists()]
     if explicit and taken:
         raise MitobenchError(f"{taken[0]} exists; mitobench never overwrites results. Choose another --out.")
