@@ -99,7 +99,7 @@ def test_a_dead_worker_is_reported_with_its_log(tmp_path):
     (run.path / "config.yaml").write_text("model: [this is not a config\n")  # damaged: the worker cannot start
     with pytest.raises(MitobenchError, match=r"(?s)fold 3: its worker exited with code [1-9].*config\.yaml") as err:
         run_folds(run, [3, 4], 2, 1, quiet())
-    assert "--resume" in str(err.value) and "cannot read this YAML config" in str(err.value)
+    assert "--resume" in str(err.value) and "config.yaml is not valid YAML at line 2" in str(err.value)
     assert "Traceback" not in str(err.value)
     assert run.load_fold(3) is None
 

@@ -254,7 +254,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise MitobenchError(f"{path} is not valid YAML{where}: {what}. Fix that line (YAML needs `key: value` "
+            context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+            if context and start is not None:
+                what += f" ({context} that starts at line {start.line + 1})"
+            raise MitobenchError(f"{path} is not valid YAML{where}: {what}. Fix it (YAML needs `key: value` "
                                  "lines, nested keys indented by spaces).") from exc
         if not isinstance(values, dict):
             raise MitobenchError(f"{path}: a config must be a mapping of option: value")
