@@ -401,7 +401,7 @@ def data_fetch(data_root: Optional[str] = DataRoot,
 @data_app.command("check")
 def data_check(data_root: Optional[str] = DataRoot,
                dataset: Optional[list[Path]] = typer.Option(None, "--dataset", help="Also check your own set (class "
-                                                            "folders or a CSV path,label[,group,domain]), as `run "
+                                                            "folders or a CSV path,label[,group,domain,votes]), as `run "
                                                             "--dataset` evaluates it: leakage from AMi-Br train, "
                                                             "duplicates, conflicts. Repeatable.")) -> None:
     """Counts per set, class and domain; unreadable files; duplicates; slide overlap train/test; leakage."""
