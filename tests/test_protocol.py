@@ -638,3 +638,31 @@ def test_record_run_counts_all_validation_folds(probe_run):
     folds = pd.read_csv(path / "folds.csv")
     summary = load_benchmark_script("record_run").summary(path)
     assert f"| {VALIDATION} | {len(folds)} ({int(folds['label'].sum())}) |" in summary
+
+
+def test_weights_in_an_hf_snapshot_keep_their_link_so_the_config_beside_it_is_checked(fixture_root, tmp_path):
+    """In the HF cache a snapshot's weights file links into blobs/; its config.json sits beside the link, not the
+    blob. --weights keeps the path as given, so a config.json that contradicts the card is refused (before any
+    folder, as `models check` refuses it), and the run records the snapshot path."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mitobench.models.registry import build_model, get_card
+    from mitobench.protocol import absolute_paths
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "r1"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    state = build_model(get_card("lunit_vits16")).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, blobs / "0f1e2d")
+    (snap / "model.safetensors").symlink_to(blobs / "0f1e2d")
+    given = config(fixture_root, tmp_path, model="lunit_vits16", weights=str(snap / "model.safetensors"))
+    absolute_paths(given)
+    assert given.weights == str(snap / "model.safetensors")
+    (snap / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_224",
+                                                  "model_args": {"embed_dim": 768, "depth": 12, "num_heads": 12}}))
+    with pytest.raises(MitobenchError, match="config.json does not match the architecture of card 'lunit_vits16'"):
+        run_benchmark(config(fixture_root, tmp_path, model="lunit_vits16", weights=str(snap / "model.safetensors")),
+                      console=quiet())
+    assert not (tmp_path / "runs").exists()

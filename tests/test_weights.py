@@ -109,6 +109,25 @@ def test_pickled_objects_are_refused(tmp_path):
         W.check_weights_fit(tmp_path / "evil.pth", small_card())
 
 
+@pytest.mark.parametrize("saved", ["whole model", "model in a dict"])
+def test_a_pickled_model_gets_a_conversion_command_that_works(tmp_path, saved):
+    """``torch.save(model)`` (common) pickles the module: the printed one-liner must turn it into safetensors."""
+    import re
+    import subprocess
+    import sys
+
+    card = small_card()
+    source = build_model(card)
+    torch.save(source if saved == "whole model" else {"model": source, "epoch": 3}, tmp_path / "whole.pth")
+    with pytest.raises(MitobenchError, match="pickled Python objects") as err:
+        W.load_weights_strict(build_model(card), tmp_path / "whole.pth", card)
+    command = re.search(r'python -c "(.*?)"', str(err.value)).group(1)
+    subprocess.run([sys.executable, "-c", command], cwd=tmp_path, check=True, capture_output=True)
+    model = build_model(card)
+    W.load_weights_strict(model, tmp_path / "OUT.safetensors", card)
+    torch.testing.assert_close(embed(model, card), embed(source, card), rtol=0, atol=0)
+
+
 def test_torchscript_file_gets_a_conversion_command_that_works(tmp_path, monkeypatch):
     import re
     import subprocess
@@ -329,6 +348,25 @@ def test_hf_cache_is_found_offline(tmp_path, with_ref):
     assert found is not None and found.resolve() == path.resolve()
     model = build_model(card)
     W.load_weights_strict(model, found, card)
+
+
+@pytest.mark.parametrize("with_ref", [True, False])
+def test_an_unfinished_sharded_download_is_passed_over_and_named(tmp_path, with_ref):
+    """A snapshot holding a sharded index with a shard missing: a complete file beside it is used; alone, the
+    lookup says which shards are missing (not only "not on this machine")."""
+    card = fake_card()
+    complete = _fake_cache(tmp_path, card, with_ref)
+    snap = complete.parent
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (snap / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"a": torch.zeros(1)}, snap / "model-00001-of-00002.safetensors")
+    card = replace_card(card, weight_files=("model.safetensors.index.json", "model.safetensors"))
+    found = W.resolve_weights(card, allow_download=False)
+    assert found is not None and found.resolve() == complete.resolve()
+    complete.unlink()
+    path, where = W.locate_weights(card)
+    assert path is None and "model.safetensors.index.json but not its shards ['model-00002-of-00002.safetensors']" \
+        in where and "--allow-download" in where
 
 
 def test_nothing_found_and_no_download_gives_none(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir(config: RunConfig) -> Path:
-    import os
-
     from platformdirs import user_cache_dir
 
     return Path(config.cache_dir or os.environ.get("MITOBENCH_CACHE") or user_cache_dir("mitobench"))
@@ -367,7 +366,8 @@ def absolute_paths(config: RunConfig) -> None:
             raise MitobenchError(f"--weights {config.weights}: no such file or folder. Give the weights file or the "
                                  "Hugging Face snapshot folder of the model (`mitobench models list` says what each "
                                  "model needs).")
-        config.weights = str(Path(config.weights).expanduser().resolve())
+        # absolute, but links kept: an HF snapshot's file links into blobs/, and its config.json sits beside the link
+        config.weights = os.path.abspath(Path(config.weights).expanduser())
 
 
 #: settings a resumed run may change (``--resume RUN --set KEY=VALUE``): they leave every result as it is

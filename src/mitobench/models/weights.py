@@ -143,8 +143,10 @@ def read_mapping() -> tuple[Path | None, dict[str, Path]]:
 
 
 # ----------------------------------------------------------------------------------------- HF cache
-def _from_hf_cache(repo: str, files: tuple[str, ...]) -> Path | None:
-    """The first of ``files`` present in the local HF cache (refs/main first, then any snapshot)."""
+def _from_hf_cache(repo: str, files: tuple[str, ...], incomplete: list[Path] | None = None) -> Path | None:
+    """The first of ``files`` present in the local HF cache (refs/main first, then any snapshot). A sharded index
+    whose shards are not all there (an unfinished download) is passed over, and appended to ``incomplete``."""
+    incomplete = [] if incomplete is None else incomplete
     cache = hf_cache_dir()
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -161,6 +163,7 @@ def _from_hf_cache(repo: str, files: tuple[str, ...]) -> Path | None:
                 complete = _complete_sharded(Path(hit))
                 if complete is not None:  # else an index whose shards are missing: try the next name, the snapshots
                     return complete
+                incomplete.append(Path(hit))
     # a snapshot without refs/main (pinned revision) or another spelling of the repo id
     if cache.is_dir():
         want = "models--" + repo.replace("/", "--")
@@ -170,7 +173,10 @@ def _from_hf_cache(repo: str, files: tuple[str, ...]) -> Path | None:
             for fname in files:
                 for snap in snaps:
                     if (snap / fname).exists():
-                        return _complete_sharded(snap / fname)
+                        complete = _complete_sharded(snap / fname)
+                        if complete is not None:
+                            return complete
+                        incomplete.append(snap / fname)
     return None
 
 
@@ -265,9 +271,15 @@ def locate_weights(card: "ModelCard") -> tuple[Path | None, str]:
             raise MitobenchError(f"{mapping_file} maps {card.key!r} to {path}, which does not exist.")
         return path, f"mapping file {mapping_file}"
     if card.hf_repo:
-        hit = _from_hf_cache(card.hf_repo, _card_files(card))
+        incomplete: list[Path] = []
+        hit = _from_hf_cache(card.hf_repo, _card_files(card), incomplete)
         if hit is not None:
             return hit, f"Hugging Face cache {hf_cache_dir()}"
+        if incomplete:
+            index = incomplete[0]
+            missing = [s for s in _index_shards(index) if not (index.parent / s).exists()]
+            return None, (f"the Hugging Face cache holds {index} but not its shards {missing[:4]}: an unfinished "
+                          "download, which --allow-download completes")
         return None, f"not in {ENV_MAPPING} mapping nor in the Hugging Face cache {hf_cache_dir()}"
     return None, "no weights source for this card"
 
@@ -427,7 +439,8 @@ def read_checkpoint(path: Path) -> Any:
                 "torch.load(weights_only=True). If you trust the file, convert it once: python -c \"import torch; "
                 "from safetensors.torch import save_file; "
                 f"sd = torch.load('{path}', map_location='cpu', weights_only=False); "
-                "sd = sd.get('state_dict', sd.get('model', sd.get('teacher', sd))); "
+                "sd = sd if hasattr(sd, 'state_dict') else sd.get('state_dict', sd.get('model', sd.get('teacher', sd))); "
+                "sd = sd.state_dict() if hasattr(sd, 'state_dict') else sd; "
                 "save_file({k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}, 'OUT.safetensors')\""
             ) from exc
         raise MitobenchError(f"weights file {path} {_TRUNCATED} (torch.load: {_first_line(exc)}).") from exc
@@ -628,8 +641,9 @@ def verify_config(card: "ModelCard", model: nn.Module, config: dict[str, Any], c
                  for name in arch if name in have and name != "layer_norm_eps" and arch[name] != have[name]]
     if conflicts:
         raise MitobenchError(f"{config_path} does not match the architecture of card {card.key!r} ({card.arch}): "
-                             + "; ".join(conflicts) + ". The card's unverified facts are wrong for this checkpoint, "
-                             "or the weights belong to another model; please report it with the config.json.")
+                             + "; ".join(conflicts) + ". Most likely these are another model's weights: check that "
+                             f"the folder is {card.hf_repo or card.key}'s. If it is, the card's unverified facts are "
+                             "wrong for this checkpoint: please report it with the config.json.")
     notes = []
     if "layer_norm_eps" in arch and "layer_norm_eps" in have and not math.isclose(arch["layer_norm_eps"],
                                                                                   have["layer_norm_eps"]):
