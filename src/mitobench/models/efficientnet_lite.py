@@ -52,12 +52,9 @@ def convert_lukemelas_state_dict(state: dict[str, torch.Tensor], model: nn.Modul
 
 def load_package_weights(model: nn.Module) -> Path:
     """Load the package's ImageNet weights into a timm ``efficientnet_lite0`` strictly."""
-    from mitobench.models.weights import read_checkpoint
+    from mitobench.models.weights import convert_lukemelas, read_checkpoint
 
     path = package_weights_path()
     state = read_checkpoint(path)  # a damaged package file: one error naming it
-    converted = convert_lukemelas_state_dict(state, model)
-    if not hasattr(model, "classifier") or getattr(model, "num_classes", 1000) == 0:
-        converted = {k: v for k, v in converted.items() if not k.startswith("classifier.")}
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict(convert_lukemelas(state, model, []), strict=True)
     return path
