@@ -152,7 +152,8 @@ def test_report_compares_runs_by_expert_agreement(runs, cli, tmp_path):
 
 
 @pytest.mark.parametrize("name, cut", [("predictions.csv", "mid-row"), ("predictions.csv", "row boundary"),
-                                       ("metrics.csv", "mid-row"), ("metrics.csv", "row boundary"),
+                                       ("predictions.csv", "last set"), ("metrics.csv", "mid-row"),
+                                       ("metrics.csv", "row boundary"), ("metrics.csv", "last set"),
                                        ("metrics_by_agreement.csv", "mid-row")])
 def test_a_result_file_cut_short_is_refused_not_drawn_or_tabled(runs, cli, tmp_path, name, cut):
     """A copy that stopped or a disk that filled: one error naming the file, never a table of nan or the folds
@@ -162,7 +163,12 @@ def test_a_result_file_cut_short_is_refused_not_drawn_or_tabled(runs, cli, tmp_p
     broken = shutil.copytree(runs[0], tmp_path / "broken", ignore=shutil.ignore_patterns("plots*"))
     data = (broken / name).read_bytes()
     half = len(data) // 2
-    (broken / name).write_bytes(data[:half] if cut == "mid-row" else data[:data.rindex(b"\n", 0, half) + 1])
+    if cut == "last set":  # cut where the last set's rows begin: every row left is whole
+        table = pd.read_csv(broken / name, dtype={"fold": str})
+        last = table["dataset"].iloc[-1]
+        table[table["dataset"] != last].to_csv(broken / name, index=False)
+    else:
+        (broken / name).write_bytes(data[:half] if cut == "mid-row" else data[:data.rindex(b"\n", 0, half) + 1])
     command = "plot" if name == "predictions.csv" else "report"
     result = cli(command, str(broken), "--out", str(tmp_path / "out"), env=WIDE) if command == "plot" else \
         cli(command, str(broken), env=WIDE)

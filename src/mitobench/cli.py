@@ -289,7 +289,7 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
     import pandas as pd
     from rich.table import Table
 
-    from mitobench.runs import check_result_rows, fold_models, require_complete_run
+    from mitobench.runs import check_result_rows, fold_record, require_complete_run
 
     if out is not None and not seeds:
         raise MitobenchError("--out writes the seed summary: add --seeds (and give seed repeats of one run).")
@@ -317,7 +317,7 @@ def report(run_dirs: list[Path] = typer.Argument(..., help="One or more complete
             how = f"{m['model'].iloc[0]} / {m['method'].iloc[0]}" if len(m) else "?"
             if "ci_unit" in m and (m["ci_unit"] == "slide").any():  # else per figure: say when CIs differ in kind
                 how += f"; ensemble CI over slides on {', '.join(sorted(m.loc[m['ci_unit'] == 'slide', 'dataset'].unique()))}"
-            check_result_rows(m, path, fold_models(run_dir), per_image=False)
+            check_result_rows(m, path, fold_record(run_dir), per_image=False)
             m = m[m["metric"].isin(["balanced_accuracy", "auroc"])][["dataset", "metric", "fold", "value", "ci_low", "ci_high"]]
             frames.append(m)
         except (ValueError, KeyError, pd.errors.ParserError) as exc:

@@ -299,27 +299,36 @@ def read_predictions(run_dir: Path) -> "tuple[pd.DataFrame, dict[str, float]]":
     except (OSError, ValueError, KeyError, AttributeError, pd.errors.ParserError) as exc:
         raise MitobenchError(f"{run_dir}: cannot read predictions.csv or fold_info.json ({exc}); the run folder is "
                              "damaged.") from exc
-    check_result_rows(preds, run_dir / "predictions.csv", set(thresholds), per_image=True)
+    check_result_rows(preds, run_dir / "predictions.csv", fold_record(run_dir), per_image=True)
     thresholds["ensemble"] = float(np.mean(list(thresholds.values()))) if thresholds else 0.5
     return preds, thresholds
 
 
-def fold_models(run_dir: Path) -> set[str] | None:
-    """The folds whose models count (fold_info.json's, less the failed ones); None where it cannot be read."""
+def fold_record(run_dir: Path) -> tuple[set[str], set[str]] | None:
+    """``(folds, sets)`` of fold_info.json: the folds whose models count (failed ones left out) and the sets they
+    were scored on (as predictions.csv and metrics.csv name them; empty for a run made before fold_info kept
+    them); None where it cannot be read."""
+    from mitobench.evaluation.report import VALIDATION
+
     try:
         info = json.loads((Path(run_dir) / "fold_info.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(info, dict):
         return None
-    return {str(fold) for fold, v in info.items() if isinstance(v, dict) and not v.get("failed")}
+    kept = {str(fold): v for fold, v in info.items() if isinstance(v, dict) and not v.get("failed")}
+    if not kept or not all(isinstance(v.get("sets"), dict) for v in kept.values()):
+        return set(kept), set()
+    return set(kept), {VALIDATION if name == "validation" else name for v in kept.values() for name in v["sets"]}
 
 
-def check_result_rows(frame: "pd.DataFrame", path: Path, folds: set[str] | None, per_image: bool) -> None:
+def check_result_rows(frame: "pd.DataFrame", path: Path, record: tuple[set[str], set[str]] | None,
+                      per_image: bool) -> None:
     """A finished run's ``predictions.csv`` (``per_image``) or ``metrics.csv`` holds every row it was written with:
-    each set has every fold model's rows, the ensemble's (a hold-out set) and, for metrics, the mean and SD, each
-    with the same metrics (or images); no cell of the keys is empty. A file cut short (a copy that stopped, a
-    disk that filled) is one error naming it, never a table or a figure of what survived."""
+    every set the fold models were scored on (``record``: :func:`fold_record`), each with every fold model's rows,
+    the ensemble's (a hold-out set) and, for metrics, the mean and SD, each with the same metrics (or images); no
+    cell of the keys is empty. A file cut short (a copy that stopped, a disk that filled) is one error naming it,
+    never a table or a figure of what survived."""
     from mitobench.evaluation.report import VALIDATION
 
     keys = ["image", "dataset", "fold", "probability", "label"] if per_image else ["dataset", "fold", "metric"]
@@ -327,9 +336,14 @@ def check_result_rows(frame: "pd.DataFrame", path: Path, folds: set[str] | None,
     if frame[keys].isna().any().any():
         raise MitobenchError(f"{damaged} (a row with empty cells: cut short?); the run folder is damaged. Restore "
                              "it from a copy, or train a new run with `mitobench run`.")
+    folds, sets = record or (set(), set())
+    absent = sorted(sets - set(frame["dataset"]))
+    if absent:
+        raise MitobenchError(f"{damaged}: no rows of {', '.join(absent)}, which the fold models were scored on; the "
+                             "run folder is damaged. Restore it from a copy, or train a new run with `mitobench run`.")
     item = "image" if per_image else "metric"
     for dataset, part in frame.groupby("dataset", sort=False):
-        want = set(folds or ()) | ({"ensemble"} if dataset != VALIDATION else set())
+        want = set(folds) | ({"ensemble"} if dataset != VALIDATION else set())
         if not per_image:
             want |= {"mean", "sd"}
         lacking = sorted(want - set(part["fold"]))
