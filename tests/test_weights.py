@@ -109,29 +109,32 @@ def test_pickled_objects_are_refused(tmp_path):
         W.check_weights_fit(tmp_path / "evil.pth", small_card())
 
 
-@pytest.mark.parametrize("saved", ["whole model", "model in a dict"])
-def test_a_pickled_model_gets_a_conversion_command_that_works(tmp_path, saved):
-    """``torch.save(model)`` (common) pickles the module: the printed one-liner must turn it into safetensors."""
+def run_printed_conversion(message: str, folder: Path, card):
+    """Run the ``python -c "..."`` an error message offers, in ``folder``; load its OUT.safetensors strictly."""
     import re
     import subprocess
     import sys
 
+    command = re.search(r'python -c "(.*?)"', message).group(1)
+    subprocess.run([sys.executable, "-c", command], cwd=folder, check=True, capture_output=True)
+    model = build_model(card)
+    W.load_weights_strict(model, folder / "OUT.safetensors", card)
+    return model
+
+
+@pytest.mark.parametrize("saved", ["whole model", "model in a dict"])
+def test_a_pickled_model_gets_a_conversion_command_that_works(tmp_path, saved):
+    """``torch.save(model)`` (common) pickles the module: the printed one-liner must turn it into safetensors."""
     card = small_card()
     source = build_model(card)
     torch.save(source if saved == "whole model" else {"model": source, "epoch": 3}, tmp_path / "whole.pth")
     with pytest.raises(MitobenchError, match="pickled Python objects") as err:
         W.load_weights_strict(build_model(card), tmp_path / "whole.pth", card)
-    command = re.search(r'python -c "(.*?)"', str(err.value)).group(1)
-    subprocess.run([sys.executable, "-c", command], cwd=tmp_path, check=True, capture_output=True)
-    model = build_model(card)
-    W.load_weights_strict(model, tmp_path / "OUT.safetensors", card)
+    model = run_printed_conversion(str(err.value), tmp_path, card)
     torch.testing.assert_close(embed(model, card), embed(source, card), rtol=0, atol=0)
 
 
 def test_torchscript_file_gets_a_conversion_command_that_works(tmp_path, monkeypatch):
-    import re
-    import subprocess
-    import sys
     import warnings
 
     card = small_card()
@@ -140,10 +143,7 @@ def test_torchscript_file_gets_a_conversion_command_that_works(tmp_path, monkeyp
         torch.jit.script(build_model(card)).save(str(tmp_path / "model.pt"))
     with pytest.raises(MitobenchError, match="TorchScript model, not a state dict") as err:
         W.load_weights_strict(build_model(card), tmp_path / "model.pt", card)
-    command = re.search(r'python -c "(.*?)"', str(err.value)).group(1)
-    subprocess.run([sys.executable, "-c", command], cwd=tmp_path, check=True, capture_output=True)
-    model = build_model(card)
-    W.load_weights_strict(model, tmp_path / "OUT.safetensors", card)
+    run_printed_conversion(str(err.value), tmp_path, card)
 
 
 def test_mismatched_checkpoint_is_one_clear_error_and_nothing_is_loaded(tmp_path):

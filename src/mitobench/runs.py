@@ -180,11 +180,7 @@ class RunDir:
         record); such a run's figures say RANDOM INIT wherever they are shown."""
         from mitobench.models.cards import RANDOM_INIT
 
-        try:
-            info = json.loads((self.path / "fold_info.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        folds = [v for v in info.values() if isinstance(v, dict)] if isinstance(info, dict) else []
+        folds = [v for v in (read_fold_info(self.path) or {}).values() if isinstance(v, dict)]
         return any(v.get("pretrained") is False or v.get("backbone_weights") == RANDOM_INIT for v in folds)
 
     def finished_folds(self, n_folds: int) -> dict[int, tuple[dict[str, np.ndarray], dict]]:
@@ -304,17 +300,27 @@ def read_predictions(run_dir: Path) -> "tuple[pd.DataFrame, dict[str, float]]":
     return preds, thresholds
 
 
+#: what every "the run folder is damaged" error tells the user to do
+DAMAGED = "the run folder is damaged. Restore it from a copy, or train a new run with `mitobench run`."
+
+
+def read_fold_info(run_dir: Path) -> dict | None:
+    """fold_info.json as a dict, or None where it is missing or damaged (callers that need it say so)."""
+    try:
+        info = json.loads((Path(run_dir) / "fold_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def fold_record(run_dir: Path) -> tuple[set[str], set[str]] | None:
     """``(folds, sets)`` of fold_info.json: the folds whose models count (failed ones left out) and the sets they
     were scored on (as predictions.csv and metrics.csv name them; empty for a run made before fold_info kept
     them); None where it cannot be read."""
     from mitobench.evaluation.report import VALIDATION
 
-    try:
-        info = json.loads((Path(run_dir) / "fold_info.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict):
+    info = read_fold_info(run_dir)
+    if info is None:
         return None
     kept = {str(fold): v for fold, v in info.items() if isinstance(v, dict) and not v.get("failed")}
     if not kept or not all(isinstance(v.get("sets"), dict) for v in kept.values()):
@@ -334,13 +340,12 @@ def check_result_rows(frame: "pd.DataFrame", path: Path, record: tuple[set[str],
     keys = ["image", "dataset", "fold", "probability", "label"] if per_image else ["dataset", "fold", "metric"]
     damaged = f"{path} is incomplete"
     if frame[keys].isna().any().any():
-        raise MitobenchError(f"{damaged} (a row with empty cells: cut short?); the run folder is damaged. Restore "
-                             "it from a copy, or train a new run with `mitobench run`.")
+        raise MitobenchError(f"{damaged} (a row with empty cells: cut short?); {DAMAGED}")
     folds, sets = record or (set(), set())
     absent = sorted(sets - set(frame["dataset"]))
     if absent:
-        raise MitobenchError(f"{damaged}: no rows of {', '.join(absent)}, which the fold models were scored on; the "
-                             "run folder is damaged. Restore it from a copy, or train a new run with `mitobench run`.")
+        raise MitobenchError(f"{damaged}: no rows of {', '.join(absent)}, which the fold models were scored on; "
+                             f"{DAMAGED}")
     item = "image" if per_image else "metric"
     for dataset, part in frame.groupby("dataset", sort=False):
         want = set(folds) | ({"ensemble"} if dataset != VALIDATION else set())
@@ -351,5 +356,4 @@ def check_result_rows(frame: "pd.DataFrame", path: Path, record: tuple[set[str],
         uneven = part.groupby("fold")[item].nunique().nunique() > 1 and not (per_image and dataset == VALIDATION)
         if lacking or uneven:
             what = f"no rows of {', '.join(lacking)}" if lacking else f"some folds lack some {item}s"
-            raise MitobenchError(f"{damaged}: {dataset} has {what}; the run folder is damaged. Restore it from a "
-                                 "copy, or train a new run with `mitobench run`.")
+            raise MitobenchError(f"{damaged}: {dataset} has {what}; {DAMAGED}")

@@ -199,8 +199,9 @@ def read_agreement_table(path: Path, columns: list[str], what: str = "agreement 
         raise MitobenchError(f"{path}: not a mitobench {what} ({exc}); the run folder is damaged.") from exc
     keys = [c for c in columns if c not in ("value", "kappa")]
     if table[keys].isna().any().any():
-        raise MitobenchError(f"{path} is incomplete (a row with empty cells: cut short?); the run folder is damaged. "
-                             "Restore it from a copy, or train a new run with `mitobench run`.")
+        from mitobench.runs import DAMAGED
+
+        raise MitobenchError(f"{path} is incomplete (a row with empty cells: cut short?); {DAMAGED}")
     return table
 
 
